@@ -1,0 +1,3 @@
+from tvedit.cli.app import main
+
+main()

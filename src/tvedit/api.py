@@ -1,0 +1,403 @@
+"""The library entry points behind the arithmetic commands: extract, add, scale, negate.
+
+Every operation streams: inputs are memory-mapped, one key is processed at a time (its tensors from
+every input, computed in float32), written, and freed. All checks that can be made from the headers
+(keys, shapes, bases, regimes) are made before the first tensor is read, so bad input fails fast
+and leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvedit import arith
+from tvedit.errors import InputError, MismatchError, NumericError, UsageError
+from tvedit.manifest import Manifest, base_ref
+from tvedit.merging import MergeContext, get_method
+from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
+from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ArithOptions:
+    """Options shared by the arithmetic commands (ALGORITHMS.md section 1)."""
+
+    dtype: torch.dtype | None = None  # output dtype; default: the base's (or the input's) dtype
+    compute_dtype: torch.dtype = torch.float32
+    allow_missing: bool = False  # a key missing from some inputs counts as zero
+    allow_nonfinite: bool = False
+    layout: str = "auto"  # task-vector storage: auto | dense | sparse
+    force_mix: bool = False  # allow mixing regimes / bases / model families
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
+            "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+            "allow_missing": self.allow_missing,
+            "allow_nonfinite": self.allow_nonfinite,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _spec(x: InputSpec | str | os.PathLike[str]) -> InputSpec:
+    return x if isinstance(x, InputSpec) else InputSpec(Path(x))
+
+
+def _target(x: OutputTarget | str | os.PathLike[str] | None, force: bool = False) -> OutputTarget:
+    if isinstance(x, OutputTarget):
+        return x
+    if x is None:
+        raise UsageError("an output path is required")
+    return OutputTarget(output=Path(x), force=force)
+
+
+def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None, nested: bool = False) -> dict[str, Any]:
+    """One input in a provenance step; ``nested`` embeds the input's own provenance (multi-input ops)."""
+    rec: dict[str, Any] = {
+        "path": None if spec.ephemeral else str(spec.path),
+        "sha256": ckpt.sha256,
+        "kind": ckpt.kind,
+    }
+    if weight is not None:
+        rec["weight"] = weight
+    if nested and ckpt.manifest and ckpt.manifest.provenance:
+        rec["provenance"] = ckpt.manifest.provenance
+    return rec
+
+
+def _check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> None:
+    if not opts.allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NumericError(f"{out}: key {key!r}: result contains NaN or Inf (use --allow-nonfinite to keep it)")
+
+
+def _model_of(*ckpts: Checkpoint | None) -> dict[str, Any]:
+    for c in ckpts:
+        if c is not None and c.manifest and c.manifest.family != "unknown":
+            return dict(c.manifest.model)
+    return {"family": "unknown"}
+
+
+def _check_families(ckpts: Iterable[Checkpoint], opts: ArithOptions) -> None:
+    fams = {(c.manifest.family, c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
+    if len({f for f, _ in fams}) > 1 and not opts.force_mix:
+        listing = ", ".join(f"{p} ({f})" for f, p in sorted(fams, key=str))
+        raise MismatchError(f"inputs come from different model families: {listing}")
+
+
+def _regime(ckpts: Sequence[Checkpoint], opts: ArithOptions) -> str:
+    regimes = {c.path: (c.manifest.regime if c.manifest else "nonlinear") for c in ckpts}
+    if len(set(regimes.values())) > 1:
+        if not opts.force_mix:
+            listing = ", ".join(f"{p} ({r})" for p, r in regimes.items())
+            raise MismatchError(f"inputs mix regimes: {listing}; a linearized vector only means something under f_lin (use --force to mix)")
+        return "nonlinear"
+    return next(iter(regimes.values())) if regimes else "nonlinear"
+
+
+def _check_shapes(base: Checkpoint, other: Checkpoint, keys: Iterable[str]) -> None:
+    for key in keys:
+        a, b = base.info(key).shape, other.info(key).shape
+        if a != b:
+            raise MismatchError(f"{other.path}: key {key!r}: shape {list(b)} does not match {list(a)} in {base.path}")
+
+
+def _float_keys(ckpt: Checkpoint) -> list[str]:
+    return [k for k in ckpt.keys() if ckpt.is_floating(k)]
+
+
+def _open_all(specs: Sequence[InputSpec]) -> list[Checkpoint]:
+    return [open_checkpoint(s.path) for s in specs]
+
+
+def _out_dtype(opts: ArithOptions, fallback: torch.dtype) -> torch.dtype:
+    return opts.dtype or fallback
+
+
+# --------------------------------------------------------------------------------------------
+# vector sources: the task vectors of a set of inputs, one key at a time
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VectorSources:
+    """Task-vector tensors of several inputs, key by key; checkpoints are extracted on the fly."""
+
+    inputs: list[Checkpoint]
+    base: Checkpoint | None
+    opts: ArithOptions
+    keys: list[str] = field(default_factory=list)
+
+    def vectors(self, key: str) -> list[torch.Tensor]:
+        base_t = None
+        out = []
+        for ckpt in self.inputs:
+            if key not in ckpt:
+                out.append(torch.zeros(self._shape(key), dtype=self.opts.compute_dtype))
+                continue
+            t = ckpt.get(key)
+            if ckpt.kind == "checkpoint":
+                if base_t is None:
+                    assert self.base is not None
+                    base_t = self.base.get(key)
+                out.append(arith.task_vector(t, base_t, self.opts.compute_dtype))
+            else:
+                out.append(t.to(self.opts.compute_dtype))
+        return out
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        for c in [*self.inputs, self.base]:
+            if c is not None and key in c:
+                return c.info(key).shape
+        raise MismatchError(f"key {key!r} is in no input")
+
+
+def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: ArithOptions) -> list[str]:
+    """Keys of the merged task vector, after checking keys and shapes across all inputs."""
+    for c in inputs:
+        if c.kind == "mask":
+            raise MismatchError(f"{c.path}: is a mask, not a task vector or checkpoint (use tvedit mask --apply)")
+    if base is not None:
+        keys = _float_keys(base)
+        for c in inputs:
+            extra = sorted(set(_float_keys(c)) - set(keys))
+            if extra:
+                raise MismatchError(f"{c.path}: key {extra[0]!r} is not in the base {base.path}")
+            present = [k for k in keys if k in c]
+            _check_shapes(base, c, present)
+    else:
+        keys = sorted({k for c in inputs for k in _float_keys(c)})
+        for c in inputs[1:]:
+            _check_shapes(inputs[0], c, [k for k in c.keys() if k in inputs[0]])
+    if not opts.allow_missing:
+        for c in inputs:
+            for k in keys:
+                if k not in c:
+                    raise MismatchError(f"{c.path}: key {k!r} is missing (use --allow-missing to treat it as zero)")
+    return keys
+
+
+def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: Sequence[InputSpec], needed: bool, opts: ArithOptions) -> Checkpoint | None:
+    """theta0 from --base or from the base recorded in the inputs; all must agree by hash."""
+    recorded: dict[str, tuple[str | None, Path]] = {}
+    for c in inputs:
+        if c.manifest and c.manifest.base and c.kind == "task-vector":
+            recorded.setdefault(c.manifest.base["sha256"], (c.manifest.base.get("path"), c.path))
+    if len(recorded) > 1 and not opts.force_mix:
+        (h1, (_, p1)), (h2, (_, p2)) = list(recorded.items())[:2]
+        raise MismatchError(f"{p2}: was extracted from base {h2[:12]}, but {p1} from base {h1[:12]} (use --force to mix)")
+    if any(c.kind == "checkpoint" for c in inputs):
+        needed = True
+    if base is not None:
+        ckpt = open_checkpoint(base.path)
+        if recorded and not opts.force_mix:
+            h = ckpt.sha256
+            if h not in recorded:
+                want, (_, src) = next(iter(recorded.items()))
+                raise MismatchError(f"{base.path}: base hash {h[:12]} differs from the base {want[:12]} recorded in {src} (use --force)")
+        return ckpt
+    if not needed:
+        return None
+    if not recorded:
+        raise UsageError("no base: pass --base BASE (the inputs record none)")
+    want, (path, src) = next(iter(recorded.items()))
+    if not path or not Path(path).exists():
+        raise InputError(f"{src}: its recorded base {path!r} is not there; pass --base BASE")
+    ckpt = open_checkpoint(path)
+    if ckpt.sha256 != want:
+        raise MismatchError(f"{path}: base recorded in {src} has changed (hash {ckpt.sha256[:12]} != {want[:12]}); pass --base")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# extract
+# --------------------------------------------------------------------------------------------
+def extract(
+    finetuned: Sequence[InputSpec | str | os.PathLike[str]],
+    base: InputSpec | str | os.PathLike[str],
+    target: OutputTarget | str | os.PathLike[str] | None,
+    opts: ArithOptions | None = None,
+    progress: Progress | None = None,
+) -> list[Artifact]:
+    """tau = theta* - theta0 for each fine-tuned checkpoint (floating tensors only)."""
+    opts = opts or ArithOptions()
+    specs = [_spec(f) for f in finetuned]
+    base_spec = _spec(base)
+    target = _target(target)
+    base_ckpt = open_checkpoint(base_spec.path)
+    if base_ckpt.kind != "checkpoint":
+        raise InputError(f"{base_spec.path}: --base must be a checkpoint, not a {base_ckpt.kind}")
+    ckpts = _open_all(specs)
+    for c in ckpts:
+        if c.kind != "checkpoint":
+            raise InputError(f"{c.path}: is a {c.kind}; extract takes fine-tuned checkpoints")
+    _check_families([base_ckpt, *ckpts], opts)
+    keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
+    paths = [target.path_for(s, "tv", len(specs)) for s in specs]
+    base_hash = base_ckpt.sha256
+    artifacts = []
+    for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths):
+        src = ckpt.manifest or Manifest()
+        manifest = Manifest(
+            kind="task-vector",
+            model=_model_of(ckpt, base_ckpt),
+            regime=src.regime,
+            base=base_ref(base_hash, None if base_spec.ephemeral else str(base_spec.path)),
+            task=src.task,
+            provenance=list(src.provenance),
+        ).with_step("extract", opts.params(), [_input_record(spec, ckpt), _input_record(base_spec, base_ckpt)])
+        inputs = [s.path for s in specs] + [base_spec.path]
+        with CheckpointWriter(out, manifest, keys, force=target.force, inputs=inputs, layout=opts.layout, ephemeral=target.ephemeral) as w:
+            for i, key in enumerate(keys):
+                b = base_ckpt.get(key)
+                ft = ckpt.get(key) if key in ckpt else b
+                tau = arith.task_vector(ft, b, opts.compute_dtype)
+                _check_finite(tau, out, key, opts)
+                w.write(key, tau.to(_out_dtype(opts, b.dtype)))
+                if progress:
+                    progress(i + 1, len(keys), key)
+            artifacts.append(w.commit())
+    consume_ephemeral(specs + [base_spec])
+    return artifacts
+
+
+# --------------------------------------------------------------------------------------------
+# add (and every merge method)
+# --------------------------------------------------------------------------------------------
+def add(
+    inputs: Sequence[InputSpec | str | os.PathLike[str]],
+    target: OutputTarget | str | os.PathLike[str] | None,
+    *,
+    base: InputSpec | str | os.PathLike[str] | None = None,
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    method: str = "sum",
+    method_options: dict[str, Any] | None = None,
+    emit: str = "checkpoint",
+    opts: ArithOptions | None = None,
+    progress: Progress | None = None,
+) -> Artifact:
+    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector."""
+    opts = opts or ArithOptions()
+    merge = get_method(method)
+    method_options = dict(method_options or {})
+    if emit not in ("checkpoint", "vector"):
+        raise UsageError(f"--emit must be 'checkpoint' or 'vector', not {emit!r}")
+    specs = [_spec(s) for s in inputs]
+    if not specs:
+        raise UsageError("add needs at least one input")
+    if weights is None:
+        weights = [s.weight if s.weight is not None else 1.0 for s in specs]
+    if len(weights) != len(specs):
+        raise UsageError(f"{len(weights)} weights for {len(specs)} inputs")
+    target = _target(target)
+    base_spec = _spec(base) if base is not None else None
+    ckpts = _open_all(specs)
+    base_ckpt = _resolve_base(base_spec, ckpts, specs, emit == "checkpoint", opts)
+    if base_ckpt is not None and base_spec is None:
+        base_spec = InputSpec(base_ckpt.path)
+    _check_families([c for c in [base_ckpt, *ckpts] if c is not None], opts)
+    regime = _regime(ckpts, opts)
+    keys = _vector_keys(ckpts, base_ckpt, opts)
+    out = target.path_for(None, "merged" if emit == "checkpoint" else "sum", 1)
+    sources = VectorSources(ckpts, base_ckpt, opts, keys)
+    state = merge.prepare(sources, method_options) if merge.prepare else {}
+
+    params = {"alpha": alpha, "method": method, "method_options": method_options, "emit": emit, **opts.params()}
+    records = [_input_record(s, c, w, nested=True) for s, c, w in zip(specs, ckpts, weights)]
+    if base_ckpt is not None and base_spec is not None:
+        records.append({**_input_record(base_spec, base_ckpt), "role": "base"})
+    manifest = Manifest(
+        kind="checkpoint" if emit == "checkpoint" else "task-vector",
+        model=_model_of(base_ckpt, *ckpts),
+        regime=regime,
+        base=base_ref(base_ckpt.sha256, str(base_ckpt.path)) if base_ckpt is not None else (ckpts[0].manifest.base if ckpts[0].manifest else None),
+        task={"merged": [c.manifest.task for c in ckpts if c.manifest and c.manifest.task]} if emit == "vector" else None,
+    ).with_step("add", params, records)
+
+    protect = [s.path for s in specs] + ([base_spec.path] if base_spec else [])
+    all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
+    key_set = set(keys)
+    with CheckpointWriter(out, manifest, all_keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral) as w:
+        for i, key in enumerate(all_keys):
+            if key not in key_set:  # integer/bool tensors: copied from theta0
+                assert base_ckpt is not None
+                w.write(key, base_ckpt.get(key))
+                continue
+            ctx = MergeContext(key, list(weights), method_options, state)
+            merged = merge.merge(sources.vectors(key), ctx)
+            if emit == "checkpoint":
+                assert base_ckpt is not None
+                b = base_ckpt.get(key)
+                result = arith.apply(b, merged, alpha, opts.compute_dtype)
+                dtype = _out_dtype(opts, b.dtype)
+            else:
+                result = merged * alpha
+                ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
+                dtype = _out_dtype(opts, ref.info(key).dtype)
+            _check_finite(result, out, key, opts)
+            w.write(key, result.to(dtype))
+            if progress:
+                progress(i + 1, len(all_keys), key)
+        artifact = w.commit()
+    consume_ephemeral(specs)
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------
+# scale / negate
+# --------------------------------------------------------------------------------------------
+def scale(
+    inputs: Sequence[InputSpec | str | os.PathLike[str]],
+    by: float,
+    target: OutputTarget | str | os.PathLike[str] | None,
+    opts: ArithOptions | None = None,
+    progress: Progress | None = None,
+    _op: str = "scale",
+) -> list[Artifact]:
+    """c * tau for each task vector (negate is c = -1)."""
+    opts = opts or ArithOptions()
+    specs = [_spec(s) for s in inputs]
+    target = _target(target)
+    ckpts = _open_all(specs)
+    for c in ckpts:
+        if c.kind != "task-vector":
+            raise InputError(f"{c.path}: is a {c.kind}; {_op} works on task vectors (run tvedit extract first)")
+    suffix = "neg" if _op == "negate" else "scaled"
+    paths = [target.path_for(s, suffix, len(specs)) for s in specs]
+    artifacts = []
+    for spec, ckpt, out in zip(specs, ckpts, paths):
+        assert ckpt.manifest is not None
+        params = {"by": by, **opts.params()} if _op == "scale" else opts.params()
+        manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
+        keys = ckpt.keys()
+        with CheckpointWriter(out, manifest, keys, force=target.force, inputs=[s.path for s in specs], layout=opts.layout, ephemeral=target.ephemeral) as w:
+            for i, key in enumerate(keys):
+                t = ckpt.get(key)
+                if t.is_floating_point():
+                    r = arith.scaled(t, by, opts.compute_dtype)
+                    _check_finite(r, out, key, opts)
+                    t = r.to(_out_dtype(opts, t.dtype))
+                w.write(key, t)
+                if progress:
+                    progress(i + 1, len(keys), key)
+            artifacts.append(w.commit())
+    consume_ephemeral(specs)
+    return artifacts
+
+
+def negate(
+    inputs: Sequence[InputSpec | str | os.PathLike[str]],
+    target: OutputTarget | str | os.PathLike[str] | None,
+    opts: ArithOptions | None = None,
+    progress: Progress | None = None,
+) -> list[Artifact]:
+    """-tau for each task vector."""
+    return scale(inputs, -1.0, target, opts, progress, _op="negate")

@@ -1,0 +1,60 @@
+"""The ``tvedit`` application: registers each command module and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from tvedit import __version__
+from tvedit.errors import EXIT_CODES
+
+# One line per command module; each module has register(app).
+COMMAND_MODULES = (
+    "tvedit.cli.arith_cmds",
+    "tvedit.cli.info_cmds",
+)
+
+EPILOG = "Exit codes: " + "; ".join(f"{c} {d.split(':')[0].split(' (')[0]}" for c, d in EXIT_CODES.items()) + "."
+
+app = typer.Typer(
+    name="tvedit",
+    help="Task-vector editing of model checkpoints: fine-tune, extract, add, negate, scale, mask, evaluate.\n\n"
+    "Commands chain through pipes: when standard output is not a terminal each command prints one JSON line per "
+    "file it wrote, and any input argument '-' reads those lines.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tvedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    """tvedit."""
+
+
+@app.command()
+def completions(shell: str = typer.Argument(..., help="bash, zsh or fish")) -> None:
+    """Print a static completion script (also shipped in completions/)."""
+    from tvedit.cli.completion import GENERATORS
+
+    if shell not in GENERATORS:
+        typer.echo(f"error: unknown shell {shell!r}; choose bash, zsh or fish", err=True)
+        raise typer.Exit(2)
+    typer.echo(GENERATORS[shell](typer.main.get_command(app)), nl=False)  # type: ignore[arg-type]
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,191 @@
+"""extract, add, scale, negate: the arithmetic commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tvedit.cli.common import FORCE_HELP, JSON_HELP, OUT_DIR_HELP, OUT_HELP, guard, json_mode, parse_dtype_option, piped, progress_bar, report
+from tvedit.errors import UsageError
+
+DTYPE_HELP = "Output dtype (float32, float16, bfloat16, float64). Default: the base's dtype."
+COMPUTE_HELP = "Accumulate in float32 (default) or float64."
+MISSING_HELP = "Treat a key missing from some inputs as zero instead of failing."
+NONFINITE_HELP = "Write results that contain NaN/Inf instead of failing."
+LAYOUT_HELP = "Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse."
+
+
+def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, force_mix: bool = False):
+    import torch
+
+    from tvedit.api import ArithOptions
+
+    if compute not in ("float32", "float64"):
+        raise UsageError(f"--compute-dtype must be float32 or float64, not {compute!r}")
+    if layout not in ("auto", "dense", "sparse"):
+        raise UsageError(f"--layout must be auto, dense or sparse, not {layout!r}")
+    return ArithOptions(
+        dtype=parse_dtype_option(dtype),
+        compute_dtype=torch.float64 if compute == "float64" else torch.float32,
+        allow_missing=allow_missing,
+        allow_nonfinite=allow_nonfinite,
+        layout=layout,
+        force_mix=force_mix,
+    )
+
+
+def _inputs(args: list[str]):
+    from tvedit.pipeline import resolve_inputs
+
+    if not args:
+        raise UsageError("no inputs given")
+    return resolve_inputs(args)
+
+
+def _target(output: Path | None, out_dir: Path | None, force: bool):
+    from tvedit.pipeline import output_target
+
+    return output_target(output, out_dir, force, piped())
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guard
+    def extract(
+        finetuned: list[str] = typer.Argument(..., help="Fine-tuned checkpoints (or '-' for piped JSON lines, or a recipe)."),
+        base: Path = typer.Option(..., "--base", "-b", help="The pre-trained checkpoint theta0."),
+        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: tv."),
+        dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
+        compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
+        layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Task vectors tau = theta* - theta0, one per fine-tuned checkpoint (floating tensors only)."""
+        from tvedit import api
+        from tvedit.pipeline import InputSpec
+
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout)
+        inputs = _inputs(finetuned)
+        target = _target(output, out_dir, force)
+        with progress_bar("extract") as bar:
+            arts = api.extract(inputs.items, InputSpec(base), target, opts, bar)
+        report(arts, json_mode(as_json))
+
+    @app.command()
+    @guard
+    def add(
+        inputs: list[str] = typer.Argument(..., help="Task vectors or fine-tuned checkpoints, '-' for piped JSON lines, or a YAML recipe."),
+        alpha: float | None = typer.Option(None, "--alpha", "-a", help="Scaling coefficient applied to the merged vector. Default 1.0."),
+        weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated per-input weights, e.g. 1,0.5,0.5 (default 1 each)."),
+        base: Path | None = typer.Option(None, "--base", "-b", help="theta0. Default: the base recorded in the inputs."),
+        method: str | None = typer.Option(None, "--method", "-m", help="Merge method (see `tvedit methods`). Default: sum."),
+        option: list[str] = typer.Option([], "--option", help="Method option KEY=VALUE (repeatable), e.g. --option density=0.2."),
+        emit: str = typer.Option("checkpoint", "--emit", help="checkpoint: theta0 + alpha*merged; vector: alpha*merged as a task vector."),
+        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
+        compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
+        layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP + " (with --emit vector)"),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP + " Also allows mixing regimes, bases and families."),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
+        from tvedit import api
+        from tvedit.merging import METHODS
+        from tvedit.pipeline import InputSpec
+
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        resolved = _inputs(inputs)
+        recipe = resolved.options
+        method = method or recipe.get("method", "sum")
+        if method not in METHODS:
+            raise UsageError(f"--method: unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        method_options: dict[str, Any] = dict(recipe.get("options") or {})
+        method_options.update(parse_options(option))
+        bad = sorted(set(method_options) - set(METHODS[method].options))
+        if bad:
+            allowed = ", ".join(METHODS[method].options) or "none"
+            raise UsageError(f"--option: {method} does not take {bad[0]!r} (it takes: {allowed})")
+        if alpha is None:
+            alpha = float(recipe.get("alpha", 1.0))
+        weight_list = parse_weights(weights, len(resolved.items)) if weights else None
+        base_path = base or (Path(recipe["base"]) if recipe.get("base") else None)
+        target = _target(output, None, force)
+        with progress_bar(f"add ({method})") as bar:
+            art = api.add(
+                resolved.items, target, base=InputSpec(base_path) if base_path else None, alpha=alpha,
+                weights=weight_list, method=method, method_options=method_options, emit=emit, opts=opts, progress=bar,
+            )  # fmt: skip
+        report([art], json_mode(as_json))
+
+    def _unary(op: str, inputs: list[str], by: float, output, out_dir, dtype, compute_dtype, layout, allow_nonfinite, force, as_json) -> None:
+        from tvedit import api
+
+        opts = _opts(dtype, compute_dtype, False, allow_nonfinite, layout)
+        resolved = _inputs(inputs)
+        target = _target(output, out_dir, force)
+        with progress_bar(op) as bar:
+            arts = api.scale(resolved.items, by, target, opts, bar, _op=op)
+        report(arts, json_mode(as_json))
+
+    @app.command()
+    @guard
+    def scale(
+        inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
+        by: float = typer.Option(..., "--by", "-c", help="The coefficient c in c * tau."),
+        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: scaled."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Output dtype. Default: the input's."),
+        compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
+        layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Scale task vectors: c * tau."""
+        _unary("scale", inputs, by, output, out_dir, dtype, compute_dtype, layout, allow_nonfinite, force, as_json)
+
+    @app.command()
+    @guard
+    def negate(
+        inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
+        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: neg."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Output dtype. Default: the input's."),
+        compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
+        layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
+        _unary("negate", inputs, -1.0, output, out_dir, dtype, compute_dtype, layout, False, force, as_json)
+
+
+def parse_weights(text: str, n: int) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights: {text!r} is not a comma-separated list of numbers") from None
+    if len(values) != n:
+        raise UsageError(f"--weights: {len(values)} weights for {n} inputs")
+    return values
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--option: {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,103 @@
+"""What every command shares: error handling, output mode, progress, reporting."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from tvedit.errors import TveditError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+err_console = Console(stderr=True)
+
+JSON_HELP = "Print one JSON line per artifact (the default when standard output is not a terminal)."
+FORCE_HELP = "Overwrite an existing output file (never an input)."
+OUT_HELP = "Output file (one output only)."
+OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors."
+
+
+def guard(fn: F) -> F:
+    """Turn TveditError into a one-line message on stderr and its documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TveditError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: no output was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def piped() -> bool:
+    return not sys.stdout.isatty()
+
+
+def json_mode(flag: bool) -> bool:
+    return flag or piped()
+
+
+def parse_dtype_option(value: str | None):  # -> torch.dtype | None
+    if value is None:
+        return None
+    from tvedit.tensorio import parse_dtype
+
+    try:
+        return parse_dtype(value)
+    except ValueError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A rich progress bar on stderr (only when stderr is a terminal)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[key]}", style="dim"), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(description, total=None, key="")
+
+        def update(done: int, total: int, key: str) -> None:
+            bar.update(task, completed=done, total=total, key=key[-48:])
+
+        yield update
+
+
+def report(artifacts: Sequence[Any], as_json: bool, title: str = "wrote") -> None:
+    """JSON lines for scripts, a short table for people."""
+    if as_json:
+        for a in artifacts:
+            sys.stdout.write(a.to_json() + "\n")
+        sys.stdout.flush()
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for col in ("path", "kind", "regime", "density", "sha256"):
+        table.add_column(col)
+    for a in artifacts:
+        m = a.manifest
+        density = "" if m.density is None else f"{m.density:.4g}"
+        table.add_row(str(a.path), m.kind, m.regime, density, a.sha256[:12])
+    Console().print(table)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")

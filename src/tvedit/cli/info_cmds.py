@@ -1,0 +1,151 @@
+"""info, import, methods: looking at files and bringing them in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, print_json, report
+
+
+def summarize(path: Path, tensors: bool, verify: bool) -> dict:
+    import torch
+
+    from tvedit.tensorio import content_hash, open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    rows = []
+    total = nonzero = float_numel = 0
+    sq = 0.0
+    dtypes: dict[str, int] = {}
+    for key in ckpt.keys():
+        info = ckpt.info(key)
+        numel = 1
+        for s in info.shape:
+            numel *= s
+        total += numel
+        dt = str(info.dtype).replace("torch.", "")
+        dtypes[dt] = dtypes.get(dt, 0) + 1
+        row = {"key": key, "shape": list(info.shape), "dtype": dt, "sparse": ckpt.is_sparse(key)}
+        if info.dtype.is_floating_point or info.dtype == torch.bool:
+            t = ckpt.get(key)
+            nz = int(torch.count_nonzero(t))
+            nonzero += nz
+            float_numel += numel
+            norm = float(t.double().norm()) if t.is_floating_point() else float(nz) ** 0.5
+            sq += norm**2
+            row.update(norm=norm, density=nz / numel if numel else None)
+        rows.append(row)
+    m = ckpt.manifest
+    data = {
+        "path": str(path),
+        "kind": ckpt.kind,
+        "sha256": ckpt.sha256,
+        "tensors": len(rows),
+        "parameters": total,
+        "bytes": sum(f.stat().st_size for f in set(ckpt._where.values())),
+        "dtypes": dtypes,
+        "density": nonzero / float_numel if float_numel else None,
+        "norm": sq**0.5,
+        "manifest": m.to_dict() if m else None,
+    }
+    if verify:
+        actual = content_hash(ckpt)
+        data["verified"] = m is None or m.sha256 is None or actual == m.sha256
+        data["sha256_actual"] = actual
+    if tensors:
+        data["tensor_table"] = rows
+    return data
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guard
+    def info(
+        files: list[Path] = typer.Argument(..., help="safetensors files, HF index files or model directories."),
+        tensors: bool = typer.Option(False, "--tensors", "-t", help="List every tensor (shape, dtype, norm, density)."),
+        verify: bool = typer.Option(False, "--verify", help="Recompute the content hash and compare it with the manifest's."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object per file."),
+    ) -> None:
+        """Show a file's manifest, tensor count, sizes, dtypes, density and norm."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from tvedit.errors import MismatchError
+
+        console = Console()
+        bad = []
+        for path in files:
+            data = summarize(path, tensors, verify)
+            if verify and not data["verified"]:
+                bad.append(path)
+            if json_mode(as_json):
+                print_json(data)
+                continue
+            m = data["manifest"] or {}
+            table = Table(title=str(path), show_header=False, show_edge=False)
+            table.add_column(style="bold")
+            table.add_column()
+            density = "" if data["density"] is None else f"{data['density']:.4g}"
+            for k, v in [
+                ("kind", data["kind"]), ("model", (m.get("model") or {}).get("architecture") or (m.get("model") or {}).get("family", "unknown")),
+                ("regime", m.get("regime", "nonlinear")), ("layout", m.get("layout", "dense")),
+                ("tensors", data["tensors"]), ("parameters", f"{data['parameters']:,}"), ("bytes", f"{data['bytes']:,}"),
+                ("dtypes", ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items())), ("density", density),
+                ("norm", f"{data['norm']:.6g}"), ("sha256", data["sha256"]),
+                ("base", (m.get("base") or {}).get("sha256", "")[:12] + "  " + str((m.get("base") or {}).get("path") or "")),
+                ("provenance", " → ".join(s["op"] for s in m.get("provenance", []))),
+            ]:  # fmt: skip
+                table.add_row(k, str(v))
+            if verify:
+                table.add_row("verified", "yes" if data["verified"] else "[red]NO: content does not match the manifest hash[/]")
+            console.print(table)
+            if tensors:
+                t = Table(show_edge=False, header_style="bold")
+                for col in ("key", "shape", "dtype", "norm", "density", "sparse"):
+                    t.add_column(col)
+                for r in data["tensor_table"]:
+                    t.add_row(r["key"], str(r["shape"]), r["dtype"], f"{r.get('norm', 0):.4g}" if "norm" in r else "",
+                              f"{r['density']:.3g}" if r.get("density") is not None else "", "yes" if r["sparse"] else "")  # fmt: skip
+                console.print(t)
+        if bad:
+            raise MismatchError(f"{bad[0]}: content hash does not match its manifest (file modified?)")
+
+    @app.command("import")
+    @guard
+    def import_(
+        source: Path = typer.Argument(..., help="A pickled PyTorch checkpoint (.pt, .pth, .bin)."),
+        output: Path = typer.Option(..., "--output", "-o", help="The safetensors file to write."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file!)."),
+        kind: str = typer.Option("checkpoint", "--kind", help="checkpoint or task-vector."),
+        strip_prefix: str = typer.Option("", "--strip-prefix", help="Remove this prefix from every key (e.g. 'module.')."),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Convert a pickled .pt checkpoint to safetensors. Refuses arbitrary objects unless --trust-pickle."""
+        from tvedit.convert import import_pickle
+        from tvedit.errors import UsageError
+
+        if kind not in ("checkpoint", "task-vector"):
+            raise UsageError(f"--kind must be checkpoint or task-vector, not {kind!r}")
+        report([import_pickle(source, output, trust=trust_pickle, kind=kind, strip_prefix=strip_prefix, force=force)], json_mode(as_json))
+
+    @app.command()
+    @guard
+    def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """List the merge methods of `tvedit add --method` and their options."""
+        from tvedit.merging import METHODS
+
+        if json_mode(as_json):
+            print_json({m.name: {"summary": m.summary, "options": list(m.options)} for m in METHODS.values()})
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(show_edge=False, header_style="bold")
+        for col in ("method", "what it does", "options"):
+            t.add_column(col)
+        for m in METHODS.values():
+            t.add_row(m.name, m.summary, ", ".join(m.options))
+        Console().print(t)

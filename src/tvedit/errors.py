@@ -1,0 +1,67 @@
+"""Errors with documented exit codes. Every user-facing failure is one of these.
+
+The CLI prints ``error: <message>`` on one line and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class TveditError(Exception):
+    """Base class; exit code 1 is reserved for unexpected internal errors."""
+
+    exit_code = 1
+
+
+class UsageError(TveditError):
+    """Invalid option values or combinations (checked before any work starts)."""
+
+    exit_code = 2
+
+
+class InputError(TveditError):
+    """An input file is missing, unreadable, not safetensors, truncated, or lacks a manifest field."""
+
+    exit_code = 3
+
+
+class MismatchError(TveditError):
+    """Inputs do not fit together: keys, shapes, bases, regimes, model families."""
+
+    exit_code = 4
+
+
+class NumericError(TveditError):
+    """A result contains NaN or Inf (allowed only with --allow-nonfinite)."""
+
+    exit_code = 5
+
+
+class OutputError(TveditError):
+    """The output exists (without --force) or would overwrite one of the inputs."""
+
+    exit_code = 6
+
+
+class GateError(TveditError):
+    """An accuracy gate failed (evaluate --min-accuracy)."""
+
+    exit_code = 7
+
+
+class DataError(TveditError):
+    """A dataset is empty, unreadable, or unusable (e.g. a single class)."""
+
+    exit_code = 8
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: please report it)",
+    2: "usage error: bad option value or combination",
+    3: "input error: missing, unreadable, truncated or non-safetensors file",
+    4: "mismatch: keys, shapes, bases, regimes or model families do not fit together",
+    5: "numeric error: NaN or Inf in a result",
+    6: "output error: output exists (use --force) or equals an input",
+    7: "gate failed: an accuracy fell below its --min-accuracy threshold",
+    8: "data error: dataset empty, unreadable or unusable",
+}

@@ -1,0 +1,618 @@
+"""Streaming safetensors I/O: memory-mapped reads, sparse layouts, incremental atomic writes.
+
+Reading: ``open_checkpoint(path)`` accepts a ``.safetensors`` file, a sharded Hugging Face index
+(``*.safetensors.index.json``) or a directory holding either. Tensors are read one at a time from a
+memory map; sparse-encoded tensors are decoded to dense on access, so every command sees one
+logical view.
+
+Writing: ``CheckpointWriter`` writes tensor bytes straight to a temporary file beside the output
+(the header is reserved up front and filled in at the end), hashes as it goes, and renames into
+place only when everything succeeded. A failure leaves nothing behind.
+
+Sparse layout (docs/manifest.md): a logical tensor ``K`` of shape S may be stored as
+``K::values`` (its non-zero entries, row-major order) plus either ``K::indices`` (int32/int64 flat
+positions) or ``K::bitmap`` (uint8, one bit per entry, most significant bit first); a mask is
+stored as ``K::bitmap`` alone. The manifest's ``sparse`` map records S and the encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tvedit.errors import InputError, MismatchError, OutputError
+from tvedit.manifest import METADATA_KEY, Manifest
+
+SEP = "::"
+DTYPE_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        DTYPE_TO_ST[getattr(torch, _name)] = _st
+        ST_TO_DTYPE[_st] = getattr(torch, _name)
+
+# A task-vector tensor whose density is at or below this is stored sparse under layout "auto".
+AUTO_SPARSE_DENSITY = 0.5
+# Tensors smaller than this are always stored dense (the encoding overhead is not worth it).
+MIN_SPARSE_NUMEL = 64
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'fp32' / 'F32' / 'bf16' ... -> torch dtype (floating types only)."""
+    table = {
+        "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+    }  # fmt: skip
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16, float64") from None
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_TO_ST[dtype]
+    except KeyError:
+        raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Bit packing (masks and bitmap-encoded sparse tensors)
+# --------------------------------------------------------------------------------------------
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 bytes, one bit per entry in row-major order, MSB first (numpy.packbits)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
+    shape = tuple(shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS).ne(0).reshape(-1)
+    return bits[:numel].reshape(shape)
+
+
+def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
+    """Pick the smaller of index-list and bitmap encodings for a tensor. Returns (encoding, parts)."""
+    flat = tensor.reshape(-1)
+    nz = flat != 0
+    values = flat[nz]
+    nnz = values.numel()
+    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    index_bytes = nnz * (4 if index_dtype == torch.int32 else 8)
+    bitmap_bytes = (flat.numel() + 7) // 8
+    if index_bytes <= bitmap_bytes:
+        indices = nz.nonzero().reshape(-1).to(index_dtype)
+        return "indices", {"indices": indices, "values": values}
+    return "bitmap", {"bitmap": pack_bits(nz), "values": values}
+
+
+def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None) -> torch.Tensor:
+    if encoding == "mask":
+        return unpack_bits(parts["bitmap"], shape)
+    values = parts["values"]
+    numel = 1
+    for s in shape:
+        numel *= s
+    out = torch.zeros(numel, dtype=values.dtype)
+    if encoding == "indices":
+        out[parts["indices"].long()] = values
+    elif encoding == "bitmap":
+        out[unpack_bits(parts["bitmap"], (numel,))] = values
+    else:
+        raise InputError(f"unknown sparse encoding {encoding!r}")
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header (catches truncation before any tensor is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise InputError(f"{path}: not a safetensors file (bad header length)")
+            header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise InputError(f"{path}: key {key!r}: malformed safetensors entry") from None
+    if 8 + n + end > size:
+        raise InputError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Checkpoint:
+    """A read-only, memory-mapped, logical (dense) view of one checkpoint or task vector."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._files: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}  # stored key -> file
+        self._stored: dict[str, TensorInfo] = {}
+        files = self._resolve_files(self.path)
+        metadata: dict[str, str] = {}
+        for f in files:
+            header = _read_header(f)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    if len(files) == 1 or not metadata:
+                        metadata = dict(info or {})
+                    continue
+                dtype = ST_TO_DTYPE.get(info.get("dtype"))
+                if dtype is None:
+                    raise InputError(f"{f}: key {key!r}: unsupported dtype {info.get('dtype')!r}")
+                self._stored[key] = TensorInfo(tuple(int(s) for s in info["shape"]), dtype)
+                self._where[key] = f
+        self.metadata = metadata
+        raw = metadata.get(METADATA_KEY)
+        self.manifest: Manifest | None = Manifest.from_json(raw, str(self.path)) if raw else None
+        self._sparse = dict(self.manifest.sparse) if self.manifest else {}
+        self._logical: dict[str, TensorInfo] = {}
+        hidden: set[str] = set()
+        for key, spec in self._sparse.items():
+            enc = spec.get("encoding")
+            needed = ["bitmap"] if enc == "mask" else ["values", "bitmap" if enc == "bitmap" else "indices"]
+            for part in needed:
+                if f"{key}{SEP}{part}" not in self._stored:
+                    raise InputError(f"{self.path}: key {key!r}: sparse part {part!r} is missing")
+                hidden.add(f"{key}{SEP}{part}")
+            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}values"].dtype
+            self._logical[key] = TensorInfo(tuple(spec["shape"]), dtype)
+        for key, info in self._stored.items():
+            if key not in hidden:
+                self._logical[key] = info
+
+    @staticmethod
+    def _resolve_files(path: Path) -> list[Path]:
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if path.is_dir():
+            for name in ("model.safetensors", "model.safetensors.index.json"):
+                if (path / name).exists():
+                    return Checkpoint._resolve_files(path / name)
+            raise InputError(f"{path}: directory has no model.safetensors or model.safetensors.index.json")
+        if path.name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text())
+                shards = sorted(set(index["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise InputError(f"{path}: not a safetensors index (needs a 'weight_map')") from None
+            files = [path.parent / s for s in shards]
+            for f in files:
+                if not f.exists():
+                    raise InputError(f"{path}: shard {f.name} is missing")
+            return files
+        return [path]
+
+    # -- the logical view -------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return sorted(self._logical)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._logical
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._logical[key]
+        except KeyError:
+            raise MismatchError(f"{self.path}: key {key!r} is missing") from None
+
+    def is_floating(self, key: str) -> bool:
+        return self.info(key).dtype.is_floating_point
+
+    def is_sparse(self, key: str) -> bool:
+        return key in self._sparse
+
+    def _handle(self, f: Path) -> Any:
+        handle = self._files.get(f)
+        if handle is None:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise InputError(f"{f}: cannot open as safetensors: {exc}") from None
+            self._files[f] = handle
+        return handle
+
+    def _get_stored(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(self._where[key]).get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{self._where[key]}: key {key!r}: cannot read: {exc}") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """The dense tensor for a logical key (decoded if stored sparse)."""
+        if key in self._sparse:
+            spec = self._sparse[key]
+            parts = {}
+            for part in ("values", "indices", "bitmap"):
+                stored = f"{key}{SEP}{part}"
+                if stored in self._stored:
+                    parts[part] = self._get_stored(stored)
+            return decode_sparse(spec["encoding"], parts, list(spec["shape"]), None)
+        if key not in self._stored:
+            raise MismatchError(f"{self.path}: key {key!r} is missing")
+        return self._get_stored(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.keys():
+            yield key, self.get(key)
+
+    def stored_nbytes(self) -> int:
+        return sum(_nbytes(i) for i in self._stored.values())
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind if self.manifest else "checkpoint"
+
+    @property
+    def sha256(self) -> str:
+        """Content hash: from the manifest when present, else computed once and cached."""
+        if self.manifest and self.manifest.sha256:
+            return self.manifest.sha256
+        return cached_content_hash(self)
+
+    def close(self) -> None:
+        self._files.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, kind={self.kind!r}, tensors={len(self._logical)})"
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    return Checkpoint(path)
+
+
+def _nbytes(info: TensorInfo) -> int:
+    numel = 1
+    for s in info.shape:
+        numel *= s
+    return numel * torch.empty((), dtype=info.dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Content hashing
+# --------------------------------------------------------------------------------------------
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def _entry_digest(key: str, dtype: str, shape: Iterable[int], data_digest: str) -> bytes:
+    return f"{key}\0{dtype}\0{list(shape)}\0{data_digest}\n".encode()
+
+
+def combine_digests(entries: dict[str, bytes]) -> str:
+    """sha256 over per-tensor records sorted by stored key: order-independent content hash."""
+    h = hashlib.sha256()
+    for key in sorted(entries):
+        h.update(entries[key])
+    return h.hexdigest()
+
+
+def content_hash(ckpt: Checkpoint) -> str:
+    """Recompute the content hash of the stored tensors (independent of file layout and metadata)."""
+    entries = {}
+    for key, info in ckpt._stored.items():
+        data = hashlib.sha256(_tensor_bytes(ckpt._get_stored(key))).hexdigest()
+        entries[key] = _entry_digest(key, DTYPE_TO_ST[info.dtype], info.shape, data)
+    return combine_digests(entries)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TVEDIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tvedit"
+    )
+    return Path(root)
+
+
+def cached_content_hash(ckpt: Checkpoint) -> str:
+    """Content hash of a file without a manifest hash, cached by (real path, size, mtime)."""
+    stats = []
+    for f in sorted(set(ckpt._where.values())):
+        st = f.stat()
+        stats.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("|".join(stats).encode()).hexdigest()
+    cache = _cache_dir() / "hashes" / key
+    try:
+        value = cache.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    value = content_hash(ckpt)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(value)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Artifact:
+    """What a command wrote: one JSON line on standard output when piped."""
+
+    path: Path
+    manifest: Manifest
+    ephemeral: bool = False
+    name: str | None = None  # display stem for derived names (scratch files carry a hash)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def sha256(self) -> str:
+        assert self.manifest.sha256
+        return self.manifest.sha256
+
+    def to_json(self) -> str:
+        record = {
+            "path": str(self.path),
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "ephemeral": self.ephemeral,
+            "name": self.name,
+            "manifest": self.manifest.to_dict(),
+        }
+        return json.dumps(record, sort_keys=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse to overwrite an input, or an existing file without force (before any work)."""
+    for inp in inputs:
+        if _same_file(path, Path(inp)):
+            raise OutputError(f"{path}: output is the same file as an input; choose another path")
+    if path.exists() and not force:
+        raise OutputError(f"{path}: already exists (use --force to overwrite)")
+    if path.exists() and path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+
+
+class CheckpointWriter:
+    """Incremental, atomic safetensors writer.
+
+    ``keys`` (the logical keys to be written, any order) lets the writer reserve the header so that
+    tensor bytes are written exactly once. Tensors must be written in sorted logical-key order so
+    that identical inputs give byte-identical files.
+
+    ``layout``: "dense" stores everything dense; "sparse" stores every floating tensor sparse;
+    "auto" stores a floating tensor sparse when its density is at most AUTO_SPARSE_DENSITY (task
+    vectors only). Masks (bool tensors in a ``kind: mask`` file) are always bit-packed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Manifest,
+        keys: Iterable[str] | None = None,
+        *,
+        force: bool = False,
+        inputs: Iterable[Path] = (),
+        layout: str = "dense",
+        ephemeral: bool = False,
+    ):
+        """``ephemeral``: a scratch artifact, renamed on commit to STEM.<hash16>.safetensors."""
+        if layout not in ("dense", "sparse", "auto"):
+            raise ValueError(f"unknown layout {layout!r}")
+        self.path = Path(path)
+        check_output(self.path, force, inputs)
+        self.manifest = manifest
+        self.layout = layout if manifest.kind == "task-vector" else "dense"
+        self.ephemeral = ephemeral
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / f".{self.path.name}.tvedit-tmp-{os.getpid()}"
+        self._fh = open(self._tmp, "wb")
+        self._header: dict[str, dict[str, Any]] = {}
+        self._digests: dict[str, bytes] = {}
+        self._sparse: dict[str, dict[str, Any]] = {}
+        self._offset = 0
+        self._last_key: str | None = None
+        self._nonzero = 0
+        self._float_numel = 0
+        self._done = False
+        key_list = list(keys) if keys is not None else None
+        self._reserved = self._estimate_header(key_list) if key_list is not None else 0
+        self._fh.seek(8 + self._reserved)
+
+    def _estimate_header(self, keys: list[str]) -> int:
+        # Worst case per key: a sparse tensor's two stored entries plus its manifest record.
+        per_key = sum(3 * len(k.encode()) + 320 for k in keys)
+        manifest = len(self.manifest.to_json().encode()) * 5 // 4 + 1024
+        return ((per_key + manifest) + 7) // 8 * 8
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write_stored(self, key: str, tensor: torch.Tensor) -> None:
+        data = _tensor_bytes(tensor)
+        st = _st_dtype(tensor.dtype)
+        self._fh.write(data)
+        n = len(data)
+        self._header[key] = {"dtype": st, "shape": list(tensor.shape), "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
+        self._digests[key] = _entry_digest(key, st, tensor.shape, hashlib.sha256(data).hexdigest())
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._done:
+            raise RuntimeError("writer is closed")
+        if self._last_key is not None and key <= self._last_key:
+            raise ValueError(f"keys must be written in sorted order ({key!r} after {self._last_key!r})")
+        if SEP in key:
+            raise InputError(f"key {key!r}: '{SEP}' is reserved for tvedit's sparse layout")
+        self._last_key = key
+        tensor = tensor.detach().cpu()
+        if self.manifest.kind == "mask" and tensor.dtype == torch.bool:
+            self._nonzero += int(tensor.sum())
+            self._float_numel += tensor.numel()
+            self._write_stored(f"{key}{SEP}bitmap", pack_bits(tensor))
+            self._sparse[key] = {"shape": list(tensor.shape), "encoding": "mask"}
+            return
+        if tensor.dtype.is_floating_point:
+            nnz = int(torch.count_nonzero(tensor))
+            self._nonzero += nnz
+            self._float_numel += tensor.numel()
+            dense_enough = tensor.numel() == 0 or nnz / tensor.numel() > AUTO_SPARSE_DENSITY
+            sparse = (self.layout == "sparse" or (self.layout == "auto" and not dense_enough)) and tensor.numel() >= MIN_SPARSE_NUMEL
+            if sparse:
+                encoding, parts = encode_sparse(tensor)
+                for part in sorted(parts):
+                    self._write_stored(f"{key}{SEP}{part}", parts[part])
+                self._sparse[key] = {"shape": list(tensor.shape), "encoding": encoding}
+                return
+        self._write_stored(key, tensor)
+
+    @property
+    def density(self) -> float | None:
+        return self._nonzero / self._float_numel if self._float_numel else None
+
+    def commit(self) -> Artifact:
+        """Finish the header, flush, and rename into place. Returns the artifact record."""
+        data = self.manifest.to_dict()
+        data["sparse"] = self._sparse
+        data["layout"] = "sparse" if self._sparse and self.manifest.kind != "mask" else "dense"
+        if self.manifest.kind in ("task-vector", "mask"):
+            data["density"] = self.density
+        data["sha256"] = combine_digests(self._digests)
+        manifest = Manifest.from_dict(data)
+        metadata = {METADATA_KEY: manifest.to_json()}
+        header = json.dumps({"__metadata__": metadata, **dict(sorted(self._header.items()))}, separators=(",", ":")).encode()
+        try:
+            if self._reserved and len(header) <= self._reserved:
+                header = header + b" " * (self._reserved - len(header))
+                self._fh.seek(0)
+                self._fh.write(struct.pack("<Q", len(header)))
+                self._fh.write(header)
+                self._fh.close()
+            else:  # no (or too small) reservation: rewrite with the header in front
+                pad = (-len(header)) % 8
+                header = header + b" " * pad
+                self._fh.close()
+                final = self._tmp.with_name(self._tmp.name + "-final")
+                with open(self._tmp, "rb") as src, open(final, "wb") as dst:
+                    dst.write(struct.pack("<Q", len(header)))
+                    dst.write(header)
+                    src.seek(8 + self._reserved)
+                    shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+                os.replace(final, self._tmp)
+            stem = self.path.name[: -len(".safetensors")] if self.path.name.endswith(".safetensors") else self.path.name
+            final = self.path.with_name(f"{stem}.{manifest.sha256[:16]}.safetensors") if self.ephemeral else self.path
+            os.replace(self._tmp, final)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return Artifact(final, manifest, self.ephemeral, stem if self.ephemeral else None)
+
+    def abort(self) -> None:
+        self._done = True
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        for p in (self._tmp, self._tmp.with_name(self._tmp.name + "-final")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None and not self._done:
+            self.abort()
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    manifest: Manifest,
+    *,
+    force: bool = False,
+    layout: str = "dense",
+    inputs: Iterable[Path] = (),
+) -> Artifact:
+    """Write an in-memory dict of tensors (small models, fine-tuning outputs) with a manifest."""
+    with CheckpointWriter(path, manifest, tensors.keys(), force=force, layout=layout, inputs=inputs) as w:
+        for key in sorted(tensors):
+            w.write(key, tensors[key])
+        return w.commit()
+
+
+def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Manifest | None]:
+    """Read a whole (small) checkpoint into memory as dense tensors."""
+    ckpt = open_checkpoint(path)
+    return {k: ckpt.get(k) for k in ckpt.keys()}, ckpt.manifest
