@@ -1,0 +1,198 @@
+"""The model adapter interface: one small class per model family, found by ``model.family``.
+
+An adapter knows how to rebuild a model from the manifest's ``model`` record and a state dict,
+which tensors each fine-tuning regime trains, which tensors TaLoS may mask, how to build the frozen
+per-task head, and how to score a batch. Everything else (the training loop, evaluation, the
+linearization f_lin) is written once against this interface. See docs/adapters.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tvedit.errors import InputError, MismatchError, UsageError
+
+MODES = ("full", "attn", "linearized", "sparse")  # fine-tuning regimes (ALGORITHMS.md section 2)
+
+
+class ModelAdapter(ABC):
+    """A model family. Instances are cheap and hold only the (JSON-able) architecture config."""
+
+    family: ClassVar[str]
+
+    # -- identity ------------------------------------------------------------------------------
+    @abstractmethod
+    def model_info(self) -> dict[str, Any]:
+        """The manifest's ``model`` record: ``family``, ``architecture`` and the full config, so that
+        ``from_model_info(model_info())`` rebuilds the same architecture without any other file."""
+
+    @classmethod
+    @abstractmethod
+    def from_model_info(cls, info: Mapping[str, Any]) -> ModelAdapter:
+        """The inverse of :meth:`model_info`."""
+
+    # -- building --------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """The whole model (eval mode, float32, CPU). ``state`` is loaded strictly: a missing,
+        unexpected or mis-shaped key raises MismatchError naming the key. ``None``: random init
+        (seed it with torch.manual_seed before calling)."""
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The tensors saved in a checkpoint (default: ``model.state_dict()``, detached, CPU)."""
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    # -- which tensors train -----------------------------------------------------------------------
+    @abstractmethod
+    def trainable_keys(self, mode: str, *, attn_bias: bool = False) -> list[str]:
+        """Parameter names trained in ``mode`` (full | attn | linearized; sparse trains a subset of
+        :meth:`maskable_keys`). Sorted."""
+
+    @abstractmethod
+    def maskable_keys(self) -> list[str]:
+        """Parameter names TaLoS may mask (ALGORITHMS.md section 3). Sorted."""
+
+    # -- task head and scoring -----------------------------------------------------------------------
+    @abstractmethod
+    def make_head(self, model: nn.Module, task: Mapping[str, Any]) -> Any:
+        """The frozen per-task classifier, built from ``model`` (pass the PRE-TRAINED model).
+        ``task`` is the manifest's ``task`` record (CLIP: ``classes``, ``templates``; seq2seq: its
+        ``choices``). The result holds no autograd graph."""
+
+    @abstractmethod
+    def scores(self, model: nn.Module, inputs: Any, head: Any) -> Tensor:
+        """Logits ``[B, n_classes]`` for a batch of inputs. Must be a pure function of the model's
+        parameters so that it works under ``torch.func.functional_call`` / ``jvp`` / ``vmap``."""
+
+    # -- optional hooks ------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        """Trade compute for memory during training (no-op where unsupported)."""
+        return None
+
+    def describe(self) -> str:
+        return f"{self.family}:{self.model_info().get('architecture', '?')}"
+
+
+# ------------------------------------------------------------------------------------------------
+# registry: family -> adapter class (modules are imported lazily, on first use)
+# ------------------------------------------------------------------------------------------------
+ADAPTER_MODULES: dict[str, str] = {
+    "open_clip": "tvedit.models.open_clip",
+    "hf-seq2seq": "tvedit.models.hf_seq2seq",
+}
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make ``cls`` the adapter of ``cls.family``."""
+    _ADAPTERS[cls.family] = cls
+    return cls
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    if family not in _ADAPTERS and family in ADAPTER_MODULES:
+        importlib.import_module(ADAPTER_MODULES[family])
+    if family not in _ADAPTERS:
+        if family in ("unknown", ""):
+            raise InputError("the checkpoint's manifest records no model family; pass --model (or run tvedit init)")
+        raise MismatchError(f"unknown model family {family!r} (known: {', '.join(sorted(ADAPTER_MODULES))})")
+    return _ADAPTERS[family]
+
+
+def adapter_for(model_info: Mapping[str, Any]) -> ModelAdapter:
+    """The adapter for a manifest ``model`` record (``{"family": ..., ...}``)."""
+    if not isinstance(model_info, Mapping):
+        raise InputError("model info must be a mapping with a 'family' key")
+    return adapter_class(str(model_info.get("family", "unknown"))).from_model_info(model_info)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+# ------------------------------------------------------------------------------------------------
+def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
+    """load_state_dict(strict) with one clear MismatchError naming the first offending key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        raise MismatchError(f"{where}: key {missing[0]!r} required by the architecture is missing ({len(missing)} missing)")
+    if unexpected:
+        raise MismatchError(f"{where}: key {unexpected[0]!r} does not belong to the architecture ({len(unexpected)} unexpected)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise MismatchError(f"{where}: key {k!r}: shape {list(state[k].shape)} does not fit the architecture's {list(v.shape)}")
+    model.load_state_dict({k: state[k].to(v.dtype) if v.is_floating_point() else state[k] for k, v in own.items()}, strict=True)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+@contextmanager
+def forward_ad_safe() -> Iterator[None]:
+    """Disable the fused attention paths, which have no forward-mode AD (ALGORITHMS.md section 2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+class _Call(nn.Module):
+    """Wraps ``fn(model)`` as a module so torch.func.functional_call can reparametrise ``model``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module], Tensor]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self) -> Tensor:
+        return self.fn(self.model)
+
+
+def functional(model: nn.Module, params: Mapping[str, Tensor], fn: Callable[[nn.Module], Tensor]) -> Tensor:
+    """``fn(model)`` with ``params`` (a subset of the model's parameter names) substituted."""
+    from torch.func import functional_call
+
+    return functional_call(_Call(model, fn), {f"model.{k}": v for k, v in params.items()}, ())
+
+
+def linearized(
+    model: nn.Module,
+    theta0: Mapping[str, Tensor],
+    theta: Mapping[str, Tensor],
+    fn: Callable[[nn.Module], Tensor],
+) -> Tensor:
+    """f_lin(theta) = f(theta0) + J_theta f(theta0) (theta - theta0), with ONE torch.func.jvp.
+
+    ``fn(model)`` computes the output (e.g. ``lambda m: adapter.scores(m, x, head)``); ``theta0``
+    and ``theta`` map the same parameter names (the linearized ones) to tensors; every other
+    parameter keeps the model's value. Differentiable with respect to ``theta`` (reverse over
+    forward), so it trains with an ordinary optimizer on ``theta``.
+    """
+    from torch.func import jvp
+
+    names = sorted(theta0)
+    primals = tuple(theta0[k].detach() for k in names)
+    tangents = tuple(theta[k] - theta0[k].detach() for k in names)
+
+    def f(*values: Tensor) -> Tensor:
+        return functional(model, dict(zip(names, values, strict=True)), fn)
+
+    with forward_ad_safe():
+        out, jvp_out = jvp(f, primals, tangents)
+    return out + jvp_out
