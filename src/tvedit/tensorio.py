@@ -1,9 +1,11 @@
 """Streaming safetensors I/O: memory-mapped reads, sparse layouts, incremental atomic writes.
 
 Reading: ``open_checkpoint(path)`` accepts a ``.safetensors`` file, a sharded Hugging Face index
-(``*.safetensors.index.json``) or a directory holding either. Tensors are read one at a time from a
-memory map; sparse-encoded tensors are decoded to dense on access, so every command sees one
-logical view.
+(``*.safetensors.index.json``) or a directory holding either. Only the header is parsed up front;
+each tensor is read on demand with one positional read straight into its own buffer (no whole-file
+mapping, so file pages never count toward the process's resident memory and peak RSS stays at a few
+tensors whatever the model size). Sparse-encoded tensors are decoded to dense on access, so every
+command sees one logical view.
 
 Writing: ``CheckpointWriter`` writes tensor bytes straight to a temporary file beside the output
 (the header is reserved up front and filled in at the end), hashes as it goes, and renames into
@@ -28,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tvedit.errors import InputError, MismatchError, OutputError
 from tvedit.manifest import METADATA_KEY, Manifest
@@ -138,8 +139,10 @@ def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and validate a safetensors header (catches truncation before any tensor is read)."""
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and validate a safetensors header (catches truncation before any tensor is read).
+
+    Returns the header and the file offset where tensor data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -166,13 +169,20 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise InputError(f"{path}: key {key!r}: malformed safetensors entry") from None
     if 8 + n + end > size:
         raise InputError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
-    return header
+    return header, 8 + n
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Stored:
+    file: Path
+    start: int  # absolute file offset
+    nbytes: int
 
 
 class Checkpoint:
@@ -183,10 +193,11 @@ class Checkpoint:
         self._files: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}  # stored key -> file
         self._stored: dict[str, TensorInfo] = {}
+        self._loc: dict[str, _Stored] = {}
         files = self._resolve_files(self.path)
         metadata: dict[str, str] = {}
         for f in files:
-            header = _read_header(f)
+            header, data_start = _read_header(f)
             for key, info in header.items():
                 if key == "__metadata__":
                     if len(files) == 1 or not metadata:
@@ -195,8 +206,13 @@ class Checkpoint:
                 dtype = ST_TO_DTYPE.get(info.get("dtype"))
                 if dtype is None:
                     raise InputError(f"{f}: key {key!r}: unsupported dtype {info.get('dtype')!r}")
-                self._stored[key] = TensorInfo(tuple(int(s) for s in info["shape"]), dtype)
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                self._stored[key] = TensorInfo(shape, dtype)
+                if end - begin != _nbytes(self._stored[key]):
+                    raise InputError(f"{f}: key {key!r}: {end - begin} bytes stored for shape {list(shape)} {info['dtype']}")
                 self._where[key] = f
+                self._loc[key] = _Stored(f, data_start + begin, end - begin)
         self.metadata = metadata
         raw = metadata.get(METADATA_KEY)
         self.manifest: Manifest | None = Manifest.from_json(raw, str(self.path)) if raw else None
@@ -261,17 +277,30 @@ class Checkpoint:
         handle = self._files.get(f)
         if handle is None:
             try:
-                handle = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise InputError(f"{f}: cannot open as safetensors: {exc}") from None
+                handle = open(f, "rb", buffering=0)
+            except OSError as exc:
+                raise InputError(f"{f}: cannot open: {exc.strerror or exc}") from None
             self._files[f] = handle
         return handle
 
     def _get_stored(self, key: str) -> torch.Tensor:
+        """One positional read of the tensor's bytes into a fresh buffer."""
+        info, loc = self._stored[key], self._loc[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if loc.nbytes == 0:
+            return out
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fh = self._handle(loc.file)
+        done = 0
         try:
-            return self._handle(self._where[key]).get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{self._where[key]}: key {key!r}: cannot read: {exc}") from None
+            while done < loc.nbytes:
+                n = os.preadv(fh.fileno(), [view[done:]], loc.start + done)
+                if n <= 0:
+                    raise InputError(f"{loc.file}: key {key!r}: file ended early (truncated while reading?)")
+                done += n
+        except OSError as exc:
+            raise InputError(f"{loc.file}: key {key!r}: cannot read: {exc.strerror or exc}") from None
+        return out
 
     def get(self, key: str) -> torch.Tensor:
         """The dense tensor for a logical key (decoded if stored sparse)."""
@@ -306,6 +335,8 @@ class Checkpoint:
         return cached_content_hash(self)
 
     def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
         self._files.clear()
 
     def __enter__(self) -> Checkpoint:
