@@ -1,0 +1,390 @@
+"""Hugging Face sequence-to-sequence models (T5, Flan-T5, BART, ...): the ``hf-seq2seq`` family.
+
+The model is rebuilt from the manifest alone: ``model_info()`` keeps the full ``config.json`` dict
+and where the tokenizer comes from (its directory, or a tokenizer class that needs no files, such
+as ByT5's). Checkpoint keys are exactly those of the Hugging Face ``model.safetensors``: every
+parameter once (tied weights, e.g. T5's ``shared`` / ``encoder.embed_tokens`` / ``lm_head``, under
+their first name only) plus persistent buffers.
+
+A text task is scored by rank classification: ``scores`` returns, for each example and each answer
+choice, the choice's total log-likelihood (sum over its tokens) given the input. The head of a text
+task is its tuple of choice strings (or ``None`` when each example carries its own choices). See
+docs/text-models.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tvedit.data.text import TextExample
+from tvedit.errors import InputError, MismatchError, OutputError, UsageError
+from tvedit.manifest import Manifest
+from tvedit.models.base import ModelAdapter, check_mode, register_adapter
+from tvedit.tensorio import Artifact, open_checkpoint, save_tensors
+
+FAMILY = "hf-seq2seq"
+DEFAULT_MAX_LENGTH = 128  # TaLoS text setup (input and answer, in tokens)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "sentencepiece.bpe.model",
+)  # fmt: skip
+# Tokenizers that are built without any vocabulary file (recorded by class name).
+FILELESS_TOKENIZERS = ("ByT5Tokenizer",)
+ATTENTION_CONTAINERS = ("attention", "attn")  # module-name fragments (case-insensitive)
+ATTENTION_PROJECTIONS = ("q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
+OUTPUT_LAYERS = ("lm_head",)
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (has a config.json)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+@register_adapter
+class HFSeq2SeqAdapter(ModelAdapter):
+    """An ``AutoModelForSeq2SeqLM`` architecture, its tokenizer, and the text recipe's limits."""
+
+    family = FAMILY
+
+    def __init__(self, config: Mapping[str, Any], tokenizer: Mapping[str, Any], max_length: int = DEFAULT_MAX_LENGTH):
+        if "model_type" not in config:
+            raise InputError("hf-seq2seq model info: the config has no 'model_type'")
+        self.config = dict(config)
+        self.tokenizer_info = dict(tokenizer)
+        self.max_length = int(max_length)
+
+    # -- identity ------------------------------------------------------------------------------
+    @classmethod
+    def from_directory(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> HFSeq2SeqAdapter:
+        """The adapter of a local Hugging Face directory (config.json + tokenizer files)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = Path(path).resolve()
+        if not is_hf_directory(path):
+            raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot load the config or tokenizer: {exc}") from None
+        if not getattr(config, "is_encoder_decoder", False):
+            raise InputError(f"{path}: {config.model_type!r} is not an encoder-decoder (sequence-to-sequence) model")
+        return cls(config.to_dict(), {"class": type(tok).__name__, "source": str(path)}, max_length)
+
+    def model_info(self) -> dict[str, Any]:
+        archs = self.config.get("architectures") or [self.config["model_type"]]
+        return {
+            "family": FAMILY,
+            "architecture": archs[0],
+            "config": self.config,
+            "tokenizer": self.tokenizer_info,
+            "max_length": self.max_length,
+        }
+
+    @classmethod
+    def from_model_info(cls, info: Mapping[str, Any]) -> HFSeq2SeqAdapter:
+        if "config" not in info or "tokenizer" not in info:
+            raise InputError("hf-seq2seq model info needs 'config' and 'tokenizer'")
+        return cls(info["config"], info["tokenizer"], info.get("max_length", DEFAULT_MAX_LENGTH))
+
+    def describe(self) -> str:
+        return f"{FAMILY}:{self.model_info()['architecture']}"
+
+    # -- building --------------------------------------------------------------------------------
+    def hf_config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.for_model(**self.config)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"hf-seq2seq: cannot rebuild the config: {exc}") from None
+
+    def _instantiate(self) -> nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        # Eager attention: fused SDPA kernels have no forward-mode AD (linearized fine-tuning).
+        return AutoModelForSeq2SeqLM.from_config(self.hf_config(), attn_implementation="eager")
+
+    @cached_property
+    def _skeleton(self) -> nn.Module:
+        """The architecture on the meta device: names and shapes, no memory."""
+        with torch.device("meta"):
+            return self._instantiate()
+
+    def keys(self) -> list[str]:
+        """The checkpoint keys: parameters (tied ones once) and persistent buffers."""
+        return sorted(_canonical(self._skeleton))
+
+    def build(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
+        model = self._instantiate()
+        if state is not None:
+            _load_canonical(model, state)
+        return model.float().eval()
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in _canonical(model).items()}
+
+    # -- which tensors train -----------------------------------------------------------------------
+    def trainable_keys(self, mode: str, *, attn_bias: bool = False) -> list[str]:
+        check_mode(mode)
+        params = [n for n, _ in self._skeleton.named_parameters()]
+        if mode in ("full", "linearized"):
+            return sorted(params)
+        if mode == "attn":
+            kinds = ("weight", "bias") if attn_bias else ("weight",)
+            return sorted(f"{m}.{kind}" for m in self._attention_projections() for kind in kinds if f"{m}.{kind}" in params)
+        return self.maskable_keys()
+
+    def _attention_projections(self) -> list[str]:
+        out = []
+        for name, mod in self._skeleton.named_modules():
+            parent, _, leaf = name.rpartition(".")
+            if isinstance(mod, nn.Linear) and leaf in ATTENTION_PROJECTIONS and any(c in parent.lower() for c in ATTENTION_CONTAINERS):
+                out.append(name)
+        return out
+
+    def maskable_keys(self) -> list[str]:
+        """Every Linear except the output layer, plus the layer norms; embeddings stay frozen."""
+        params = {n for n, _ in self._skeleton.named_parameters()}
+        out = []
+        for name, mod in self._skeleton.named_modules():
+            leaf = name.rpartition(".")[2]
+            is_linear = isinstance(mod, nn.Linear) and leaf not in OUTPUT_LAYERS
+            is_norm = "layernorm" in type(mod).__name__.lower() or "rmsnorm" in type(mod).__name__.lower()
+            if is_linear or is_norm:
+                out += [f"{name}.{p}" for p, _ in mod.named_parameters(recurse=False) if f"{name}.{p}" in params]
+        return sorted(out)
+
+    # -- tokenizer, head and scoring ---------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> Any:
+        import transformers
+
+        cls_name = self.tokenizer_info.get("class")
+        source = self.tokenizer_info.get("source")
+        if source and Path(source).is_dir():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(source)
+        if cls_name in FILELESS_TOKENIZERS:
+            return getattr(transformers, cls_name)()
+        raise InputError(f"hf-seq2seq: the tokenizer directory {source!r} is not there (pass --model DIR or --like DIR)")
+
+    def make_head(self, model: nn.Module | None, task: Mapping[str, Any]) -> ChoiceHead | None:
+        """The tokenized choice strings of a text task (``None``: each example has its own).
+
+        ``model`` is not used: the head of a text task does not depend on the weights."""
+        choices = task.get("choices")
+        if not choices:
+            return None
+        ids, mask = self._tokenize([str(c) for c in choices])
+        return ChoiceHead(tuple(str(c) for c in choices), ids, mask)
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def collate(self, examples: Sequence[TextExample], head: ChoiceHead | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """Examples -> (a dict of token tensors, labels ``[B]``, -1 where an example has none).
+
+        The dict holds ``input_ids``/``attention_mask`` ``[B, L]``, ``target_ids``/``target_mask``
+        ``[B, T]`` and, when there is no shared head and the examples carry choices,
+        ``choice_ids``/``choice_mask`` ``[B, C, T]`` and ``choice_valid`` ``[B, C]``."""
+        if not examples:
+            raise UsageError("an empty batch")
+        input_ids, attention_mask = self._tokenize([ex.input for ex in examples])
+        target_ids, target_mask = self._tokenize([ex.target for ex in examples])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "target_mask": target_mask}
+        own = [ex.choices for ex in examples]
+        if head is None and all(own):
+            width = max(len(c) for c in own if c)
+            flat = [c[j] if j < len(c) else "" for c in own if c for j in range(width)]
+            ids, mask = self._tokenize(flat)
+            batch["choice_ids"] = ids.view(len(examples), width, -1)
+            batch["choice_mask"] = mask.view(len(examples), width, -1)
+            batch["choice_valid"] = torch.tensor([[j < len(c) for j in range(width)] for c in own if c])
+        labels = torch.tensor([-1 if ex.label is None else ex.label for ex in examples], dtype=torch.long)
+        return batch, labels
+
+    def scores(self, model: nn.Module, inputs: Mapping[str, Tensor] | Sequence[TextExample], head: ChoiceHead | None) -> Tensor:
+        """``[B, C]``: the total log-likelihood of each choice given each input (rank classification).
+
+        ``inputs`` is a batch from :meth:`collate` (or a list of examples, collated here). The
+        choices are the head's, else the batch's own; a missing choice scores ``-inf``."""
+        if not isinstance(inputs, Mapping):
+            inputs = self.collate(inputs, head)[0]
+        device = _device(model)
+        input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+        batch = input_ids.shape[0]
+        if head is not None:
+            width = head.ids.shape[0]
+            ids, mask = head.ids.to(device).repeat(batch, 1), head.mask.to(device).repeat(batch, 1)
+        elif "choice_ids" in inputs:
+            width = inputs["choice_ids"].shape[1]
+            ids, mask = inputs["choice_ids"].to(device).flatten(0, 1), inputs["choice_mask"].to(device).flatten(0, 1)
+        else:
+            raise UsageError("rank classification needs choices: this task has none (a generation-only task?)")
+        out = sequence_loglik(model, input_ids, attention_mask, ids, mask, repeat=width).view(batch, width)
+        if head is None and not bool(inputs["choice_valid"].all()):
+            out = out.masked_fill(~inputs["choice_valid"].to(device), float("-inf"))
+        return out
+
+    def target_nll(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Mean per-token negative log-likelihood of the targets: the seq2seq training loss."""
+        device = _device(model)
+        mask = inputs["target_mask"].to(device)
+        ids = inputs["target_ids"].to(device)
+        loglik = sequence_loglik(model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device), ids, mask)
+        return -loglik.sum() / mask.sum()
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        if enable:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
+        else:
+            model.gradient_checkpointing_disable()  # type: ignore[operator]
+
+    # -- export ----------------------------------------------------------------------------------
+    def save_pretrained(self, state: Mapping[str, Tensor], out_dir: str | Path, like: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write ``state`` as a Hugging Face directory (weights, config, tokenizer, generation config).
+
+        ``like``: a Hugging Face directory whose config and tokenizer files are copied verbatim
+        (its config must describe the same architecture); default: the recorded config and tokenizer.
+        """
+        out = Path(out_dir)
+        model = self.build(state)
+        if dtype is not None:
+            model = model.to(dtype)
+        model.save_pretrained(str(out), safe_serialization=True)
+        if like is not None:
+            like = Path(like)
+            for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+                if (like / name).is_file():
+                    shutil.copyfile(like / name, out / name)
+        else:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChoiceHead:
+    """The frozen head of a text task: its choice strings, tokenized once (``[C, T]``)."""
+
+    choices: tuple[str, ...]
+    ids: Tensor
+    mask: Tensor
+
+
+def sequence_loglik(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, label_mask: Tensor, repeat: int = 1) -> Tensor:
+    """Sum of log p(label tokens | input) per label row. The encoder runs once per input; with
+    ``repeat`` > 1, rows ``i*repeat .. i*repeat+repeat-1`` of ``labels`` belong to input ``i``."""
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # type: ignore[operator]
+    if repeat > 1:
+        hidden = hidden.repeat_interleave(repeat, dim=0)
+        attention_mask = attention_mask.repeat_interleave(repeat, dim=0)
+    decoder_input_ids = model._shift_right(labels)  # type: ignore[operator]
+    logits = model(encoder_outputs=(hidden,), attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (logp * label_mask).sum(dim=-1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _canonical(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters under their first name (tied weights once) and persistent buffers."""
+    out = dict(model.named_parameters())
+    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    out.update({k: v for k, v in model.named_buffers() if k not in non_persistent})
+    return out
+
+
+def _load_canonical(model: nn.Module, state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
+    """Strict load over the canonical keys (tied aliases follow their parameter)."""
+    own = _canonical(model)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        raise MismatchError(f"{where}: key {missing[0]!r} required by the architecture is missing ({len(missing)} missing)")
+    if unexpected:
+        raise MismatchError(f"{where}: key {unexpected[0]!r} does not belong to the architecture ({len(unexpected)} unexpected)")
+    with torch.no_grad():
+        for k, v in own.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise MismatchError(f"{where}: key {k!r}: shape {list(state[k].shape)} does not fit the architecture's {list(v.shape)}")
+            v.copy_(state[k].to(v.dtype))
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a Hugging Face directory as a dict."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read config.json: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# library entry points: theta0 from a Hugging Face directory, and back
+# ------------------------------------------------------------------------------------------------
+def init_from_directory(hf_dir: str | Path, output: str | Path, *, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH) -> Artifact:
+    """Materialise theta0 of a local Hugging Face seq2seq directory as a tvedit checkpoint.
+
+    The tensors keep their stored dtype; the manifest records the full config and the tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    adapter = HFSeq2SeqAdapter.from_directory(hf_dir, max_length=max_length)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir), dtype="auto", attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{hf_dir}: cannot load the weights: {exc}") from None
+    manifest = Manifest(kind="checkpoint", model=adapter.model_info()).with_step(
+        "init", {"model": str(Path(hf_dir).resolve()), "family": FAMILY}, []
+    )
+    return save_tensors(output, adapter.state_dict(model), manifest, force=force)
+
+
+def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path | None = None, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write a tvedit checkpoint (e.g. the output of ``add``/``negate``) as a Hugging Face directory
+    that ``AutoModelForSeq2SeqLM.from_pretrained`` loads. ``like``: copy config and tokenizer files
+    from this Hugging Face directory (needed when the checkpoint records no hf-seq2seq model)."""
+    ckpt = open_checkpoint(checkpoint)
+    if ckpt.kind != "checkpoint":
+        raise InputError(f"{checkpoint}: is a {ckpt.kind}; export-hf writes checkpoints (apply it first: tvedit add --base)")
+    manifest = ckpt.manifest
+    if manifest is not None and manifest.regime == "linearized":
+        raise MismatchError(f"{checkpoint}: holds linearized weights, which only mean something under f_lin; a Hugging Face model would run them non-linearly")
+    if like is not None:
+        adapter = HFSeq2SeqAdapter.from_directory(like)
+    elif manifest is not None and manifest.family == FAMILY:
+        adapter = HFSeq2SeqAdapter.from_model_info(manifest.model)
+    else:
+        family = manifest.family if manifest else "unknown"
+        raise MismatchError(f"{checkpoint}: model family {family!r} is not {FAMILY!r}; pass --like HF_DIR")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputError(f"{out}: exists and is not empty (use --force to overwrite)")
+    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        adapter.save_pretrained(state, tmp, like=like, dtype=dtype)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
