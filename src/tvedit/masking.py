@@ -1,0 +1,384 @@
+"""The library entry point behind ``tvedit mask``: post-hoc masking of task vectors, and mask algebra.
+
+One table (``MASK_METHODS``) lists every method: what it reads (task vectors or masks), whether
+its inputs are processed jointly (TALL, consensus, intersect, union) or one by one, and a pure
+per-key function built on tvedit.sparsify. Like api.py, everything streams key by key in sorted
+order, and every check that the headers allow (method, option values, key filters, input kinds,
+keys and shapes of masks against vectors, output paths) is made before the first tensor is read,
+so bad input fails fast and leaves no output. Semantics: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvedit import sparsify
+from tvedit.api import ArithOptions, Progress, _input_record, _spec, _target
+from tvedit.errors import InputError, MismatchError, UsageError
+from tvedit.manifest import Manifest
+from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
+from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, check_output, open_checkpoint
+
+
+@dataclass
+class KeyContext:
+    """What a per-key function sees besides the tensors."""
+
+    key: str
+    indices: list[int]  # positions of the tensors' inputs on the command line (DARE seeds)
+    options: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)  # global thresholds, by input position
+    mask: torch.Tensor | None = None  # the --mask tensor for this key (apply)
+
+
+# (tensors of one key, one per input of the group; context) -> (outputs, masks to save)
+KeyFn = Callable[[list[torch.Tensor], KeyContext], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class MaskMethod:
+    name: str
+    summary: str
+    fn: KeyFn
+    options: tuple[str, ...] = ()  # option names this method reads
+    takes: str = "task-vector"  # "task-vector" | "mask"
+    joint: bool = False  # all inputs together (same keys and shapes), else one input at a time
+    outputs: str = "each"  # "each": one output per input; "one": a single output
+    masks: str = "each"  # masks --save-mask can write: "each" | "one" | "none"
+
+    @property
+    def output_kind(self) -> str:
+        return self.takes
+
+
+# --------------------------------------------------------------------------------------------
+# per-key functions (pure; sparsify does the math)
+# --------------------------------------------------------------------------------------------
+def _with_masks(taus: list[torch.Tensor], keeps: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [sparsify.masked(t, m) for t, m in zip(taus, keeps, strict=True)], keeps
+
+
+def _topk(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    plans = ctx.state.get("plans")
+    density = ctx.options["density"]
+    keeps = [plans[i].mask(ctx.key, t) if plans else sparsify.topk_mask(t, density) for i, t in zip(ctx.indices, taus, strict=True)]
+    return _with_masks(taus, keeps)
+
+
+def _dare(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    o = ctx.options
+    outs, keeps = [], []
+    for i, t in zip(ctx.indices, taus, strict=True):
+        gen = torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key))
+        out, keep = sparsify.dare(t, o["density"], gen, o["rescale"])
+        outs.append(out)
+        keeps.append(keep)
+    return outs, keeps
+
+
+def _breadcrumbs(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    o = ctx.options
+    keeps = [sparsify.breadcrumbs_mask(t, o["density"], o["beta"], per_row=o["scope"] == "row") for t in taus]
+    return _with_masks(taus, keeps)
+
+
+def _tall(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return _with_masks(taus, sparsify.tall_masks(taus, ctx.options["lambda"]))
+
+
+def _consensus(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    keep = sparsify.consensus_mask(sparsify.tall_masks(taus, ctx.options["lambda"]), ctx.options["min_agree"])
+    return [sparsify.masked(t, keep) for t in taus], [keep]
+
+
+def _apply(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    assert ctx.mask is not None
+    return [sparsify.masked(t, ctx.mask) for t in taus], []
+
+
+def _invert(masks: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [~m for m in masks], []
+
+
+def _intersect(masks: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [torch.stack(masks).all(0)], []
+
+
+def _union(masks: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [torch.stack(masks).any(0)], []
+
+
+MASK_METHODS: dict[str, MaskMethod] = {
+    m.name: m
+    for m in (
+        MaskMethod("topk", "keep the top density of |tau| (per tensor or one global threshold)", _topk, ("density", "scope")),
+        MaskMethod("dare", "DARE: keep each entry with probability density (seeded), rescale survivors", _dare, ("density", "seed", "rescale")),
+        MaskMethod("breadcrumbs", "per row: drop the top beta of |tau| (outliers), keep the next density", _breadcrumbs, ("density", "beta", "scope")),
+        MaskMethod("tall", "TALL: m_t = 1[|tau_t| >= lambda |tau_MTL - tau_t|], tau_t * m_t for each input", _tall, ("lambda",), joint=True),
+        MaskMethod("consensus", "consensus of TALL masks (>= min_agree tasks), tau_t * consensus for each input", _consensus, ("lambda", "min_agree"), joint=True, masks="one"),
+        MaskMethod("apply", "tau * m with the mask file given by --mask", _apply, (), masks="none"),
+        MaskMethod("invert", "not m, for each mask file", _invert, (), takes="mask", masks="none"),
+        MaskMethod("intersect", "m_1 and m_2 and ... (one mask)", _intersect, (), takes="mask", joint=True, outputs="one", masks="none"),
+        MaskMethod("union", "m_1 or m_2 or ... (one mask)", _union, (), takes="mask", joint=True, outputs="one", masks="none"),
+    )
+}  # fmt: skip
+
+DEFAULTS: dict[str, Any] = {"seed": 0, "rescale": "inverse", "beta": 0.01, "lambda": 0.6, "min_agree": 2}
+SCOPE_CHOICES = {"topk": ("tensor", "global"), "breadcrumbs": ("row", "tensor")}
+
+
+def resolve_options(method: MaskMethod, options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and every value checked (UsageError); unknown options rejected."""
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in method.options)
+    if unknown:
+        allowed = ", ".join(method.options) or "none"
+        raise UsageError(f"mask {method.name}: option {unknown[0]!r} does not apply (it takes: {allowed})")
+    out = {k: options.get(k) for k in method.options}
+    for k in method.options:
+        if out[k] is None:
+            if k == "density":
+                raise UsageError(f"mask {method.name}: --density is required (the fraction of entries kept, 0..1)")
+            out[k] = SCOPE_CHOICES[method.name][0] if k == "scope" else DEFAULTS[k]
+    if "density" in out:
+        out["density"] = sparsify.check_fraction(out["density"], "--density")
+    if "beta" in out:
+        out["beta"] = sparsify.check_fraction(out["beta"], "--beta")
+    if "scope" in out and out["scope"] not in SCOPE_CHOICES[method.name]:
+        raise UsageError(f"--scope for {method.name} must be one of {', '.join(SCOPE_CHOICES[method.name])}, not {out['scope']!r}")
+    if "rescale" in out and out["rescale"] not in sparsify.RESCALES:
+        raise UsageError(f"--rescale must be one of {', '.join(sparsify.RESCALES)}, not {out['rescale']!r}")
+    if "lambda" in out and not float(out["lambda"]) >= 0:
+        raise UsageError(f"--lambda must be >= 0, not {out['lambda']!r}")
+    for k in ("seed", "min_agree"):
+        if k in out and int(out[k]) < 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be >= 0, not {out[k]!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# key selection
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyFilter:
+    """fnmatch globs: a key is selected when it matches some include (or none are given) and no exclude."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    zero_unselected: bool = False  # unselected tensors are zeroed instead of passed through
+
+    def selects(self, key: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(key, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(key, p) for p in self.exclude)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.include or self.exclude or self.zero_unselected)
+
+    def params(self) -> dict[str, Any]:
+        return {"include": list(self.include), "exclude": list(self.exclude), "unselected": "zero" if self.zero_unselected else "keep"}
+
+
+@dataclass
+class MaskResult:
+    """What ``mask`` wrote: the outputs (task vectors, or masks for the mask algebra) and saved masks."""
+
+    outputs: list[Artifact]
+    masks: list[Artifact]
+
+
+# --------------------------------------------------------------------------------------------
+# header-level checks
+# --------------------------------------------------------------------------------------------
+def _check_kind(ckpt: Checkpoint, method: MaskMethod) -> None:
+    if method.takes == "mask":
+        for k in ckpt.keys():
+            if ckpt.info(k).dtype != torch.bool:
+                raise InputError(f"{ckpt.path}: is not a mask (key {k!r} is {str(ckpt.info(k).dtype).replace('torch.', '')}); mask {method.name} takes mask files")
+    elif ckpt.kind != "task-vector":
+        raise InputError(f"{ckpt.path}: is a {ckpt.kind}; mask {method.name} works on task vectors (run tvedit extract first)")
+
+
+def _selected(ckpt: Checkpoint, keys_filter: KeyFilter, method: MaskMethod) -> list[str]:
+    if method.takes == "mask":
+        return ckpt.keys()
+    keys = [k for k in ckpt.keys() if ckpt.is_floating(k) and keys_filter.selects(k)]
+    if not keys:
+        raise UsageError(f"{ckpt.path}: --include/--exclude select no tensor")
+    return keys
+
+
+def _same_keys(ref: Checkpoint, ref_keys: list[str], other: Checkpoint, other_keys: list[str], what: str) -> None:
+    missing = sorted(set(ref_keys) - set(other_keys))
+    if missing:
+        raise MismatchError(f"{other.path}: key {missing[0]!r} (selected in {ref.path}) is not in this {what}")
+    extra = sorted(set(other_keys) - set(ref_keys))
+    if extra:
+        raise MismatchError(f"{other.path}: key {extra[0]!r} is not among the selected keys of {ref.path}")
+    for k in ref_keys:
+        a, b = ref.info(k).shape, other.info(k).shape
+        if a != b:
+            raise MismatchError(f"{other.path}: key {k!r}: shape {list(b)} does not match {list(a)} in {ref.path}")
+
+
+def _mask_manifest(src: Manifest | None, step: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> Manifest:
+    src = src or Manifest()
+    return Manifest(kind="mask", model=dict(src.model), regime=src.regime, base=src.base, task=src.task).with_step(*step)
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+# --------------------------------------------------------------------------------------------
+def mask(
+    method: str,
+    inputs: Sequence[InputSpec | str | os.PathLike[str]],
+    target: OutputTarget | str | os.PathLike[str] | None,
+    *,
+    options: dict[str, Any] | None = None,
+    mask_file: InputSpec | str | os.PathLike[str] | None = None,
+    save_mask: str | os.PathLike[str] | None = None,
+    keys_filter: KeyFilter | None = None,
+    opts: ArithOptions | None = None,
+    progress: Progress | None = None,
+) -> MaskResult:
+    """Run one method of MASK_METHODS over the inputs; see docs/methods.md for each formula.
+
+    ``save_mask``: a file when the run yields one mask, a directory (STEM.METHOD-mask.safetensors)
+    when it yields one per input. ``mask_file``: the mask of ``apply``.
+    """
+    if method not in MASK_METHODS:
+        raise UsageError(f"unknown mask method {method!r}; choose one of: {', '.join(MASK_METHODS)}")
+    m = MASK_METHODS[method]
+    opts = opts or ArithOptions()
+    keys_filter = keys_filter or KeyFilter()
+    resolved = resolve_options(m, dict(options or {}))
+    if m.takes == "mask" and keys_filter.active:
+        raise UsageError(f"mask {method}: --include/--exclude/--zero-unselected apply to task vectors, not to masks")
+    if save_mask is not None and m.masks == "none":
+        raise UsageError(f"mask {method}: --save-mask does not apply (the output is already the result)")
+    if (mask_file is None) != (method != "apply"):
+        raise UsageError("--mask MASK is required by mask apply" if mask_file is None else f"mask {method}: --mask applies only to mask apply")
+    specs = [_spec(s) for s in inputs]
+    if not specs:
+        raise UsageError("mask needs at least one input")
+    if m.outputs == "one" and len(specs) < 2:
+        raise UsageError(f"mask {method} needs at least two masks")
+    target = _target(target)
+
+    ckpts = [open_checkpoint(s.path) for s in specs]
+    for c in ckpts:
+        _check_kind(c, m)
+    selected = [_selected(c, keys_filter, m) for c in ckpts]
+    if m.joint:
+        for c, keys in zip(ckpts[1:], selected[1:], strict=True):
+            _same_keys(ckpts[0], selected[0], c, keys, "input")
+    mask_spec = _spec(mask_file) if mask_file is not None else None
+    mask_ckpt = open_checkpoint(mask_spec.path) if mask_spec is not None else None
+    if mask_ckpt is not None:
+        _check_kind(mask_ckpt, MASK_METHODS["invert"])
+        for c, keys in zip(ckpts, selected, strict=True):
+            _same_keys(c, keys, mask_ckpt, mask_ckpt.keys(), "mask")
+
+    # output paths, all checked before any work
+    protect = [s.path for s in specs] + ([mask_spec.path] if mask_spec else [])
+    suffix = method if m.takes == "task-vector" else f"{method}.mask"
+    if m.outputs == "one":
+        out_paths = [target.path_for(None, suffix, 1)]
+    else:
+        out_paths = [target.path_for(s, suffix, len(specs)) for s in specs]
+    n_masks = {"each": len(specs), "one": 1, "none": 0}[m.masks]
+    mask_paths: list[Path] = []
+    if save_mask is not None:
+        where = Path(save_mask)
+        if n_masks == 1:
+            mask_paths = [where]
+        else:
+            if where.exists() and not where.is_dir():
+                raise UsageError(f"--save-mask {where}: {n_masks} masks need a directory")
+            mask_paths = [where / f"{s.stem}.{method}-mask.safetensors" for s in specs]
+    if len({*out_paths, *mask_paths}) < len(out_paths) + len(mask_paths):
+        raise UsageError("two outputs would share one path (inputs with the same name?); use distinct names")
+    if not target.ephemeral:
+        for p in [*out_paths, *mask_paths]:
+            check_output(p, target.force, protect)
+
+    # provenance
+    params = {"method": method, **resolved, **({} if m.takes == "mask" else keys_filter.params()), **opts.params()}
+    records = [_input_record(s, c, nested=m.joint) for s, c in zip(specs, ckpts, strict=True)]
+    mask_record = [{**_input_record(mask_spec, mask_ckpt), "role": "mask"}] if mask_spec and mask_ckpt else []
+
+    state: dict[str, Any] = {}
+    if resolved.get("scope") == "global":
+        state["plans"] = sparsify.global_topk_plan(_stream(ckpts, selected, opts), len(ckpts), resolved["density"])
+
+    groups = [list(range(len(specs)))] if m.joint else [[i] for i in range(len(specs))]
+    total = sum(len(c.keys()) for c in ckpts)
+    done = 0
+    outputs: list[Artifact] = []
+    saved: list[Artifact] = []
+    for group in groups:
+        g_ckpts = [ckpts[i] for i in group]
+        g_keys = sorted({k for c in g_ckpts for k in c.keys()})
+        g_selected = set(selected[group[0]])
+        step = ("mask", params, [records[i] for i in group] + mask_record)
+        with ExitStack() as stack:
+            if m.outputs == "one":
+                out_specs = [(out_paths[0], g_ckpts[0], g_keys)]
+            else:
+                out_specs = [(out_paths[i], ckpts[i], ckpts[i].keys()) for i in group]
+            writers = []
+            for path, src, keys in out_specs:
+                if m.takes == "mask":
+                    manifest = _mask_manifest(src.manifest, step)
+                else:
+                    assert src.manifest is not None
+                    manifest = Manifest.from_dict({**src.manifest.to_dict(), "sparse": {}}).with_step(*step)
+                writers.append(stack.enter_context(CheckpointWriter(path, manifest, keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral)))
+            g_mask_paths = mask_paths[group[0] : group[-1] + 1] if n_masks == len(specs) else mask_paths
+            mask_writers = [
+                stack.enter_context(CheckpointWriter(p, _mask_manifest(ckpts[i].manifest, step), sorted(g_selected), force=target.force, inputs=protect))
+                for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
+            ]  # fmt: skip
+            for key in g_keys:
+                if key in g_selected:
+                    tensors = [_load(c, key, m, opts) for c in g_ckpts]
+                    ctx = KeyContext(key, group, resolved, state, mask_ckpt.get(key) if mask_ckpt is not None else None)
+                    results, keeps = m.fn(tensors, ctx)
+                    for w, c, r in zip(writers, g_ckpts, results, strict=False):
+                        w.write(key, r if m.takes == "mask" else r.to(opts.dtype or c.info(key).dtype))
+                    for w, keep in zip(mask_writers, keeps, strict=False):
+                        w.write(key, keep)
+                else:  # unselected: passed through (or zeroed) for each input that has it
+                    for w, c in zip(writers, g_ckpts, strict=True):
+                        if key in c:
+                            t = c.get(key)
+                            w.write(key, torch.zeros_like(t) if keys_filter.zero_unselected and t.is_floating_point() else t)
+                done += len(g_ckpts)
+                if progress:
+                    progress(min(done, total), total, key)
+            outputs.extend(w.commit() for w in writers)
+            saved.extend(w.commit() for w in mask_writers)
+    consume_ephemeral(specs + ([mask_spec] if mask_spec else []))
+    return MaskResult(outputs, saved)
+
+
+def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:
+    t = ckpt.get(key)
+    return t if method.takes == "mask" else t.to(opts.compute_dtype)
+
+
+def _stream(ckpts: list[Checkpoint], selected: list[list[str]], opts: ArithOptions) -> sparsify.Stream:
+    def stream():
+        for i, (c, keys) in enumerate(zip(ckpts, selected, strict=True)):
+            for key in keys:
+                yield i, key, c.get(key).to(opts.compute_dtype)
+
+    return stream
