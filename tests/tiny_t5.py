@@ -14,14 +14,14 @@ TINY_CONFIG = dict(
 )  # fmt: skip
 
 
-def write_tiny_t5(path: str | Path, seed: int = 0, tie: bool = True) -> Path:
+def write_tiny_t5(path: str | Path, seed: int = 0) -> Path:
     """Save a tiny random T5 + ByT5 tokenizer as a Hugging Face directory."""
     import torch
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
     path = Path(path)
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(T5Config(**TINY_CONFIG, tie_word_embeddings=tie))
+    model = T5ForConditionalGeneration(T5Config(**TINY_CONFIG))
     model.save_pretrained(str(path))
     ByT5Tokenizer().save_pretrained(str(path))
     return path
