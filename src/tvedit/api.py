@@ -76,7 +76,10 @@ def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None
 
 
 def _check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> None:
-    if not opts.allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if opts.allow_nonfinite or not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)  # one pass, no temporary: NaN propagates and Inf shows at an end
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise NumericError(f"{out}: key {key!r}: result contains NaN or Inf (use --allow-nonfinite to keep it)")
 
 
@@ -124,36 +127,98 @@ def _out_dtype(opts: ArithOptions, fallback: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
+# workspace: (N+2) buffers of the largest tensor, allocated once and reused for every key
+# --------------------------------------------------------------------------------------------
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class Slot:
+    """One reusable buffer: tensors are read straight into it and converted in place.
+
+    Reusing memory matters: a fresh buffer per tensor costs a page fault per 4 KiB page, several
+    times the cost of the copy itself. Views returned by ``load`` are valid until the next load.
+    """
+
+    def __init__(self, compute_dtype: torch.dtype):
+        self.compute_dtype = compute_dtype
+        self.work = torch.empty(0, dtype=compute_dtype)
+        self.raw = torch.empty(0, dtype=torch.uint8)
+
+    def _work(self, shape: Sequence[int]) -> torch.Tensor:
+        n = _numel(shape)
+        if self.work.numel() < n:
+            self.work = torch.empty(n, dtype=self.compute_dtype)
+        return self.work[:n].view(tuple(shape))
+
+    def load(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
+        info = ckpt.info(key)
+        work = self._work(info.shape)
+        if ckpt.is_sparse(key):
+            work.copy_(ckpt.get(key))
+        elif info.dtype == self.compute_dtype:
+            ckpt.get(key, out=work)
+        else:
+            nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+            if self.raw.numel() < nbytes:
+                self.raw = torch.empty(nbytes, dtype=torch.uint8)
+            raw = self.raw[:nbytes].view(info.dtype).view(info.shape)
+            work.copy_(ckpt.get(key, out=raw))
+        return work
+
+    def zeros(self, shape: Sequence[int]) -> torch.Tensor:
+        return self._work(shape).zero_()
+
+    def buffer(self, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised view of the right shape (scratch space)."""
+        return self._work(shape)
+
+
+# --------------------------------------------------------------------------------------------
 # vector sources: the task vectors of a set of inputs, one key at a time
 # --------------------------------------------------------------------------------------------
 @dataclass
 class VectorSources:
-    """Task-vector tensors of several inputs, key by key; checkpoints are extracted on the fly."""
+    """Task-vector tensors of several inputs, key by key; checkpoints are extracted on the fly.
+
+    ``vectors(key)`` returns views into reusable buffers, valid until the next call; ``base(key)``
+    is the matching theta0 tensor (same lifetime).
+    """
 
     inputs: list[Checkpoint]
-    base: Checkpoint | None
+    base_ckpt: Checkpoint | None
     opts: ArithOptions
     keys: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._slots = [Slot(self.opts.compute_dtype) for _ in self.inputs]
+        self._base_slot = Slot(self.opts.compute_dtype)
+        self._base_key: str | None = None
+
+    def base(self, key: str) -> torch.Tensor:
+        assert self.base_ckpt is not None
+        if self._base_key != key:
+            self._base_t = self._base_slot.load(self.base_ckpt, key)
+            self._base_key = key
+        return self._base_t
+
     def vectors(self, key: str) -> list[torch.Tensor]:
-        base_t = None
         out = []
-        for ckpt in self.inputs:
+        for slot, ckpt in zip(self._slots, self.inputs):
             if key not in ckpt:
-                out.append(torch.zeros(self._shape(key), dtype=self.opts.compute_dtype))
+                out.append(slot.zeros(self._shape(key)))
                 continue
-            t = ckpt.get(key)
+            t = slot.load(ckpt, key)
             if ckpt.kind == "checkpoint":
-                if base_t is None:
-                    assert self.base is not None
-                    base_t = self.base.get(key)
-                out.append(arith.task_vector(t, base_t, self.opts.compute_dtype))
-            else:
-                out.append(t.to(self.opts.compute_dtype))
+                t.sub_(self.base(key))  # tau = theta* - theta0, in place
+            out.append(t)
         return out
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        for c in [*self.inputs, self.base]:
+        for c in [*self.inputs, self.base_ckpt]:
             if c is not None and key in c:
                 return c.info(key).shape
         raise MismatchError(f"key {key!r} is in no input")
@@ -254,13 +319,12 @@ def extract(
             provenance=list(src.provenance),
         ).with_step("extract", opts.params(), [_input_record(spec, ckpt), _input_record(base_spec, base_ckpt)])
         inputs = [s.path for s in specs] + [base_spec.path]
+        sources = VectorSources([ckpt], base_ckpt, opts, keys)
         with CheckpointWriter(out, manifest, keys, force=target.force, inputs=inputs, layout=opts.layout, ephemeral=target.ephemeral) as w:
             for i, key in enumerate(keys):
-                b = base_ckpt.get(key)
-                ft = ckpt.get(key) if key in ckpt else b
-                tau = arith.task_vector(ft, b, opts.compute_dtype)
+                (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
                 _check_finite(tau, out, key, opts)
-                w.write(key, tau.to(_out_dtype(opts, b.dtype)))
+                w.write(key, tau.to(_out_dtype(opts, base_ckpt.info(key).dtype)))
                 if progress:
                     progress(i + 1, len(keys), key)
             artifacts.append(w.commit())
@@ -325,21 +389,22 @@ def add(
     protect = [s.path for s in specs] + ([base_spec.path] if base_spec else [])
     all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
     key_set = set(keys)
+    acc = Slot(opts.compute_dtype)
     with CheckpointWriter(out, manifest, all_keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral) as w:
         for i, key in enumerate(all_keys):
             if key not in key_set:  # integer/bool tensors: copied from theta0
                 assert base_ckpt is not None
                 w.write(key, base_ckpt.get(key))
                 continue
-            ctx = MergeContext(key, list(weights), method_options, state)
+            shape = sources._shape(key)
+            ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape))
             merged = merge.merge(sources.vectors(key), ctx)
             if emit == "checkpoint":
                 assert base_ckpt is not None
-                b = base_ckpt.get(key)
-                result = arith.apply(b, merged, alpha, opts.compute_dtype)
-                dtype = _out_dtype(opts, b.dtype)
+                result = merged.mul_(alpha).add_(sources.base(key))  # theta0 + alpha * merged, in place
+                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
             else:
-                result = merged * alpha
+                result = merged.mul_(alpha)
                 ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
                 dtype = _out_dtype(opts, ref.info(key).dtype)
             _check_finite(result, out, key, opts)
@@ -378,14 +443,15 @@ def scale(
         params = {"by": by, **opts.params()} if _op == "scale" else opts.params()
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
         keys = ckpt.keys()
+        slot = Slot(opts.compute_dtype)
         with CheckpointWriter(out, manifest, keys, force=target.force, inputs=[s.path for s in specs], layout=opts.layout, ephemeral=target.ephemeral) as w:
             for i, key in enumerate(keys):
-                t = ckpt.get(key)
-                if t.is_floating_point():
-                    r = arith.scaled(t, by, opts.compute_dtype)
+                if ckpt.is_floating(key):
+                    r = slot.load(ckpt, key).mul_(by)  # c * tau, in place, in the compute dtype
                     _check_finite(r, out, key, opts)
-                    t = r.to(_out_dtype(opts, t.dtype))
-                w.write(key, t)
+                    w.write(key, r.to(_out_dtype(opts, ckpt.info(key).dtype)))
+                else:
+                    w.write(key, ckpt.get(key))
                 if progress:
                     progress(i + 1, len(keys), key)
             artifacts.append(w.commit())

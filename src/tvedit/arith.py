@@ -23,12 +23,16 @@ def scaled(vector: torch.Tensor, coefficient: float, compute_dtype: torch.dtype 
     return vector.to(compute_dtype) * coefficient
 
 
-def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """sum_i w_i tau_i."""
+def weighted_sum(
+    vectors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_i w_i tau_i (into ``out`` when given: a preallocated buffer of the right shape)."""
     if len(vectors) != len(weights):
         raise ValueError("one weight per vector")
-    out = torch.zeros(vectors[0].shape, dtype=compute_dtype)
-    for v, w in zip(vectors, weights):
+    if out is None:
+        out = torch.empty(vectors[0].shape, dtype=compute_dtype)
+    torch.mul(vectors[0].to(compute_dtype), weights[0], out=out)
+    for v, w in zip(vectors[1:], weights[1:]):
         out.add_(v.to(compute_dtype), alpha=w)
     return out
 

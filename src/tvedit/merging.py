@@ -1,5 +1,9 @@
 """The table of merge methods used by ``add``: one entry per method, nothing else to touch.
 
+Tensors handed to a method are views into reusable buffers: valid during the call only, and the
+method must not modify them. ``ctx.out`` is an uninitialised buffer of the key's shape that a method may
+fill and return (the caller then scales it in place).
+
 A method turns the task vectors' tensors for one key into one merged tensor; ``add`` then applies
 theta0 + alpha * merged. Methods that need a first pass over all inputs (e.g. a global threshold)
 implement ``prepare``. Semantics: docs/methods.md.
@@ -25,6 +29,7 @@ class MergeContext:
     weights: Sequence[float]
     options: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # filled by prepare()
+    out: torch.Tensor | None = None  # an uninitialised scratch buffer of the key's shape a method may fill and return
 
 
 MergeFn = Callable[[Sequence[torch.Tensor], MergeContext], torch.Tensor]
@@ -41,14 +46,14 @@ class MergeMethod:
 
 
 def _sum(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
-    return arith.weighted_sum(vectors, ctx.weights)
+    return arith.weighted_sum(vectors, ctx.weights, out=ctx.out)
 
 
 def _mean(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
     total = sum(ctx.weights)
     if total == 0:
         raise ValueError("mean: the weights sum to zero")
-    return arith.weighted_sum(vectors, ctx.weights) / total
+    return arith.weighted_sum(vectors, ctx.weights, out=ctx.out).div_(total)
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -283,10 +283,13 @@ class Checkpoint:
             self._files[f] = handle
         return handle
 
-    def _get_stored(self, key: str) -> torch.Tensor:
-        """One positional read of the tensor's bytes into a fresh buffer."""
+    def _get_stored(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One positional read of the tensor's bytes into ``out`` (same dtype and size) or a new buffer."""
         info, loc = self._stored[key], self._loc[key]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or out.numel() * out.element_size() != loc.nbytes or not out.is_contiguous():
+            raise ValueError(f"{key}: output buffer does not match {info.dtype} {list(info.shape)}")
         if loc.nbytes == 0:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -302,8 +305,12 @@ class Checkpoint:
             raise InputError(f"{loc.file}: key {key!r}: cannot read: {exc.strerror or exc}") from None
         return out
 
-    def get(self, key: str) -> torch.Tensor:
-        """The dense tensor for a logical key (decoded if stored sparse)."""
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense tensor for a logical key (decoded if stored sparse).
+
+        ``out``: a contiguous buffer of the stored dtype and size to read into (dense keys only),
+        so that streaming loops can reuse memory instead of faulting in new pages for every tensor.
+        """
         if key in self._sparse:
             spec = self._sparse[key]
             parts = {}
@@ -314,7 +321,7 @@ class Checkpoint:
             return decode_sparse(spec["encoding"], parts, list(spec["shape"]), None)
         if key not in self._stored:
             raise MismatchError(f"{self.path}: key {key!r} is missing")
-        return self._get_stored(key)
+        return self._get_stored(key, out).view(self._stored[key].shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys():

@@ -1,0 +1,174 @@
+"""Benchmark `tvedit add` against a naive load-everything baseline and the I/O floor.
+
+For each model size it generates a base and N fine-tuned checkpoints (plain safetensors, float32,
+tensors of at most --tensor-mib), then measures in fresh processes, in one run:
+
+* floor:  read every input once (16 MiB positional reads into one reused buffer) and write an
+          output-sized file: the least any implementation must do;
+* tvedit: `tvedit add FT... --base BASE --alpha 0.3 -o OUT` (streams tensor by tensor);
+* naive:  safetensors.torch.load_file for every input, sum, save_file (skipped when it would need
+          more than half of this machine's memory).
+
+Prints a table and one JSON object per size. Usage:
+
+    python benchmarks/bench_add.py --sizes 1,4 --inputs 8 --workdir bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import measure  # noqa: E402
+
+FLOOR = r"""
+import os, sys
+paths, out, size = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+buf = bytearray(16 << 20)
+view = memoryview(buf)
+for p in paths:
+    fd = os.open(p, os.O_RDONLY)
+    off = 0
+    while True:
+        n = os.preadv(fd, [view], off)
+        if n <= 0:
+            break
+        off += n
+    os.close(fd)
+with open(out, "wb") as f:
+    left = size
+    while left > 0:
+        n = min(left, len(buf))
+        f.write(view[:n])
+        left -= n
+"""
+
+NAIVE = r"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+paths, base_path, out = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+base = load_file(base_path)
+fts = [load_file(p) for p in paths]
+merged = {k: (v.float() + 0.3 * sum(ft[k].float() - v.float() for ft in fts)).to(v.dtype) for k, v in base.items()}
+save_file(merged, out)
+"""
+
+
+def generate(dir: Path, gib: float, n_inputs: int, tensor_mib: int) -> tuple[Path, list[Path]]:
+    dir.mkdir(parents=True, exist_ok=True)
+    numel = tensor_mib * (1 << 20) // 4
+    n_tensors = max(1, int(gib * 1024 / tensor_mib))
+    base_path = dir / "base.safetensors"
+    paths = [dir / f"ft{i}.safetensors" for i in range(n_inputs)]
+    if base_path.exists() and all(p.exists() for p in paths):
+        return base_path, paths
+    g = torch.Generator().manual_seed(0)
+    base = {f"blocks.{i:04d}.weight": torch.randn(numel, generator=g) for i in range(n_tensors)}
+    save_file(base, str(base_path))
+    for j, p in enumerate(paths):
+        save_file({k: v + 0.001 * (j + 1) for k, v in base.items()}, str(p))
+    del base
+    return base_path, paths
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def total_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+
+
+def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -> dict:
+    dir = workdir / f"{gib:g}gib"
+    base, fts = generate(dir, gib, n_inputs, tensor_mib)
+    out = dir / "out.safetensors"
+    size = base.stat().st_size
+    env = dict(os.environ, TVEDIT_CACHE=str(dir / "cache"))
+    # hash the (plain) base once so that the timed run measures the merge, not the first-use hash
+    subprocess.run([sys.executable, "-m", "tvedit", "info", str(base), "--json"], env=env, capture_output=True, check=True)
+    inputs = [str(p) for p in [*fts, base]]
+    results: dict[str, dict] = {}
+    plan = [
+        ("floor", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size)]),
+        ("tvedit", [sys.executable, "-m", "tvedit", "add", *map(str, fts), "--base", str(base), "--alpha", "0.3", "-o", str(out), "--force"]),
+    ]
+    naive_fits = (n_inputs + 3) * gib < total_ram_gib() / 2
+    if naive_fits:
+        plan.append(("naive", [sys.executable, "-c", NAIVE, *map(str, fts), str(base), str(out)]))
+    for name, cmd in plan:
+        if cold:
+            drop_caches()
+        if out.exists():
+            out.unlink()
+        results[name] = measure(cmd, env)
+    floor = results["floor"]
+    summary = {
+        "model_gib": round(size / (1 << 30), 3),
+        "inputs": n_inputs,
+        "largest_tensor_mib": tensor_mib,
+        "cold_cache": cold,
+        "results": results,
+        "tvedit_over_floor_time": results["tvedit"]["wall_s"] / floor["wall_s"],
+        "tvedit_rss_minus_floor_mib": results["tvedit"]["peak_rss_mib"] - floor["peak_rss_mib"],
+    }
+    if "naive" in results:
+        summary["naive_over_tvedit_time"] = results["naive"]["wall_s"] / results["tvedit"]["wall_s"]
+        summary["naive_over_tvedit_rss"] = results["naive"]["peak_rss_mib"] / results["tvedit"]["peak_rss_mib"]
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma-separated")
+    ap.add_argument("--inputs", type=int, default=8)
+    ap.add_argument("--tensor-mib", type=int, default=64, help="size of each tensor (the largest tensor)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (needs root)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {total_ram_gib():.0f} GiB RAM, torch {torch.__version__}", file=sys.stderr)
+    rows = []
+    try:
+        for gib in (float(s) for s in args.sizes.split(",")):
+            t = time.perf_counter()
+            summary = run(gib, args.inputs, args.tensor_mib, args.workdir, args.cold)
+            summary["bench_total_s"] = time.perf_counter() - t
+            print(json.dumps(summary))
+            rows.append(summary)
+            if not args.keep:
+                shutil.rmtree(args.workdir / f"{gib:g}gib", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print("\n| model | inputs | floor s / MiB | tvedit s / MiB | naive s / MiB | tvedit/floor time |", file=sys.stderr)
+    print("|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        res = r["results"]
+        naive = f"{res['naive']['wall_s']:.1f} / {res['naive']['peak_rss_mib']:.0f}" if "naive" in res else "skipped (would not fit)"
+        print(
+            f"| {r['model_gib']:.2f} GiB | {r['inputs']} | {res['floor']['wall_s']:.1f} / {res['floor']['peak_rss_mib']:.0f} "
+            f"| {res['tvedit']['wall_s']:.1f} / {res['tvedit']['peak_rss_mib']:.0f} | {naive} | {r['tvedit_over_floor_time']:.2f}x |",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()
