@@ -13,8 +13,10 @@ from tvedit.errors import EXIT_CODES
 COMMAND_MODULES = (
     "tvedit.cli.arith_cmds",
     "tvedit.cli.info_cmds",
+    "tvedit.cli.finetune_cmds",
     "tvedit.cli.text_cmds",
     "tvedit.cli.mask_cmds",
+    "tvedit.cli.evaluate_cmds",
 )
 
 EPILOG = "Exit codes: " + "; ".join(f"{c} {d.split(':')[0].split(' (')[0]}" for c, d in EXIT_CODES.items()) + "."

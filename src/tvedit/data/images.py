@@ -64,7 +64,7 @@ def _read_list(path: Path) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     try:
         if path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text().splitlines(), 1):
+            for line in path.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     rows.append((str(rec["path"]), str(rec["label"])))

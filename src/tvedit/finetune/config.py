@@ -1,0 +1,101 @@
+"""Fine-tuning hyper-parameters: the papers' recipe as defaults, overridable by YAML and flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tvedit.errors import UsageError
+from tvedit.models.base import MODES
+
+FISHER_VARIANTS = ("sampled", "logit")  # log p(y_hat|x) with sampled y_hat (paper) | raw logit z_y_hat (authors' code)
+
+
+@dataclass
+class FinetuneConfig:
+    """Defaults: AdamW (wd 0.1), lr 1e-5, batch 128, cosine with 200 warm-up steps, 2,000 steps,
+    grad clip 1.0, label smoothing 0 (ALGORITHMS.md section 2); TaLoS k=0.1, R=4, 40 calibration
+    batches, soft value 0.01 (section 3)."""
+
+    mode: str = "full"
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    batch_size: int = 128  # global batch (constant across devices: gradient accumulation)
+    micro_batch: int | None = None  # per-device forward batch; None = the whole per-device share
+    steps: int = 2000
+    warmup: int = 200
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    attn_bias: bool = False
+    # held-out split (validation / calibration)
+    heldout_fraction: float = 0.1
+    heldout_max: int = 5000
+    split_seed: int = 0
+    # TaLoS
+    density: float = 0.1
+    rounds: int = 4
+    calib_batches: int = 40
+    calib_batch_size: int | None = None  # None = batch_size
+    calib_chunk: int = 8  # examples per vmap chunk of per-example gradients (memory)
+    soft_value: float = 0.01
+    fisher: str = "sampled"
+    # execution
+    num_workers: int = 0
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 0
+    stop_after: int | None = None  # stop after this many steps in this run (leaves resume state)
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self) -> FinetuneConfig:
+        if self.mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "steps": self.steps, "rounds": self.rounds, "calib_batches": self.calib_batches, "calib_chunk": self.calib_chunk}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        if not 0 < self.density <= 1:
+            raise UsageError(f"--density is the fraction KEPT and must be in (0, 1], not {self.density}")
+        if not 0 <= self.soft_value < 1:
+            raise UsageError(f"--soft-value must be in [0, 1), not {self.soft_value}")
+        if self.fisher not in FISHER_VARIANTS:
+            raise UsageError(f"--fisher must be one of {', '.join(FISHER_VARIANTS)}, not {self.fisher!r}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.label_smoothing < 1:
+            raise UsageError("--warmup, --weight-decay and --grad-clip must be >= 0, --label-smoothing in [0, 1)")
+        if self.micro_batch is not None and self.micro_batch <= 0:
+            raise UsageError("--micro-batch must be positive")
+        if not 0 <= self.heldout_fraction < 1:
+            raise UsageError("held-out fraction must be in [0, 1)")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> FinetuneConfig:
+        """Defaults <- YAML/JSON file <- overrides that are not None."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            import yaml
+
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise UsageError(f"--config {path}: {exc}") from None
+            if not isinstance(data, dict):
+                raise UsageError(f"--config {path}: expected a mapping of option: value")
+            values.update({k.replace("-", "_"): v for k, v in data.items()})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown fine-tuning option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**values).validate()
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise UsageError(f"bad fine-tuning options: {exc}") from None

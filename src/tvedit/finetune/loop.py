@@ -1,0 +1,163 @@
+"""The training loop, written once for every regime; resumable from safetensors + JSON state."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvedit.errors import UsageError
+from tvedit.finetune.config import FinetuneConfig
+from tvedit.finetune.optim import MaskedAdamW, lr_at
+from tvedit.finetune.regimes import Regime
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Dist:
+    """torchrun's environment (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.all_reduce(t)
+                t.div_(self.world)
+
+
+def pick_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# -- resume state: safetensors (tensors) + JSON (counters, fingerprint); no pickle -----------------
+def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param/{k}": p.detach().cpu().contiguous() for k, p in regime.params.items()}
+    tensors.update({k: v.cpu().contiguous() for k, v in opt.state_tensors().items()})
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tmp = directory / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / "state.safetensors")
+    meta = {"step": step, "optimizer_steps": opt.step_count, "fingerprint": fingerprint}
+    (directory / "state.json.tmp").write_text(json.dumps(meta, sort_keys=True, indent=1))
+    os.replace(directory / "state.json.tmp", directory / "state.json")
+
+
+def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any]) -> int:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / "state.json").read_text())
+        tensors = load_file(str(directory / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: no usable resume state in {directory}: {exc}") from None
+    if meta.get("fingerprint") != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {})) if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
+        raise UsageError(f"--resume: {directory} was written by a different run (differs in: {', '.join(diff)})")
+    with torch.no_grad():
+        for k, p in regime.params.items():
+            p.copy_(tensors[f"param/{k}"])
+    opt.load_state_tensors(tensors, int(meta["optimizer_steps"]))
+    torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return int(meta["step"])
+
+
+def train(
+    regime: Regime,
+    head: Any,
+    batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]],
+    cfg: FinetuneConfig,
+    *,
+    device: torch.device,
+    dist: Dist | None = None,
+    log_path: Path | None = None,
+    resume_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Train ``regime.params`` for ``cfg.steps`` steps; returns the step reached (< steps when
+    ``cfg.stop_after`` interrupted the run). ``batches(start)`` yields this rank's share of each
+    global batch from step ``start`` on."""
+    dist = dist or Dist()
+    fingerprint = fingerprint or {}
+    opt = MaskedAdamW(regime.params, regime.masks, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    start = load_state(resume_dir, regime, opt, fingerprint) if resume and resume_dir is not None else 0
+    regime.model.train()
+    local_batch = cfg.batch_size // dist.world
+    micro = cfg.micro_batch or local_batch
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    params = list(regime.params.values())
+    log = open(log_path, "a") if (log_path is not None and dist.rank == 0) else None  # noqa: SIM115
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    t0, seen = time.perf_counter(), 0
+    step = start
+    try:
+        stream = batches(start)
+        for step in range(start, end):
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            inputs, labels = next(stream)
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss_sum = 0.0
+            for s in range(0, inputs.shape[0], micro):
+                with autocast:
+                    logits = regime.logits(inputs[s : s + micro], head)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels[s : s + micro], label_smoothing=cfg.label_smoothing, reduction="sum") / local_batch
+                loss.backward()
+                loss_sum += float(loss.detach())
+            dist.all_reduce_mean([p.grad for p in params if p.grad is not None])
+            regime.after_backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step(lr)
+            opt.zero_grad()
+            seen += cfg.batch_size
+            done = step + 1
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            if log is not None and (done % cfg.log_every == 0 or done == end or step == start):
+                log.write(json.dumps({"step": done, "loss": loss_sum, "lr": lr, "examples_per_s": round(rate, 2), "elapsed_s": round(time.perf_counter() - t0, 3)}) + "\n")
+                log.flush()
+            if progress is not None:
+                progress(done, cfg.steps, f"loss {loss_sum:.4f}  lr {lr:.2e}  {rate:.1f} ex/s")
+            if resume_dir is not None and dist.rank == 0 and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and end < cfg.steps)):
+                save_state(resume_dir, done, regime, opt, fingerprint)
+        step = end
+    finally:
+        if log is not None:
+            log.close()
+    regime.model.eval()
+    return step
