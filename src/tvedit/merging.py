@@ -103,6 +103,9 @@ def _int(options: dict[str, Any], name: str, minimum: int = 0) -> int:
 
 def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults into ``options`` (in place) and validate every value; returns it."""
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS.get(method, {})))
+    if unknown:
+        raise UsageError(f"--option: {method} does not take {unknown[0]!r} (it takes: {', '.join(OPTION_DEFAULTS[method])})")
     for name, default in OPTION_DEFAULTS.get(method, {}).items():
         options.setdefault(name, default)
     if "density" in options:
