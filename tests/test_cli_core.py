@@ -166,3 +166,35 @@ def test_completions_up_to_date(cli, shell: str) -> None:
     assert shipped.exists(), f"{shipped} missing: run `make completions`"
     assert shipped.read_text() == generated, f"{shipped.name} is out of date: run `make completions`"
     assert "extract" in generated and "--alpha" in generated
+
+
+def test_examples_pipeline_and_ci_job(cli, ckpts: dict[str, Path], tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = cli(shell=f"bash {root}/examples/pipeline.sh base.safetensors ft1.safetensors ft2.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "merged.safetensors").exists()
+    cli("extract", "ft1.safetensors", "ft2.safetensors", "--base", "base.safetensors", "--out-dir", "tv", check=True)
+    (tmp_path / "r.yaml").write_text("alpha: 0.3\ninputs: [tv/ft1.tv.safetensors, tv/ft2.tv.safetensors]\n")
+    ok = cli(shell=f"bash {root}/examples/ci_job.sh r.yaml built.safetensors")
+    assert ok.returncode == 0 and "built built.safetensors" in ok.stdout, ok.stderr
+    (tmp_path / "bad.yaml").write_text("inputs: [tv/missing.safetensors]\n")
+    bad = cli(shell=f"bash {root}/examples/ci_job.sh bad.yaml b.safetensors")
+    assert bad.returncode == 3 and "missing.safetensors" in bad.stderr
+    # the shipped recipe parses, with paths relative to itself
+    from tvedit.pipeline import resolve_inputs
+
+    recipe = resolve_inputs([str(root / "examples" / "recipe.yaml")])
+    assert [s.weight for s in recipe.items] == [1.0, 0.5] and recipe.options["alpha"] == 0.3
+    assert Path(recipe.options["base"]).parent == (root / "examples" / ".." / "demo-out")
+
+
+def test_bash_completion_completes(tmp_path: Path) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "completions" / "tvedit.bash"
+    out = subprocess.run(
+        ["bash", "-c", f"source {script}; COMP_WORDS=(tvedit ext); COMP_CWORD=1; _tvedit; echo ${{COMPREPLY[@]}};"
+         f"COMP_WORDS=(tvedit add --alp); COMP_CWORD=2; _tvedit; echo ${{COMPREPLY[@]}}"],  # fmt: skip
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.split("\n")[:2] == ["extract", "--alpha"]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# A task-arithmetic pipeline with no intermediate file names: extract -> scale -> add.
+# Usage: examples/pipeline.sh BASE FT1 FT2 [...]   (writes merged.safetensors)
+set -euo pipefail
+base=$1; shift
+tvedit extract "$@" --base "$base" \
+  | tvedit scale - --by 0.5 \
+  | tvedit add - --alpha 0.3 -o merged.safetensors
+tvedit info merged.safetensors
