@@ -1,0 +1,114 @@
+"""The adapter interface: registry, strict loading, open_clip keys and head, the jvp linearization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_clip import TINY_CONFIG
+from tvedit.errors import InputError, MismatchError, UsageError
+from tvedit.models.base import adapter_for, functional, linearized
+from tvedit.models.open_clip import OpenClipAdapter
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[OpenClipAdapter, torch.nn.Module]:
+    adapter = OpenClipAdapter("tiny", TINY_CONFIG)
+    torch.manual_seed(0)
+    return adapter, adapter.build()
+
+
+def test_registry_round_trip(tiny):
+    adapter, model = tiny
+    again = adapter_for(adapter.model_info())
+    assert isinstance(again, OpenClipAdapter) and again.model_info() == adapter.model_info()
+    rebuilt = again.build(adapter.state_dict(model))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
+    with pytest.raises(MismatchError, match="unknown model family"):
+        adapter_for({"family": "nope"})
+    with pytest.raises(InputError):
+        adapter_for({"family": "unknown"})
+    with pytest.raises(UsageError, match="unknown open_clip model"):
+        OpenClipAdapter.from_name("ViT-Nope-1")
+
+
+def test_strict_load_names_the_key(tiny):
+    adapter, model = tiny
+    state = adapter.state_dict(model)
+    bad = dict(state)
+    bad.pop("visual.proj")
+    with pytest.raises(MismatchError, match="visual.proj"):
+        adapter.build(bad)
+    bad = dict(state, **{"visual.conv1.weight": torch.zeros(1, 2, 3)})
+    with pytest.raises(MismatchError, match="visual.conv1.weight"):
+        adapter.build(bad)
+    with pytest.raises(MismatchError, match="extra.key"):
+        adapter.build(dict(state, **{"extra.key": torch.zeros(1)}))
+
+
+def test_keys_per_mode(tiny):
+    adapter, model = tiny
+    names = {k for k, _ in model.named_parameters()}
+    full = adapter.trainable_keys("full")
+    assert set(full) == {k for k in names if k.startswith("visual.")}
+    attn = adapter.trainable_keys("attn")
+    assert attn and all(k.endswith(("attn.in_proj_weight", "attn.out_proj.weight")) for k in attn)
+    assert len(attn) == 2 * TINY_CONFIG["vision_cfg"]["layers"]
+    with_bias = adapter.trainable_keys("attn", attn_bias=True)
+    assert set(with_bias) - set(attn) == {k.replace("in_proj_weight", "in_proj_bias").replace("out_proj.weight", "out_proj.bias") for k in attn}
+    maskable = set(adapter.maskable_keys())
+    assert not maskable & {"visual.class_embedding", "visual.positional_embedding", "visual.proj"}
+    assert "visual.conv1.weight" in maskable and "visual.ln_pre.weight" in maskable
+    assert not any(not k.startswith("visual.") for k in maskable)
+
+
+def test_head_is_normalised_and_scaled(tiny):
+    adapter, model = tiny
+    head = adapter.make_head(model, {"classes": ["red", "blue"], "templates": ["a {}.", "the {} thing."]})
+    scale = model.logit_scale.exp().item()
+    assert head.shape == (2, TINY_CONFIG["embed_dim"]) and not head.requires_grad
+    torch.testing.assert_close(head.norm(dim=-1), torch.full((2,), scale))
+    # reference: fill, encode, normalise, average, normalise
+    tok = adapter.tokenizer()
+    with torch.no_grad():
+        e = model.encode_text(tok(["a red.", "the red thing."]))
+        e = e / e.norm(dim=-1, keepdim=True)
+        ref = e.mean(0) / e.mean(0).norm() * scale
+    torch.testing.assert_close(head[0], ref)
+
+
+def test_linearized_matches_f_and_finite_differences(tiny):
+    adapter, model = tiny
+    model = adapter.build(adapter.state_dict(model)).double()
+    head = torch.randn(3, TINY_CONFIG["embed_dim"], dtype=torch.float64)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    keys = adapter.trainable_keys("linearized")
+    named = dict(model.named_parameters())
+    theta0 = {k: named[k].detach().clone() for k in keys}
+    g = torch.Generator().manual_seed(1)
+    delta = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 1e-3 for k, v in theta0.items()}
+
+    def fn(m):
+        return adapter.scores(m, x, head)
+
+    f0 = fn(model).detach()
+    torch.testing.assert_close(linearized(model, theta0, theta0, fn).detach(), f0)  # f_lin(theta0) = f(theta0)
+    eps = 1e-3
+    plus = functional(model, {k: theta0[k] + eps * delta[k] for k in keys}, fn).detach()
+    minus = functional(model, {k: theta0[k] - eps * delta[k] for k in keys}, fn).detach()
+    jd_fd = (plus - minus) / (2 * eps)
+    lin = linearized(model, theta0, {k: theta0[k] + delta[k] for k in keys}, fn).detach()
+    torch.testing.assert_close(lin - f0, jd_fd, rtol=1e-5, atol=1e-7)
+    assert (lin - f0).abs().max() > 1e-4  # a non-trivial direction
+
+
+def test_linearized_is_differentiable_in_theta(tiny):
+    adapter, model = tiny
+    head = torch.randn(3, TINY_CONFIG["embed_dim"])
+    x = torch.randn(2, 3, 32, 32)
+    keys = adapter.trainable_keys("attn")
+    named = dict(model.named_parameters())
+    theta0 = {k: named[k].detach().clone() for k in keys}
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+    linearized(model, theta0, theta, lambda m: adapter.scores(m, x, head)).sum().backward()
+    assert all(theta[k].grad is not None and theta[k].grad.abs().sum() > 0 for k in keys)
