@@ -1,0 +1,369 @@
+"""tvedit evaluate: accuracy, the addition / negation / disentanglement protocols, gates, plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode
+from tvedit.errors import OutputError, UsageError
+
+PROTOCOLS = ("none", "addition", "negation", "disentanglement")
+
+
+def _grid(spec: str, what: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in spec.split(":")]
+    except ValueError:
+        raise UsageError(f"{what} expects START:STOP[:STEP] numbers, not {spec!r}") from None
+    if len(parts) == 2:
+        parts.append(0.05)
+    if len(parts) != 3:
+        raise UsageError(f"{what} expects START:STOP[:STEP], not {spec!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _thresholds(min_accuracy: list[str], gate: Path | None) -> dict[str, float]:
+    from tvedit.evaluate.protocols import parse_thresholds
+
+    items = list(min_accuracy)
+    if gate is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(gate.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"--gate {gate}: not a readable YAML mapping: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("min_accuracy"), dict):
+            data = data["min_accuracy"]
+        if not isinstance(data, dict):
+            raise UsageError(f"--gate {gate}: expected a mapping NAME: MIN_ACCURACY")
+        items = [f"{k}={v}" for k, v in data.items()] + items  # command-line values win
+    return parse_thresholds(items)
+
+
+def _write_report(path: Path | None, data: dict[str, Any], force: bool) -> None:
+    if path is None:
+        return
+    if path.exists() and not force:
+        raise OutputError(f"{path}: exists (use --force)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _lines(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("task", "target") else "right")
+    for r in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(table)
+
+
+def _protocol_rows(
+    report: dict[str, Any],
+) -> tuple[str, list[str], list[list[Any]], list[dict[str, Any]]]:
+    """(title, columns, table rows, JSON-line records) for a protocol report."""
+    p = report["protocol"]
+    if p == "addition":
+        cols = ["task", "zero-shot", "fine-tuned", "merged", "normalised", "gain"]
+        recs = [
+            {"protocol": p, "task": t, "alpha": report["alpha"], "zero_shot": report["zero_shot"][t], "single": report["single"][t],
+             "accuracy": report["merged"][t], "normalized": report["normalized"][t]}
+            for t in report["tasks"]
+        ]  # fmt: skip
+        rows = [
+            [
+                r["task"],
+                r["zero_shot"],
+                r["single"],
+                r["accuracy"],
+                r["normalized"],
+                r["accuracy"] - r["zero_shot"],
+            ]
+            for r in recs
+        ]
+        m = report["mean"]
+        rows.append(["mean", m["zero_shot"], m["single"], m["merged"], m["normalized"], m["gain"]])
+        title = f"task addition: alpha = {report['alpha']:g} (chosen on validation){' under f_lin' if report['linear'] else ''}"
+        return title, cols, rows, recs
+    if p == "negation":
+        cols = [
+            "target",
+            "alpha",
+            "zero-shot",
+            "fine-tuned",
+            "target after",
+            f"control ({report['control']})",
+        ]
+        recs = [{"protocol": p, "task": r["target"], **r} for r in report["targets"]]
+        rows = [
+            [
+                r["target"],
+                f"{r['alpha']:g}" + ("" if r["feasible"] else "*"),
+                r["target_zero_shot"],
+                r["target_finetuned"],
+                r["target_test"],
+                r["control_test"],
+            ]
+            for r in report["targets"]
+        ]
+        m = report["mean"]
+        rows.append(["mean", "", m["target_zero_shot"], "", m["target_test"], m["control_test"]])
+        title = f"task negation: control {report['control']} zero-shot {report['control_zero_shot']:.4f}, kept >= {report['threshold']:g}x{' under f_lin' if report['linear'] else ''}"
+        return title, cols, rows, recs
+    raise AssertionError(p)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guard
+    def evaluate(
+        inputs: list[str] = typer.Argument(
+            None,
+            help="A checkpoint, or task vectors / fine-tuned checkpoints applied to theta0 (--base).",
+        ),
+        task: list[str] = typer.Option(
+            [],
+            "--task",
+            "-t",
+            help="NAME=DIR: a task's data (DIR/train + DIR/test image folders, or a text task). Repeatable.",
+        ),
+        base: Path | None = typer.Option(
+            None, "--base", "-b", help="theta0 (default: the base recorded in the vectors)."
+        ),
+        alpha: list[float] = typer.Option(
+            [], "--alpha", "-a", help="Coefficient of the summed vectors; repeatable (default 1)."
+        ),
+        protocol: str = typer.Option(
+            "none", "--protocol", "-p", help="none | addition | negation | disentanglement."
+        ),
+        control: str | None = typer.Option(
+            None, "--control", help="Negation: NAME=DIR of the control task."
+        ),
+        threshold: float = typer.Option(
+            0.95, "--threshold", help="Negation: keep control accuracy >= this x theta0's."
+        ),
+        grid: str = typer.Option(
+            "0:1:0.05",
+            "--grid",
+            help="Addition/negation alpha grid START:STOP:STEP (x 1/density for sparse vectors).",
+        ),
+        no_widen: bool = typer.Option(
+            False, "--no-widen", help="Do not widen the alpha grid by 1/density for sparse vectors."
+        ),
+        grid_range: str = typer.Option(
+            "-3:3", "--grid-range", help="Disentanglement: LO:HI of both axes."
+        ),
+        grid_size: int = typer.Option(20, "--grid-size", help="Disentanglement: points per axis."),
+        points: int = typer.Option(2048, "--points", help="Disentanglement: test points per task."),
+        linearize: bool = typer.Option(
+            False,
+            "--linearize",
+            help="Evaluate non-linear vectors under f_lin around theta0 (post-hoc linearization).",
+        ),
+        max_examples: int | None = typer.Option(
+            None, "--max-examples", help="Cap each split at N examples (seeded subset)."
+        ),
+        batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
+        min_accuracy: list[str] = typer.Option(
+            [],
+            "--min-accuracy",
+            help="NAME=FRACTION: fail (exit 7) when a task's accuracy is lower. Repeatable.",
+        ),
+        gate: Path | None = typer.Option(
+            None, "--gate", help="YAML mapping NAME: FRACTION of --min-accuracy thresholds."
+        ),
+        mask_plot: Path | None = typer.Option(
+            None,
+            "--mask-plot",
+            help="Plot where a mask's kept entries sit, layer by layer (to -o); no evaluation.",
+        ),
+        output: Path | None = typer.Option(
+            None,
+            "--output",
+            "-o",
+            help="Figure file (PNG): the disentanglement heatmap or the mask plot.",
+        ),
+        report_path: Path | None = typer.Option(
+            None, "--report", help="Write the full results as JSON."
+        ),
+        force: bool = typer.Option(
+            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base."
+        ),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """Accuracy of a checkpoint or of theta0 + alpha * sum(vectors) on each task's test split, and the
+        task-addition, task-negation and weight-disentanglement protocols (docs/evaluate.md)."""
+        if mask_plot is not None:
+            return _mask_plot(mask_plot, output, report_path, force, json_mode(as_json))
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        if protocol != "none" and alpha:
+            raise UsageError(
+                "--alpha is for plain evaluation; the protocols search a grid (--grid)"
+            )
+        if protocol == "negation" and control is None:
+            raise UsageError("--protocol negation needs --control NAME=DIR")
+        if control is not None and protocol != "negation":
+            raise UsageError("--control is only for --protocol negation")
+        if not 0 < threshold <= 1:
+            raise UsageError(f"--threshold must be in (0, 1], not {threshold}")
+        thresholds = _thresholds(min_accuracy, gate)
+        if thresholds and protocol in ("negation", "disentanglement"):
+            raise UsageError(
+                "--min-accuracy / --gate apply to plain evaluation and --protocol addition"
+            )
+        if output is not None and protocol != "disentanglement":
+            raise UsageError(
+                "-o/--output is the figure of --protocol disentanglement or --mask-plot"
+            )
+        for path in (output, report_path):
+            if path is not None and path.exists() and not force:
+                raise OutputError(f"{path}: exists (use --force)")
+
+        from tvedit.evaluate import open_session, studies
+        from tvedit.evaluate import protocols as P
+        from tvedit.evaluate.data import parse_task_args
+
+        tasks = parse_task_args(task)
+        control_name = None
+        if control is not None:
+            ((control_name, control_dir),) = parse_task_args([control]).items()
+            if control_name in tasks:
+                raise UsageError(f"--control {control_name!r} is also a --task")
+            tasks[control_name] = control_dir
+        session = open_session(
+            inputs or [],
+            tasks,
+            base,
+            linearize=linearize,
+            max_examples=max_examples,
+            batch_size=batch_size,
+            force=force,
+        )
+        as_json = json_mode(as_json)
+        if protocol == "none":
+            rows = studies.plain(session, alpha or [1.0])
+            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "results": rows}
+            if as_json:
+                _lines(rows)
+            else:
+                _table(
+                    "accuracy (test)" + (" under f_lin" if session.linear else ""),
+                    ["task", "alpha", "accuracy", "n"],
+                    [[r["task"], f"{r['alpha']:g}", r["accuracy"], r["n"]] for r in rows],
+                )
+            _write_report(report_path, report, force)
+            worst: dict[str, float] = {}
+            for r in rows:  # a task passes only if it passes at every alpha
+                worst[r["task"]] = min(worst.get(r["task"], 1.0), r["accuracy"])
+            P.check_gates(worst, thresholds)
+            return
+        if protocol == "disentanglement":
+            lo, hi, _ = _grid(grid_range + ":1", "--grid-range")
+            report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
+            xi = report["xi"]
+            summary = {
+                "protocol": "disentanglement",
+                "tasks": report["tasks"],
+                "grid_size": grid_size,
+                "range": [lo, hi],
+                "xi_mean": sum(map(sum, xi)) / grid_size**2,
+                "xi_max": max(map(max, xi)),
+                "linear": session.linear,
+            }
+            if output is not None:
+                from tvedit.evaluate.plots import heatmap
+
+                heatmap(
+                    xi,
+                    report["grid"],
+                    report["tasks"],
+                    output,
+                    title=f"weight disentanglement{' (f_lin)' if session.linear else ''}",
+                )
+                summary["figure"] = str(output)
+            if as_json:
+                _lines([summary])
+            else:
+                _table(
+                    "weight disentanglement error",
+                    ["tasks", "mean ξ", "max ξ", "figure"],
+                    [
+                        [
+                            " + ".join(report["tasks"]),
+                            summary["xi_mean"],
+                            summary["xi_max"],
+                            str(output or "-"),
+                        ]
+                    ],
+                )
+            _write_report(report_path, report, force)
+            return
+        start, stop, step = _grid(grid, "--grid")
+        widen = 1.0 if no_widen else studies.widen(session)
+        alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
+        if protocol == "addition":
+            report = studies.addition(session, alphas)
+        else:
+            assert control_name is not None
+            report = studies.negation(session, control_name, alphas, threshold)
+        report["widen"] = widen
+        title, cols, rows, recs = _protocol_rows(report)
+        if as_json:
+            _lines(recs)
+        else:
+            _table(title, cols, rows)
+        _write_report(report_path, report, force)
+        if protocol == "addition":
+            P.check_gates(report["merged"], thresholds)
+
+
+def _mask_plot(
+    mask: Path, output: Path | None, report_path: Path | None, force: bool, as_json: bool
+) -> None:
+    import torch
+
+    from tvedit.evaluate.plots import mask_figure, mask_layer_stats
+    from tvedit.tensorio import open_checkpoint
+
+    if output is None:
+        raise UsageError("--mask-plot needs -o FIGURE.png")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: exists (use --force)")
+    ckpt = open_checkpoint(mask)
+    items = ((k, t != 0) for k, t in ckpt.items() if t.dtype == torch.bool or t.is_floating_point())
+    stats = mask_layer_stats(items)
+    mask_figure(stats, output, title=f"{mask.name}: kept entries by layer")
+    _write_report(report_path, {"mask": str(mask), "layers": stats}, force)
+    kept = sum(s["kept"] for s in stats)
+    total = sum(s["total"] for s in stats)
+    summary = {
+        "mask": str(mask),
+        "figure": str(output),
+        "kept": kept,
+        "total": total,
+        "density": kept / total if total else 0.0,
+    }
+    if as_json:
+        _lines([summary])
+    else:
+        _table(
+            "mask", ["mask", "density", "figure"], [[str(mask), summary["density"], str(output)]]
+        )

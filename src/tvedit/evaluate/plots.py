@@ -1,0 +1,135 @@
+"""Figures: the weight-disentanglement heatmap and where a mask's kept entries sit, layer by layer.
+
+matplotlib is the optional extra ``plot`` (``pip install 'tvedit[plot]'``); it is imported only
+here, with the non-interactive Agg backend. ``mask_layer_stats`` is pure (no matplotlib).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvedit.errors import UsageError
+
+_BLOCK = re.compile(
+    r"^(?P<tower>.*?)\.(?:resblocks|layers?|block|h)\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
+KINDS = ("attn.qkv", "attn.out", "mlp.in", "mlp.out", "norm", "other")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install 'tvedit[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _kind(rest: str) -> str:
+    if "in_proj" in rest or re.search(r"\b(q|k|v|qkv|query|key|value)\b", rest.replace(".", " ")):
+        return "attn.qkv"
+    if "out_proj" in rest or re.search(r"attn.*\.(o|out|proj)\.", rest):
+        return "attn.out"
+    if re.search(r"(c_fc|fc1|wi|mlp\.0|intermediate)", rest):
+        return "mlp.in"
+    if re.search(r"(c_proj|fc2|wo|mlp\.2|output\.dense)", rest):
+        return "mlp.out"
+    if "ln" in rest or "norm" in rest:
+        return "norm"
+    return "other"
+
+
+def mask_layer_stats(items: Iterable[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """Per (tower, block, kind): kept entries, total entries and the kept fraction.
+
+    Tensors outside numbered blocks (embeddings, final projections) are reported as block -1."""
+    acc: dict[tuple[str, int, str], list[int]] = {}
+    for key, mask in items:
+        m = _BLOCK.match(key)
+        tower, block, kind = (
+            (m["tower"], int(m["index"]), _kind(m["rest"]))
+            if m
+            else (key.split(".")[0], -1, "other")
+        )
+        cell = acc.setdefault((tower, block, kind), [0, 0])
+        cell[0] += int(mask.count_nonzero())
+        cell[1] += mask.numel()
+    return [
+        {
+            "tower": t,
+            "block": b,
+            "kind": k,
+            "kept": kept,
+            "total": total,
+            "fraction": kept / total if total else 0.0,
+        }
+        for (t, b, k), (kept, total) in sorted(acc.items())
+    ]
+
+
+def mask_figure(stats: Sequence[dict[str, Any]], output: Path, title: str = "") -> Path:
+    """Kept fraction by block (x) and kind (one line each), one panel per tower (cf. TaLoS fig. 4)."""
+    plt = _pyplot()
+    towers = sorted({s["tower"] for s in stats if s["block"] >= 0}) or sorted(
+        {s["tower"] for s in stats}
+    )
+    fig, axes = plt.subplots(1, len(towers), figsize=(5.5 * len(towers), 3.6), squeeze=False)
+    for ax, tower in zip(axes[0], towers, strict=True):
+        rows = [s for s in stats if s["tower"] == tower and s["block"] >= 0]
+        for kind in KINDS:
+            pts = sorted((s["block"], s["fraction"]) for s in rows if s["kind"] == kind)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        ax.set_xlabel(f"{tower}: block")
+        ax.set_ylabel("fraction of entries kept")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title or "mask: kept entries by layer")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def heatmap(
+    xi: Sequence[Sequence[float]],
+    grid: Sequence[float],
+    tasks: Sequence[str],
+    output: Path,
+    title: str = "",
+) -> Path:
+    """xi(alpha1, alpha2) as an image: alpha1 on x, alpha2 on y, origin lower left."""
+    plt = _pyplot()
+    data = torch.tensor(xi).T.numpy()  # rows: alpha2, columns: alpha1
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    lo, hi = grid[0], grid[-1]
+    step = (hi - lo) / (len(grid) - 1) / 2
+    im = ax.imshow(
+        data,
+        origin="lower",
+        extent=(lo - step, hi + step, lo - step, hi + step),
+        cmap="viridis",
+        vmin=0.0,
+        vmax=max(1e-9, float(data.max())),
+        aspect="equal",
+    )
+    fig.colorbar(im, ax=ax, label="ξ (disagreement, sum over tasks)")
+    ax.set_xlabel(f"α1 ({tasks[0]})")
+    ax.set_ylabel(f"α2 ({tasks[1]})")
+    ax.axhline(0, color="white", lw=0.5, alpha=0.6)
+    ax.axvline(0, color="white", lw=0.5, alpha=0.6)
+    ax.set_title(title or "weight disentanglement error")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

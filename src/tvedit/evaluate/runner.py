@@ -1,0 +1,375 @@
+"""The model work behind ``tvedit evaluate``: logits of theta0 + sum_i alpha_i tau_i, fast over many alphas.
+
+What stays put across a sweep (ALGORITHMS.md section 5, "speed"):
+
+* theta0 is built into ONE model once; an edited model is never materialised: its parameters are
+  substituted with ``torch.func.functional_call`` (``models.base.functional``).
+* Each task's frozen zero-shot head is built once from theta0 and cached.
+* Each task's splits are decoded once into tensors (``TaskData``); batches are slices.
+* Under f_lin the logits are affine in the coefficients: f(x; theta0) + sum_i alpha_i J(theta0) tau_i.
+  ``LinearTerms`` computes f0 and every J tau_i once (one jvp per vector and batch); any alpha, any
+  grid of alphas, and the whole disentanglement grid then cost no forward pass at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tvedit.errors import InputError, MismatchError, UsageError
+from tvedit.models.base import ModelAdapter, adapter_for, forward_ad_safe, functional
+
+Vector = dict[str, Tensor]  # a task vector: parameter name -> float32 tensor
+
+
+@dataclass
+class TaskData:
+    """One task, decoded once: its manifest-style record and its splits as tensors."""
+
+    name: str
+    record: dict[str, Any]  # manifest ``task`` record: name, classes, templates
+    splits: dict[str, tuple[Any, Tensor]] = field(default_factory=dict)  # split -> (inputs, labels)
+
+    def split(self, name: str) -> tuple[Any, Tensor]:
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise InputError(f"task {self.name}: no {name!r} split") from None
+
+    def limit(self, split: str, n: int, seed: int = 0) -> None:
+        """Keep a seeded random subset of at most ``n`` examples of ``split`` (in their order)."""
+        inputs, labels = self.split(split)
+        if len(labels) <= n:
+            return
+        keep = (
+            torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+            .sort()
+            .values
+        )
+        self.splits[split] = (_take(inputs, keep), labels[keep])
+
+
+@dataclass
+class LoadedVector:
+    """A task vector read into memory (float32), with what evaluation needs from its manifest."""
+
+    path: Path
+    name: str
+    tensors: Vector
+    regime: str = "nonlinear"
+    density: float | None = None  # fraction kept, for sparse (TaLoS / masked) vectors
+    task: dict[str, Any] | None = None
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, Mapping):
+        return {k: _slice(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return inputs[start:stop]
+    raise TypeError(f"cannot batch inputs of type {type(inputs).__name__}")
+
+
+def _take(inputs: Any, index: Tensor) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    if isinstance(inputs, Mapping):
+        return {k: _take(v, index) for k, v in inputs.items()}
+    return [inputs[i] for i in index.tolist()]
+
+
+def _length(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, Mapping):
+        return _length(next(iter(inputs.values())))
+    return len(inputs)
+
+
+class Evaluator:
+    """theta0 held once; logits of edited models by parameter substitution; heads cached."""
+
+    def __init__(self, adapter: ModelAdapter, theta0: Mapping[str, Tensor], batch_size: int = 512):
+        self.adapter = adapter
+        self.model: nn.Module = adapter.build(theta0)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.params: dict[str, Tensor] = {k: p.detach() for k, p in self.model.named_parameters()}
+        self.buffers: dict[str, Tensor] = {k: b for k, b in self.model.named_buffers()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._heads: dict[str, Any] = {}
+        self._base_logits: dict[tuple[str, str], Tensor] = {}
+
+    # -- heads -----------------------------------------------------------------------------------
+    def head(self, task: TaskData) -> Any:
+        if task.name not in self._heads:
+            with torch.no_grad():
+                self._heads[task.name] = self.adapter.make_head(self.model, task.record)
+        return self._heads[task.name]
+
+    # -- edits -----------------------------------------------------------------------------------
+    def check_vector(self, vec: LoadedVector) -> None:
+        known = set(self.params) | set(self.buffers)
+        for key, t in vec.tensors.items():
+            if key not in known:
+                raise MismatchError(f"{vec.path}: key {key!r} is not a tensor of the base model")
+            ref = self._tensor(key)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise MismatchError(
+                    f"{vec.path}: key {key!r}: shape {list(t.shape)} does not match the base's {list(ref.shape)}"
+                )
+
+    def edited(self, vectors: Sequence[Vector], alphas: Sequence[float]) -> dict[str, Tensor]:
+        """The substituted tensors of theta0 + sum_i alphas[i] * vectors[i] (only keys that change)."""
+        out: dict[str, Tensor] = {}
+        for vec, a in zip(vectors, alphas, strict=True):
+            if a == 0:
+                continue
+            for key, t in vec.items():
+                base = out.get(key)
+                if base is None:
+                    base = self._tensor(key).float().clone()
+                out[key] = base.add_(t, alpha=float(a))
+        return out
+
+    # -- logits ------------------------------------------------------------------------------------
+    def _batches(self, inputs: Any) -> list[tuple[int, int]]:
+        n = _length(inputs)
+        return [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+
+    @torch.no_grad()
+    def logits(
+        self, task: TaskData, split: str, params: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """[N, C] logits of the model with ``params`` substituted (None: theta0, cached)."""
+        if not params:
+            key = (task.name, split)
+            if key not in self._base_logits:
+                self._base_logits[key] = self._logits(task, split, None)
+            return self._base_logits[key]
+        return self._logits(task, split, params)
+
+    def _logits(self, task: TaskData, split: str, params: Mapping[str, Tensor] | None) -> Tensor:
+        inputs, _ = task.split(split)
+        head = self.head(task)
+        out = []
+        for s, e in self._batches(inputs):
+            batch = _slice(inputs, s, e)
+            fn: Callable[[nn.Module], Tensor] = lambda m, b=batch: self.adapter.scores(m, b, head)  # noqa: E731
+            out.append(functional(self.model, params, fn) if params else fn(self.model))
+        return torch.cat(out)
+
+    def _tensor(self, key: str) -> Tensor:
+        t = self.params.get(key)
+        return self.buffers[key] if t is None else t
+
+    def _scores_of(self, names: list[str], batch: Any, head: Any) -> Callable[..., Tensor]:
+        """values -> scores of ``batch`` with the tensors ``names`` replaced by ``values``."""
+
+        def fn(*values: Tensor) -> Tensor:
+            return functional(
+                self.model,
+                dict(zip(names, values, strict=True)),
+                lambda m: self.adapter.scores(m, batch, head),
+            )
+
+        return fn
+
+    def linear_terms(self, task: TaskData, split: str, vectors: Sequence[Vector]) -> LinearTerms:
+        """f(x; theta0) and J(theta0) tau_i for every vector: one jvp per vector and batch."""
+        inputs, labels = task.split(split)
+        head = self.head(task)
+        f0 = self.logits(task, split)
+        jts = []
+        for vec in vectors:
+            names = sorted(vec)
+            primals = tuple(self._tensor(k) for k in names)
+            tangents = tuple(vec[k].to(p.dtype) for k, p in zip(names, primals, strict=True))
+            parts = []
+            for s, e in self._batches(inputs):
+                fn = self._scores_of(names, _slice(inputs, s, e), head)
+                with forward_ad_safe(), torch.no_grad():
+                    _, jt = torch.func.jvp(fn, primals, tangents)
+                parts.append(jt)
+            jts.append(torch.cat(parts))
+        return LinearTerms(f0, jts, labels)
+
+
+@dataclass
+class LinearTerms:
+    """f_lin(x; theta0 + sum_i alpha_i tau_i) = f0 + sum_i alpha_i J tau_i, for one task split."""
+
+    f0: Tensor  # [N, C]
+    jvps: list[Tensor]  # one [N, C] per vector
+    labels: Tensor
+
+    def logits(self, alphas: Sequence[float]) -> Tensor:
+        out = self.f0.clone()
+        for a, jt in zip(alphas, self.jvps, strict=True):
+            if a:
+                out.add_(jt, alpha=float(a))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the evaluation session: an Evaluator, the tasks, the vectors, and a cached accuracy function
+# ------------------------------------------------------------------------------------------------
+class Session:
+    """accuracy / predictions of theta0 + sum_i alpha_i tau_i on (task, split), under f or f_lin.
+
+    ``linear`` selects f_lin; it is set when any vector is ``linearized`` (its only meaning) or on
+    request (post-hoc linearization). Results are memoised by (task, split, alphas).
+    """
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        tasks: Sequence[TaskData],
+        vectors: Sequence[LoadedVector],
+        linear: bool = False,
+    ):
+        self.ev = evaluator
+        self.tasks = {t.name: t for t in tasks}
+        self.vectors = list(vectors)
+        for v in self.vectors:
+            evaluator.check_vector(v)
+        self.linear = linear
+        self._terms: dict[tuple[str, str, tuple[int, ...]], LinearTerms] = {}
+        self._preds: dict[tuple[str, str, tuple[int, ...], tuple[float, ...]], Tensor] = {}
+
+    def task(self, name: str) -> TaskData:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UsageError(f"no task named {name!r} (tasks: {', '.join(self.tasks)})") from None
+
+    def terms(self, task: str, split: str, which: Sequence[int]) -> LinearTerms:
+        key = (task, split, tuple(which))
+        if key not in self._terms:
+            # reuse per-vector jvps computed for another subset
+            jvps = []
+            for i in which:
+                single = (task, split, (i,))
+                if single not in self._terms:
+                    self._terms[single] = self.ev.linear_terms(
+                        self.task(task), split, [self.vectors[i].tensors]
+                    )
+                jvps.append(self._terms[single].jvps[0])
+            f0 = self.ev.logits(self.task(task), split)
+            self._terms[key] = LinearTerms(f0, jvps, self.task(task).split(split)[1])
+        return self._terms[key]
+
+    def predictions(
+        self, task: str, split: str, alphas: Sequence[float], which: Sequence[int] | None = None
+    ) -> Tensor:
+        """Top-1 predictions [N] of theta0 + sum_i alphas[i] * tau_{which[i]} (default: all vectors)."""
+        which = list(range(len(self.vectors))) if which is None else list(which)
+        if len(alphas) != len(which):
+            raise ValueError(f"{len(alphas)} coefficients for {len(which)} vectors")
+        key = (task, split, tuple(which), tuple(float(a) for a in alphas))
+        if key not in self._preds:
+            self._preds[key] = self._logits(task, split, alphas, which).argmax(dim=-1)
+        return self._preds[key]
+
+    def _logits(self, task: str, split: str, alphas: Sequence[float], which: list[int]) -> Tensor:
+        if all(a == 0 for a in alphas):
+            return self.ev.logits(self.task(task), split)
+        if self.linear:
+            return self.terms(task, split, which).logits(alphas)
+        params = self.ev.edited([self.vectors[i].tensors for i in which], alphas)
+        return self.ev.logits(self.task(task), split, params)
+
+    def accuracy(
+        self, task: str, split: str, alphas: Sequence[float], which: Sequence[int] | None = None
+    ) -> float:
+        preds = self.predictions(task, split, alphas, which)
+        labels = self.task(task).split(split)[1]
+        return float((preds == labels).float().mean())
+
+    def shared(
+        self, task: str, split: str, alpha: float, which: Sequence[int] | None = None
+    ) -> float:
+        """Accuracy of theta0 + alpha * sum_i tau_i (one shared coefficient)."""
+        which = list(range(len(self.vectors))) if which is None else list(which)
+        return self.accuracy(task, split, [alpha] * len(which), which)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+def load_vector(
+    path: Path,
+    base_sha: str | None,
+    base_tensors: Mapping[str, Tensor] | None = None,
+    force: bool = False,
+) -> LoadedVector:
+    """Read a task vector (or a fine-tuned checkpoint, extracted against ``base_tensors``) as float32."""
+    from tvedit.tensorio import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    m = ckpt.manifest
+    if ckpt.kind == "mask":
+        raise InputError(
+            f"{path}: is a mask, not a task vector (apply it first: tvedit mask --apply)"
+        )
+    if ckpt.kind == "task-vector":
+        if m and m.base and base_sha and m.base.get("sha256") != base_sha and not force:
+            raise MismatchError(
+                f"{path}: was extracted from base {str(m.base.get('sha256'))[:12]}, not the base {base_sha[:12]} given (use --force)"
+            )
+        tensors = {k: t.float() for k, t in ckpt.items() if t.is_floating_point()}
+    else:
+        if base_tensors is None:
+            raise UsageError(f"{path}: is a checkpoint; pass --base to evaluate it as an edit")
+        tensors = {}
+        for k, t in ckpt.items():
+            if t.is_floating_point():
+                if k not in base_tensors:
+                    raise MismatchError(f"{path}: key {k!r} is not in the base")
+                tensors[k] = t.float() - base_tensors[k].float()
+    tensors = {k: t for k, t in tensors.items() if bool(t.any())}  # all-zero tensors change nothing
+    density = _density(m) if m else None
+    name = (m.task or {}).get("name") if m and m.task else None
+    stem = path.name.removesuffix(".safetensors")
+    return LoadedVector(
+        path,
+        str(name or stem),
+        tensors,
+        regime=m.regime if m else "nonlinear",
+        density=density,
+        task=m.task if m else None,
+    )
+
+
+def _density(m: Any) -> float | None:
+    """The density a sparse vector was made at: the recorded mask density of a TaLoS run or a
+    masking step (provenance params ``density``), else the manifest's ``density`` when below 1."""
+    for step in reversed(m.provenance or []):
+        d = (step.get("params") or {}).get("density")
+        if isinstance(d, int | float) and 0 < d < 1:
+            return float(d)
+    if m.density is not None and 0 < m.density < 0.5:
+        return float(m.density)
+    return None
+
+
+def open_base(path: Path) -> tuple[ModelAdapter, dict[str, Tensor], str]:
+    """theta0's adapter, tensors (read once) and content hash."""
+    from tvedit.tensorio import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    if ckpt.kind != "checkpoint":
+        raise InputError(f"{path}: the base must be a checkpoint, not a {ckpt.kind}")
+    if ckpt.manifest is None:
+        raise InputError(
+            f"{path}: has no tvedit manifest, so its model family is unknown (run tvedit init or tvedit import)"
+        )
+    adapter = adapter_for(ckpt.manifest.model)
+    return adapter, dict(ckpt.items()), ckpt.sha256
