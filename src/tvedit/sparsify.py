@@ -106,8 +106,8 @@ _DIGITS = 1 << 16
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """float32 bit patterns of |t| as int64: for non-negative floats, integer order == float order."""
-    return _abs32(t).reshape(-1).view(torch.int32).to(torch.int64)
+    """float32 bit patterns of |t| as int32: for non-negative floats, integer order == float order."""
+    return _abs32(t).reshape(-1).view(torch.int32)
 
 
 def _pick_digit(hist: torch.Tensor, k: int) -> tuple[int, int]:
