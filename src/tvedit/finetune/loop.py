@@ -96,6 +96,39 @@ def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: d
     return int(meta["step"])
 
 
+def train_step(
+    regime: Regime,
+    opt: MaskedAdamW,
+    head: Any,
+    inputs: Tensor,
+    labels: Tensor,
+    lr: float,
+    cfg: FinetuneConfig,
+    *,
+    local_batch: int,
+    micro: int,
+    dist: Dist,
+    autocast: Any = None,
+) -> float:
+    """One optimizer step over this rank's share of a global batch (gradient accumulation over
+    micro-batches, mean loss over the GLOBAL batch); returns the loss."""
+    loss_sum = 0.0
+    for s in range(0, inputs.shape[0], micro):
+        with autocast or nullcontext():
+            logits = regime.logits(inputs[s : s + micro], head)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[s : s + micro], label_smoothing=cfg.label_smoothing, reduction="sum") / local_batch
+        loss.backward()
+        loss_sum += float(loss.detach())
+    params = list(regime.params.values())
+    dist.all_reduce_mean([p.grad for p in params if p.grad is not None])
+    regime.after_backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step(lr)
+    opt.zero_grad()
+    return loss_sum
+
+
 def train(
     regime: Regime,
     head: Any,
@@ -121,7 +154,6 @@ def train(
     local_batch = cfg.batch_size // dist.world
     micro = cfg.micro_batch or local_batch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    params = list(regime.params.values())
     log = open(log_path, "a") if (log_path is not None and dist.rank == 0) else None  # noqa: SIM115
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     t0, seen = time.perf_counter(), 0
@@ -132,19 +164,7 @@ def train(
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             inputs, labels = next(stream)
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss_sum = 0.0
-            for s in range(0, inputs.shape[0], micro):
-                with autocast:
-                    logits = regime.logits(inputs[s : s + micro], head)
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels[s : s + micro], label_smoothing=cfg.label_smoothing, reduction="sum") / local_batch
-                loss.backward()
-                loss_sum += float(loss.detach())
-            dist.all_reduce_mean([p.grad for p in params if p.grad is not None])
-            regime.after_backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step(lr)
-            opt.zero_grad()
+            loss_sum = train_step(regime, opt, head, inputs, labels, lr, cfg, local_batch=local_batch, micro=micro, dist=dist, autocast=autocast)
             seen += cfg.batch_size
             done = step + 1
             rate = seen / max(1e-9, time.perf_counter() - t0)
