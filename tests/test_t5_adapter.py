@@ -94,7 +94,7 @@ def test_per_example_choices_pad_with_minus_inf(tiny: dict[str, Path]) -> None:
     adapter, model, _ = _adapter_and_model(tiny["base"])
     examples = [TextExample("q1", "b", ("a", "b", "c"), 1), TextExample("q2", "zz", ("x" * 30, "zz"), 1)]
     batch, labels = adapter.collate(examples)
-    assert labels.tolist() == [1, 1]
+    assert labels.tolist() == [1, 1] and "choice_ids" in batch.tensors
     with torch.no_grad():
         scores = adapter.scores(model, batch, None)
         alone = adapter.scores(model, examples[1:], None)
@@ -133,15 +133,54 @@ def test_linearized_equals_base_at_theta0_and_matches_finite_differences(tiny: d
     assert (lin - base).abs().max() > 1.0  # the step is not trivially small
 
 
-def test_target_nll_is_the_mean_token_loss(tiny: dict[str, Path]) -> None:
+def test_generation_examples_score_their_target_and_the_loss_is_its_nll(tiny: dict[str, Path]) -> None:
     adapter, model, _ = _adapter_and_model(tiny["base"])
-    ex = [TextExample("abc", "hello")]
-    batch, _ = adapter.collate(ex)
+    examples = [TextExample("abc", "hello"), TextExample("de", "no")]
+    batch, labels = adapter.collate(examples)
+    assert labels.tolist() == [0, 0] and "target_ids" in batch.tensors
     with torch.no_grad():
-        ref = model(input_ids=batch["input_ids"], labels=batch["target_ids"]).loss
-        assert adapter.target_nll(model, batch).item() == pytest.approx(ref.item(), rel=1e-5)
-        ll = sequence_loglik(model, batch["input_ids"], batch["attention_mask"], batch["target_ids"], batch["target_mask"])
-    assert ll.shape == (1,)
+        scores = adapter.scores(model, batch, None)
+        assert scores.shape == (2, 1)
+        for i, ex in enumerate(examples):
+            enc = adapter.tokenizer([ex.input], return_tensors="pt")
+            target = adapter.tokenizer([ex.target], return_tensors="pt")["input_ids"]
+            ref = model(**enc, labels=target).loss * target.shape[1]
+            assert scores[i, 0].item() == pytest.approx(-ref.item(), rel=1e-5)
+        assert adapter.loss(scores, labels).item() == pytest.approx(-scores.sum().item())
+    # with choices, the loss is the NLL of the labelled choice (the target string)
+    ranked = _examples(4)
+    head = adapter.make_head(None, {"choices": ["yes", "no"]})
+    rb, rl = adapter.collate(ranked, head)
+    with torch.no_grad():
+        rs = adapter.scores(model, rb, head)
+    assert adapter.loss(rs, rl).item() == pytest.approx(-sum(rs[i, y].item() for i, y in enumerate(rl.tolist())), rel=1e-6)
+    ll = sequence_loglik(model, rb.tensors["input_ids"], rb.tensors["attention_mask"], head.ids[:1].repeat(4, 1), head.mask[:1].repeat(4, 1))
+    torch.testing.assert_close(ll, rs[:, 0])
+
+
+def test_token_batch_behaves_like_a_tensor_for_the_loop(tiny: dict[str, Path]) -> None:
+    adapter, model, _ = _adapter_and_model(tiny["base"])
+    batch, _ = adapter.collate(_examples(5), None)
+    assert batch.shape[0] == len(batch) == 5
+    part = batch[1:3].to("cpu", non_blocking=True)
+    assert part.shape[0] == 2 and part.tensors["choice_ids"].shape[:2] == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.scores(model, part, None), adapter.scores(model, batch, None)[1:3], rtol=1e-5, atol=1e-5)
+    # vmap over a TokenBatch gives per-example gradients (TaLoS calibration)
+    from torch.func import grad, vmap
+
+    from tvedit.models.base import forward_ad_safe, functional
+
+    params = {k: v.detach() for k, v in model.named_parameters() if "DenseReluDense.wo" in k}
+
+    def objective(p: dict[str, torch.Tensor], x) -> torch.Tensor:  # noqa: ANN001
+        return torch.log_softmax(functional(model, p, lambda m: adapter.scores(m, x[None], None))[0], -1)[0]
+
+    with forward_ad_safe():
+        per_example = vmap(grad(objective), in_dims=(None, 0))(params, batch)
+    single = grad(objective)(params, batch[3])
+    for k in params:
+        torch.testing.assert_close(per_example[k][3], single[k], rtol=1e-4, atol=1e-6)
 
 
 def test_merged_model_exports_as_a_loadable_hf_directory(tiny: dict[str, Path], tmp_path: Path) -> None:

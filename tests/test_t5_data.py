@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_t5 import first_letter_examples, write_jsonl, write_task
-from tvedit.data.text import TextExample, is_text_task, load_text_task, read_jsonl, split_validation
+from tvedit.data.text import (
+    TextExample,
+    is_text_task,
+    load_finetune_task,
+    load_text_task,
+    read_jsonl,
+)
 from tvedit.errors import DataError
 
 
@@ -80,6 +86,12 @@ def test_directory_task_and_deterministic_validation(tmp_path: Path) -> None:
     a, b = load_text_task(root), load_text_task(root)
     assert a.split("validation") == b.split("validation")
     assert len(a.split("validation")) == 5 and len(a.split("train")) == 45 and len(a.split("test")) == 10
-    train, val = split_validation(a.split("train") + a.split("validation"))
-    assert not set(map(id, train)) & set(map(id, val))
     assert a.choices == ("yes", "no")
+    ft = load_finetune_task(root)
+    assert ft.name == "fl" and len(ft.train_idx) == 45 and len(ft.heldout_idx) == 5
+    assert [ft.examples[i] for i in ft.heldout_idx] == a.split("validation")
+    assert ft.record()["choices"] == ["yes", "no"] and ft.record()["data"]["sha256"] == ft.data_sha256
+    (root / "train.jsonl").write_text((root / "train.jsonl").read_text() + '{"input": "q", "target": "free text"}\n')
+    assert load_finetune_task(root).data_sha256 != ft.data_sha256
+    with pytest.raises(DataError, match="without choices"):
+        load_finetune_task(root, mode="sparse")

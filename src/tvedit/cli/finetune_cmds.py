@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @guard
     def init(
-        model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-        pretrained: str = typer.Option(..., "--pretrained", "-p", help=PRETRAINED_HELP),
+        model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Or a Hugging Face seq2seq directory (T5...: config.json, tokenizer, weights)."),
+        pretrained: str | None = typer.Option(None, "--pretrained", "-p", help=PRETRAINED_HELP + " Required for open_clip."),
         output: Path = typer.Option(..., "--output", "-o", help="The theta0 checkpoint to write."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random init (--pretrained none)."),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),

@@ -21,9 +21,9 @@ Every bad line raises ``DataError`` (exit 8) naming the file and the line number
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +31,17 @@ from typing import Any
 
 import yaml
 
+from tvedit.data.splits import (
+    HELDOUT_FRACTION,
+    HELDOUT_MAX,
+    SPLIT_SEED,
+    split_indices,
+    stream_batches,
+)
 from tvedit.errors import DataError
 
 FIELDS = ("input", "target", "choices", "label")
 SPLITS = ("train", "validation", "test")
-VALIDATION_FRACTION = 0.1
-VALIDATION_MAX = 5000
-VALIDATION_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class TextTask:
 
     spec: TextTaskSpec
     splits: dict[str, list[TextExample]]
+    source: Path | None = None
 
     @property
     def name(self) -> str:
@@ -220,20 +225,12 @@ def load_spec(path: str | os.PathLike[str]) -> TextTaskSpec:
     )
 
 
-def split_validation(examples: Sequence[TextExample], fraction: float = VALIDATION_FRACTION, seed: int = VALIDATION_SEED, max_size: int = VALIDATION_MAX) -> tuple[list[TextExample], list[TextExample]]:
-    """(train, validation): a seeded random ``fraction`` (at most ``max_size``) held out."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = min(max_size, max(1, int(round(fraction * len(examples))))) if len(examples) > 1 else 0
-    held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-
-
-def load_text_task(source: str | os.PathLike[str], validation_seed: int = VALIDATION_SEED) -> TextTask:
+def load_text_task(source: str | os.PathLike[str], heldout_fraction: float = HELDOUT_FRACTION, split_seed: int = SPLIT_SEED, heldout_max: int = HELDOUT_MAX) -> TextTask:
     """A task from a YAML spec, a directory (train/validation/test .jsonl) or one JSONL file.
 
-    A single JSONL file is the train split; the validation split is then held out of it
-    (``split_validation``), as it is whenever a spec or directory names no validation file.
+    A single JSONL file is the train split. When no validation file is named, the validation
+    split is held out of train exactly as for image tasks (``tvedit.data.split_indices``: a seeded
+    10%, at most 5,000 examples), so fine-tuning and evaluation hold out the same examples.
     """
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
@@ -242,15 +239,17 @@ def load_text_task(source: str | os.PathLike[str], validation_seed: int = VALIDA
         files = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").exists()}
         if not files:
             raise DataError(f"{path}: directory has none of train.jsonl, validation.jsonl, test.jsonl")
-        spec = TextTaskSpec(name=path.name, files=files)
+        spec = TextTaskSpec(name=path.resolve().name, files=files)
     elif path.exists():
         spec = TextTaskSpec(name=path.stem, files={"train": path})
     else:
         raise DataError(f"{path}: no such file or directory")
     splits = {s: read_jsonl(p, spec) for s, p in spec.files.items()}
     if "train" in splits and "validation" not in splits:
-        splits["train"], splits["validation"] = split_validation(splits["train"], seed=validation_seed)
-    return TextTask(spec=spec, splits=splits)
+        train = splits["train"]
+        kept, held = split_indices(len(train), heldout_fraction, split_seed, heldout_max)
+        splits["train"], splits["validation"] = [train[i] for i in kept], [train[i] for i in held]
+    return TextTask(spec=spec, splits=splits, source=path)
 
 
 def is_text_task(source: str | os.PathLike[str]) -> bool:
@@ -267,10 +266,70 @@ def is_text_task(source: str | os.PathLike[str]) -> bool:
     return path.is_dir() and any((path / f"{s}.jsonl").exists() for s in SPLITS)
 
 
-def batches(examples: Sequence[TextExample], batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[list[TextExample]]:
-    """Lists of examples (the text adapter tokenizes them itself)."""
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i : i + batch_size]]
+def fingerprint(task: TextTask) -> str:
+    """sha256 over the task's files (and its spec): what a fine-tuned manifest records as its data."""
+    h = hashlib.sha256()
+    for split in sorted(task.spec.files):
+        h.update(split.encode() + b"\0" + task.spec.files[split].read_bytes() + b"\0")
+    h.update(json.dumps({k: v for k, v in task.spec.to_dict().items() if k != "files"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class TextFinetuneTask:
+    """A text task as ``tvedit.finetune.run`` uses it: examples addressed by ``train_idx`` and
+    ``heldout_idx`` (the validation split, which TaLoS calibration uses), a manifest record, the
+    frozen head (the choice strings) and a seeded, resumable loader of token batches."""
+
+    task: TextTask
+    examples: list[TextExample]
+    train_idx: list[int]
+    heldout_idx: list[int]
+    data_sha256: str
+    split: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def root(self) -> Path:
+        return self.task.source or Path(self.task.name)
+
+    @property
+    def data(self) -> TextFinetuneTask:
+        """``run.finetune`` records ``task.data.root`` as the data input."""
+        return self
+
+    def record(self) -> dict[str, Any]:
+        choices = self.task.choices
+        return {
+            **self.task.spec.to_dict(),
+            "choices": list(choices) if choices else None,
+            "data": {"source": str(self.root), "sha256": self.data_sha256, "n": len(self.examples)},
+            "split": self.split,
+        }
+
+    def head(self, adapter: Any) -> Any:
+        return adapter.make_head(None, self.record())
+
+    def loader(self, indices: Sequence[int], adapter: Any, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[Any, Any]]:
+        """(token batch, labels) for global batch ``start`` on (rank ``rank``'s share of each)."""
+        head = self.head(adapter)
+        for items in stream_batches(len(indices), batch_size, seed, start, rank, world):
+            yield adapter.collate([self.examples[indices[i]] for _, i in items], head)
+
+
+def load_finetune_task(source: str | os.PathLike[str], *, name: str | None = None, mode: str = "full", heldout_fraction: float = HELDOUT_FRACTION, split_seed: int = SPLIT_SEED, heldout_max: int = HELDOUT_MAX) -> TextFinetuneTask:
+    """A text task for fine-tuning: its train and validation splits (the test split is not read)."""
+    task = load_text_task(source, heldout_fraction, split_seed, heldout_max)
+    if name:
+        task.spec.name = name
+    if "train" not in task.splits:
+        raise DataError(f"{source}: a fine-tuning task needs a train split")
+    if mode == "sparse" and not task.ranked:
+        raise DataError(f"{source}: TaLoS calibration samples answers from the model's distribution over the choices, but this task has examples without choices")
+    train, val = task.splits["train"], task.splits.get("validation", [])
+    split = {"seed": split_seed, "heldout_fraction": heldout_fraction, "heldout_max": heldout_max, "n_train": len(train), "n_heldout": len(val)}
+    n = len(train)
+    return TextFinetuneTask(task, [*train, *val], list(range(n)), list(range(n, n + len(val))), fingerprint(task), split)

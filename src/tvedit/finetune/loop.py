@@ -116,7 +116,7 @@ def train_step(
     for s in range(0, inputs.shape[0], micro):
         with autocast or nullcontext():
             logits = regime.logits(inputs[s : s + micro], head)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels[s : s + micro], label_smoothing=cfg.label_smoothing, reduction="sum") / local_batch
+        loss = regime.adapter.loss(logits.float(), labels[s : s + micro], cfg.label_smoothing) / local_batch
         loss.backward()
         loss_sum += float(loss.detach())
     params = list(regime.params.values())

@@ -14,9 +14,11 @@ from torch import Tensor
 
 from tvedit.data.images import ImageData, ImageDataset, load_image_data, resolve_templates
 from tvedit.data.splits import split_indices, stream_batches
+from tvedit.data.text import TextFinetuneTask, is_text_task, load_finetune_task
 from tvedit.errors import MismatchError, UsageError
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.manifest import Manifest, base_ref
+from tvedit.models import hf_seq2seq
 from tvedit.models.open_clip import OpenClipAdapter, load_pretrained
 from tvedit.tensorio import Artifact, check_output, open_checkpoint, save_tensors
 
@@ -50,9 +52,13 @@ def _adapter(model: str | None) -> OpenClipAdapter | None:
     return OpenClipAdapter.from_name(model) if model else None
 
 
-def init(model: str | None, pretrained: str, output: Path, *, seed: int = 0, force: bool = False) -> Artifact:
+def init(model: str | None, pretrained: str | None, output: Path, *, seed: int = 0, force: bool = False) -> Artifact:
     """Materialise theta0 as a tvedit checkpoint (kind checkpoint, model info in the manifest)."""
     check_output(output, force)
+    if hf_seq2seq.is_text_model(model, pretrained):  # a Hugging Face seq2seq directory
+        return hf_seq2seq.init_from_directory(str(next(x for x in (pretrained, model) if x and hf_seq2seq.is_hf_directory(x))), output, force=force)
+    if pretrained is None:
+        raise UsageError("--pretrained is required for open_clip models")
     adapter, state, source = load_pretrained(_adapter(model), pretrained, seed)
     manifest = Manifest(kind="checkpoint", model=adapter.model_info()).with_step("init", {"model": model, **source}, [])
     return save_tensors(output, state, manifest, force=force)
@@ -61,6 +67,8 @@ def init(model: str | None, pretrained: str, output: Path, *, seed: int = 0, for
 def resolve_theta0(model: str | None, pretrained: str, *, seed: int, materialise: Path) -> Theta0:
     """theta0 from a tvedit checkpoint (its own hash), or materialised at ``materialise`` (reused
     when it already holds the same tensors) so that every output can record the base's hash."""
+    if hf_seq2seq.is_text_model(model, pretrained):
+        return Theta0(*hf_seq2seq.load_theta0(model, pretrained, materialise))  # type: ignore[arg-type]
     path = Path(pretrained)
     if path.exists() and path.suffix == ".safetensors":
         ckpt = open_checkpoint(path)
@@ -106,6 +114,8 @@ class Task:
 
 
 def load_task(train: Path, cfg: FinetuneConfig, *, task: str | None = None, class_names: Path | None = None, templates: Path | None = None) -> Task:
+    if is_text_task(train):  # JSONL text task (seq2seq family): same duck-typed interface
+        return load_finetune_task(train, name=task, mode=cfg.mode, heldout_fraction=cfg.heldout_fraction, split_seed=cfg.split_seed, heldout_max=cfg.heldout_max)  # type: ignore[return-value]
     data = load_image_data(train, class_names)
     name = task or (train.stem if train.is_file() else train.resolve().name)
     tr, held = split_indices(len(data), cfg.heldout_fraction, cfg.split_seed, cfg.heldout_max)
@@ -114,6 +124,8 @@ def load_task(train: Path, cfg: FinetuneConfig, *, task: str | None = None, clas
 
 def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor:
     """The frozen head from theta0's text encoder, cached by hash of (theta0, classes, templates)."""
+    if isinstance(task, TextFinetuneTask):
+        return task.head(theta0.adapter)
     from safetensors.torch import load_file, save_file
 
     from tvedit.tensorio import _cache_dir
@@ -138,6 +150,8 @@ def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor
 
 
 def _loader(task: Task, indices: list[int], adapter: OpenClipAdapter, batch: int, seed: int, cfg: FinetuneConfig, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    if isinstance(task, TextFinetuneTask):
+        return task.loader(indices, adapter, batch, seed, start, rank, world)
     ds = ImageDataset(task.data, indices, adapter.transform(train=True), seed)
     sampler = stream_batches(len(indices), batch, seed, start, rank, world)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers)  # type: ignore[arg-type]

@@ -71,6 +71,11 @@ class ModelAdapter(ABC):
         """Logits ``[B, n_classes]`` for a batch of inputs. Must be a pure function of the model's
         parameters so that it works under ``torch.func.functional_call`` / ``jvp`` / ``vmap``."""
 
+    def loss(self, scores: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """The training loss of a batch, SUMMED over its examples (the loop divides by the batch).
+        Default: cross-entropy of the scores (classification); seq2seq: the target's NLL."""
+        return torch.nn.functional.cross_entropy(scores.float(), labels, label_smoothing=label_smoothing, reduction="sum")
+
     # -- optional hooks ------------------------------------------------------------------------------
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
         """Trade compute for memory during training (no-op where unsupported)."""

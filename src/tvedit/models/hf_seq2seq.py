@@ -194,35 +194,42 @@ class HFSeq2SeqAdapter(ModelAdapter):
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def collate(self, examples: Sequence[TextExample], head: ChoiceHead | None = None) -> tuple[dict[str, Tensor], Tensor]:
-        """Examples -> (a dict of token tensors, labels ``[B]``, -1 where an example has none).
+    def collate(self, examples: Sequence[TextExample], head: ChoiceHead | None = None) -> tuple[TokenBatch, Tensor]:
+        """Examples -> (their token tensors, labels ``[B]``: the right choice, 0 for a target).
 
-        The dict holds ``input_ids``/``attention_mask`` ``[B, L]``, ``target_ids``/``target_mask``
-        ``[B, T]`` and, when there is no shared head and the examples carry choices,
-        ``choice_ids``/``choice_mask`` ``[B, C, T]`` and ``choice_valid`` ``[B, C]``."""
+        A batch holds ``input_ids``/``attention_mask`` ``[B, L]`` and, unless a shared ``head``
+        supplies the choices, either the examples' own choices (``choice_ids``/``choice_mask``
+        ``[B, C, T]``, ``choice_valid`` ``[B, C]``) or their targets (``target_ids``/``target_mask``
+        ``[B, T]``, generation-style examples without choices)."""
         if not examples:
             raise UsageError("an empty batch")
         input_ids, attention_mask = self._tokenize([ex.input for ex in examples])
-        target_ids, target_mask = self._tokenize([ex.target for ex in examples])
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids, "target_mask": target_mask}
+        tensors = {"input_ids": input_ids, "attention_mask": attention_mask}
         own = [ex.choices for ex in examples]
         if head is None and all(own):
             width = max(len(c) for c in own if c)
             flat = [c[j] if j < len(c) else "" for c in own if c for j in range(width)]
             ids, mask = self._tokenize(flat)
-            batch["choice_ids"] = ids.view(len(examples), width, -1)
-            batch["choice_mask"] = mask.view(len(examples), width, -1)
-            batch["choice_valid"] = torch.tensor([[j < len(c) for j in range(width)] for c in own if c])
-        labels = torch.tensor([-1 if ex.label is None else ex.label for ex in examples], dtype=torch.long)
-        return batch, labels
+            tensors["choice_ids"] = ids.view(len(examples), width, -1)
+            tensors["choice_mask"] = mask.view(len(examples), width, -1)
+            tensors["choice_valid"] = torch.tensor([[j < len(c) for j in range(width)] for c in own if c])
+        elif head is None:
+            tensors["target_ids"], tensors["target_mask"] = self._tokenize([ex.target for ex in examples])
+        elif any(ex.label is None for ex in examples):
+            raise UsageError("an example without choices in a task with shared choices")
+        labels = torch.tensor([ex.label or 0 for ex in examples], dtype=torch.long)
+        return TokenBatch(tensors), labels
 
-    def scores(self, model: nn.Module, inputs: Mapping[str, Tensor] | Sequence[TextExample], head: ChoiceHead | None) -> Tensor:
+    def scores(self, model: nn.Module, inputs: TokenBatch | Mapping[str, Tensor] | Sequence[TextExample], head: ChoiceHead | None) -> Tensor:
         """``[B, C]``: the total log-likelihood of each choice given each input (rank classification).
 
         ``inputs`` is a batch from :meth:`collate` (or a list of examples, collated here). The
-        choices are the head's, else the batch's own; a missing choice scores ``-inf``."""
-        if not isinstance(inputs, Mapping):
-            inputs = self.collate(inputs, head)[0]
+        choices are the head's, else the batch's own (a missing choice scores ``-inf``); a batch
+        of generation-style examples scores its targets (``[B, 1]``)."""
+        if isinstance(inputs, TokenBatch):
+            inputs = inputs.tensors
+        elif not isinstance(inputs, Mapping):
+            inputs = self.collate(inputs, head)[0].tensors
         device = _device(model)
         input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         batch = input_ids.shape[0]
@@ -233,19 +240,18 @@ class HFSeq2SeqAdapter(ModelAdapter):
             width = inputs["choice_ids"].shape[1]
             ids, mask = inputs["choice_ids"].to(device).flatten(0, 1), inputs["choice_mask"].to(device).flatten(0, 1)
         else:
-            raise UsageError("rank classification needs choices: this task has none (a generation-only task?)")
+            width = 1
+            ids, mask = inputs["target_ids"].to(device), inputs["target_mask"].to(device)
         out = sequence_loglik(model, input_ids, attention_mask, ids, mask, repeat=width).view(batch, width)
-        if head is None and not bool(inputs["choice_valid"].all()):
+        if "choice_valid" in inputs and head is None:
             out = out.masked_fill(~inputs["choice_valid"].to(device), float("-inf"))
         return out
 
-    def target_nll(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Mean per-token negative log-likelihood of the targets: the seq2seq training loss."""
-        device = _device(model)
-        mask = inputs["target_mask"].to(device)
-        ids = inputs["target_ids"].to(device)
-        loglik = sequence_loglik(model, inputs["input_ids"].to(device), inputs["attention_mask"].to(device), ids, mask)
-        return -loglik.sum() / mask.sum()
+    def loss(self, scores: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """The seq2seq training loss, summed over the batch: the negative log-likelihood of each
+        example's target (its labelled choice, or its ``target``), as in the papers' T5 recipe.
+        ``label_smoothing`` does not apply (there is no softmax over the choices)."""
+        return -scores.gather(1, labels.view(-1, 1).to(scores.device)).sum()
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
         if enable:
@@ -278,6 +284,38 @@ class HFSeq2SeqAdapter(ModelAdapter):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class TokenBatch:
+    """The token tensors of a batch of text examples, used like one tensor by the training loop
+    (``.to``, ``.shape``, indexing along the batch) and a pytree, so ``torch.func.vmap`` maps over it."""
+
+    tensors: dict[str, Tensor]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensors["input_ids"].shape
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def to(self, *args: Any, **kwargs: Any) -> TokenBatch:
+        return TokenBatch({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+
+    def __getitem__(self, index: Any) -> TokenBatch:
+        return TokenBatch({k: v[index] for k, v in self.tensors.items()})
+
+
+def _flatten(batch: TokenBatch) -> tuple[list[Tensor], list[str]]:
+    keys = sorted(batch.tensors)
+    return [batch.tensors[k] for k in keys], keys
+
+
+torch.utils._pytree.register_pytree_node(
+    TokenBatch, _flatten, lambda values, keys: TokenBatch(dict(zip(keys, values, strict=True))),
+    serialized_type_name="tvedit.models.hf_seq2seq.TokenBatch",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ChoiceHead:
     """The frozen head of a text task: its choice strings, tokenized once (``[C, T]``)."""
@@ -290,6 +328,10 @@ class ChoiceHead:
 def sequence_loglik(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, label_mask: Tensor, repeat: int = 1) -> Tensor:
     """Sum of log p(label tokens | input) per label row. The encoder runs once per input; with
     ``repeat`` > 1, rows ``i*repeat .. i*repeat+repeat-1`` of ``labels`` belong to input ``i``."""
+    # An additive [B, 1, 1, L] mask is used as is by transformers (its 2D-mask preprocessing has
+    # data-dependent branches that torch.func.vmap cannot trace); it serves encoder and cross attention.
+    dtype = next(model.parameters()).dtype
+    attention_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
     hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # type: ignore[operator]
     if repeat > 1:
         hidden = hidden.repeat_interleave(repeat, dim=0)
@@ -388,3 +430,38 @@ def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str |
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def is_text_model(model: str | None, pretrained: str | None) -> bool:
+    """Whether ``tvedit init/finetune/calibrate`` were given a seq2seq model: a Hugging Face
+    directory (as --model or --pretrained) or a tvedit checkpoint of this family."""
+    if any(x and is_hf_directory(x) for x in (model, pretrained)):
+        return True
+    if pretrained and str(pretrained).endswith(".safetensors") and Path(pretrained).is_file():
+        ckpt = open_checkpoint(pretrained)
+        return ckpt.manifest is not None and ckpt.manifest.family == FAMILY
+    return False
+
+
+def load_theta0(model: str | None, pretrained: str | None, materialise: Path) -> tuple[HFSeq2SeqAdapter, dict[str, Tensor], str, Path]:
+    """(adapter, tensors, content hash, path) of theta0 for fine-tuning. A tvedit checkpoint is used
+    as is; a Hugging Face directory is materialised at ``materialise`` (reused when that file already
+    holds the same tensors) so that every output records the base's hash."""
+    source = next((x for x in (pretrained, model) if x and is_hf_directory(x)), None)
+    if source is None:
+        assert pretrained is not None
+        ckpt = open_checkpoint(pretrained)
+        if ckpt.kind != "checkpoint" or ckpt.manifest is None:
+            raise InputError(f"{pretrained}: theta0 must be a checkpoint with a manifest")
+        return HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, Path(pretrained)
+    tmp = materialise.with_name(materialise.name + ".tmp")
+    art = init_from_directory(source, tmp, force=True)
+    if materialise.exists():
+        existing = open_checkpoint(materialise).sha256
+        tmp.unlink()
+        if existing != art.sha256:
+            raise MismatchError(f"{materialise}: exists and holds a different theta0; remove it or choose another output")
+    else:
+        tmp.rename(materialise)
+    ckpt = open_checkpoint(materialise)
+    return HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, materialise  # type: ignore[union-attr]
