@@ -349,14 +349,19 @@ def load_vector(
 
 
 def _density(m: Any) -> float | None:
-    """The density a sparse vector was made at: the recorded mask density of a TaLoS run or a
-    masking step (provenance params ``density``), else the manifest's ``density`` when below 1."""
+    """The density a sparse vector was made at: the latest step that sparsified it (a ``sparse``
+    fine-tuning run, or a masking step with a ``density`` parameter). None: no widening. (The
+    manifest's stored ``density`` is not used: a full fine-tuning vector is mostly zeros too,
+    because the frozen text tower is part of it.)"""
     for step in reversed(m.provenance or []):
-        d = (step.get("params") or {}).get("density")
+        params = step.get("params") or {}
+        d = params.get("density")
+        if step.get("op") == "finetune":
+            return (
+                float(d) if params.get("mode") == "sparse" and isinstance(d, int | float) else None
+            )
         if isinstance(d, int | float) and 0 < d < 1:
             return float(d)
-    if m.density is not None and 0 < m.density < 0.5:
-        return float(m.density)
     return None
 
 
