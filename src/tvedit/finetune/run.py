@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor
     head = theta0.adapter.make_head(model, {"classes": task.data.classes, "templates": task.templates})
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
         save_file({"head": head.cpu().contiguous()}, str(tmp))
         tmp.replace(cache)
     except OSError:
