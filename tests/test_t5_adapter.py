@@ -4,6 +4,7 @@ linearization, and the round trip to a Hugging Face directory."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,15 @@ from tvedit.manifest import Manifest
 from tvedit.models import adapter_for, linearized
 from tvedit.models.hf_seq2seq import export_directory, init_from_directory, sequence_loglik
 from tvedit.tensorio import load_tensors, save_tensors
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded (and do not fight over a shared machine's cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,9 @@ def test_yaml_spec_maps_columns_choices_and_template(tmp_path: Path) -> None:
         "name: rt\ntrain: train.jsonl\ntest: test.jsonl\n"
         "columns: {input: text, label: verdict}\nchoices: [rotten, fresh]\ntemplate: 'review: {input}'\n"
     )
-    assert is_text_task(spec)
+    assert is_text_task(spec) and is_text_task(tmp_path / "train.jsonl")
+    write_jsonl(tmp_path / "images.jsonl", [{"path": "a.png", "label": "cat"}])
+    assert not is_text_task(tmp_path / "images.jsonl")  # an image list for CLIP fine-tuning
     task = load_text_task(spec)
     assert task.name == "rt" and task.choices == ("rotten", "fresh") and task.ranked
     assert task.split("test") == [TextExample("review: great", "fresh", ("rotten", "fresh"), 1)]

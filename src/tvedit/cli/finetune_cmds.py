@@ -18,14 +18,16 @@ from tvedit.cli.common import (
 
 MODEL_HELP = "An open_clip model name (ViT-B-32) or a model-config JSON in open_clip's format (embed_dim, vision_cfg, text_cfg)."
 PRETRAINED_HELP = "theta0: an open_clip tag (openai, laion2b_s34b_b79k; downloaded by open_clip), a local checkpoint (tvedit/plain safetensors or an open_clip .pt/.bin), or 'none' (random init, --seed)."
-TRAIN_HELP = "Training data: an image folder (one sub-folder per class) or a .csv/.jsonl list of path,label."
+TRAIN_HELP = "Training data: an image folder (one sub-folder per class) or a .csv/.jsonl list of path,label; for seq2seq models (T5) a text task: a JSONL file, a task YAML or a directory of train/validation/test.jsonl (docs/text-models.md)."
 TASK_HELP = "Task name (default: the data folder's name); picks CLIP's template set for mnist, svhn, eurosat, gtsrb, dtd, cars, sun397, resisc45."
 
 
-def _config(config: Path | None, **overrides: object):
+def _config(config: Path | None, model: str | None = None, pretrained: str | None = None, **overrides: object):
     from tvedit.finetune.config import FinetuneConfig
+    from tvedit.models.hf_seq2seq import RECIPE, is_text_model
 
-    return FinetuneConfig.load(config, **overrides)
+    recipe = dict(RECIPE) if is_text_model(model, pretrained) else None  # the text recipe (docs/text-models.md)
+    return FinetuneConfig.load(config, recipe, **overrides)
 
 
 def register(app: typer.Typer) -> None:
@@ -70,7 +72,7 @@ def register(app: typer.Typer) -> None:
         """Calibrate a TaLoS mask (least-sensitive entries, per-example Fisher) reusable across tasks."""
         from tvedit.finetune import run
 
-        cfg = _config(config, density=density, rounds=rounds, calib_batches=calib_batches, calib_batch_size=calib_batch_size,
+        cfg = _config(config, model, pretrained, density=density, rounds=rounds, calib_batches=calib_batches, calib_batch_size=calib_batch_size,
                       batch_size=batch_size, soft_value=soft_value, fisher=fisher, seed=seed, device=device, mode="sparse")  # fmt: skip
         with progress_bar("calibrate") as bar:
             arts = run.calibrate(model, pretrained, train, output, cfg, task=task, class_names=class_names, templates=templates, force=force, progress=bar)
@@ -114,11 +116,11 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
-        """Fine-tune a CLIP image encoder behind a frozen zero-shot head: full, attn, linearized or sparse (TaLoS)."""
+        """Fine-tune a CLIP image encoder behind a frozen zero-shot head, or a seq2seq model (T5) on a text task: full, attn, linearized or sparse (TaLoS)."""
         from tvedit.finetune import run
 
         cfg = _config(
-            config, mode=mode, lr=lr, weight_decay=weight_decay, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+            config, model, pretrained, mode=mode, lr=lr, weight_decay=weight_decay, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
             warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None,
             density=density, rounds=rounds, calib_batches=calib_batches, soft_value=soft_value, fisher=fisher,
             num_workers=num_workers, grad_checkpointing=grad_checkpointing or None, checkpoint_every=checkpoint_every,

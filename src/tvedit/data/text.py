@@ -252,11 +252,21 @@ def load_text_task(source: str | os.PathLike[str], heldout_fraction: float = HEL
     return TextTask(spec=spec, splits=splits, source=path)
 
 
+def _is_image_list(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "path" in record and "input" not in record
+
+
 def is_text_task(source: str | os.PathLike[str]) -> bool:
     """Whether a data argument names a text task (a .jsonl file, a spec, or a directory of .jsonl)."""
     path = Path(source)
-    if path.suffix == ".jsonl":
-        return True
+    if path.suffix == ".jsonl":  # unless it is an image list ({"path": ..., "label": ...} lines)
+        return not _is_image_list(path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -77,9 +77,9 @@ class FinetuneConfig:
         return asdict(self)
 
     @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> FinetuneConfig:
-        """Defaults <- YAML/JSON file <- overrides that are not None."""
-        values: dict[str, Any] = {}
+    def load(cls, path: Path | None = None, recipe: dict[str, Any] | None = None, **overrides: Any) -> FinetuneConfig:
+        """Defaults <- the model family's recipe <- YAML/JSON file <- overrides that are not None."""
+        values: dict[str, Any] = dict(recipe or {})
         if path is not None:
             import yaml
 

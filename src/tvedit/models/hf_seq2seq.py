@@ -33,6 +33,9 @@ from tvedit.tensorio import Artifact, open_checkpoint, save_tensors
 
 FAMILY = "hf-seq2seq"
 DEFAULT_MAX_LENGTH = 128  # TaLoS text setup (input and answer, in tokens)
+# The TaLoS paper's T5 recipe where it differs from the shared (CLIP) defaults of FinetuneConfig;
+# a --config file and flags override it. bf16 autocast on GPU is the loop's default already.
+RECIPE = {"lr": 1e-4, "batch_size": 1024}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "sentencepiece.bpe.model",
