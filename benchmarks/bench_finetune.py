@@ -155,9 +155,8 @@ def main() -> None:
     print(f"\nbench_finetune: {args.model}, batch {args.batch}, {args.device} ({machine}), median of {args.iters} iterations\n")
     print(f"{'mode':<11} {'s/iter':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7}  target")
     for r in rows:
-        tgt = ", ".join(f"{k} <= {v}x" for k, v in r["targets"].items()) or "-"
-        ok = "" if r["meets_targets"] is None else (" ok" if r["meets_targets"] else " MISSED")
-        print(f"{r['mode']:<11} {r['time_s']:>8.3f} {r['time_ratio']:>7.2f} {r['peak_mib']:>9.0f} {r['memory_ratio']:>7.2f}  {tgt}{ok}")
+        marks = [f"{k} <= {v}x {'ok' if r[f'{k}_ratio'] <= v else 'MISSED'}" for k, v in r["targets"].items()]
+        print(f"{r['mode']:<11} {r['time_s']:>8.3f} {r['time_ratio']:>7.2f} {r['peak_mib']:>9.0f} {r['memory_ratio']:>7.2f}  {', '.join(marks) or '-'}")
     if calibration:
         c = calibration
         print(f"\nsparse: calibration {c['calibration_s']:.1f} s ({args.calib_batches} batches of {args.calib_batch}); {c['frozen_maskable_tensors']}/{c['maskable_tensors']} maskable tensors have no kept entry")

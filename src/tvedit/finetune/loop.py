@@ -120,6 +120,10 @@ def train_step(
         loss.backward()
         loss_sum += float(loss.detach())
     params = list(regime.params.values())
+    if dist.world > 1:  # the logged loss is the global batch's mean too
+        total = torch.tensor([loss_sum], device=inputs.device)
+        dist.all_reduce_mean([total])
+        loss_sum = float(total)
     dist.all_reduce_mean([p.grad for p in params if p.grad is not None])
     regime.after_backward()
     if cfg.grad_clip > 0:
