@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
         with progress_bar(f"finetune ({cfg.mode})") as bar:
             arts = run.finetune(model, pretrained, train, output, cfg, task=task, class_names=class_names, templates=templates,
                                 mask=mask, emit=emit, resume=resume, force=force, progress=bar, calib_progress=bar)  # fmt: skip
-        if not arts or arts[0].path != output:
+        if (not arts or arts[0].path != output) and os.environ.get("RANK", "0") == "0":
             err_console.print(f"stopped before the last step; continue with --resume (state in {run.sibling(output, 'resume')})")
         if arts:
             report(arts, json_mode(as_json))
