@@ -273,3 +273,30 @@ def test_cli_finetune_then_extract_and_add(env, cli, tmp_path):
         torch.testing.assert_close(merged[k], ft[k])
     bad = cli("finetune", "--model", "ViT-Nope-9", "--pretrained", "none", "--train", str(env["data"]), "-o", "y.safetensors")
     assert bad.returncode == 2 and "unknown open_clip model" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# data: lists, class names, splits, templates
+# ------------------------------------------------------------------------------------------------
+def test_lists_class_names_splits_and_templates(env, tmp_path):
+    from tvedit.data import load_image_data, resolve_templates, split_indices
+
+    folder = load_image_data(env["data"])
+    rows = [(str(p.relative_to(env["data"])), folder.classes[y]) for p, y in zip(folder.paths, folder.labels, strict=True)]
+    (env["data"] / "list.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    (env["data"] / "list.jsonl").write_text("".join(json.dumps({"path": p, "label": lab}) + "\n" for p, lab in rows))
+    for name in ("list.csv", "list.jsonl"):
+        listed = load_image_data(env["data"] / name)
+        assert listed.classes == folder.classes and listed.labels == folder.labels
+    (tmp_path / "names.yaml").write_text("red: bright red\n")
+    named = load_image_data(env["data"], tmp_path / "names.yaml")
+    assert named.classes == ["blue", "green", "bright red"]
+    (tmp_path / "bad.csv").write_text("file,y\na.png,1\n")
+    with pytest.raises(DataError, match="path"):
+        load_image_data(tmp_path / "bad.csv")
+    train, held = split_indices(1000)
+    assert len(held) == 100 and not set(train) & set(held) and sorted(train + held) == list(range(1000))
+    assert split_indices(1000) == (train, held) and split_indices(1000, seed=1) != (train, held)
+    assert len(split_indices(100_000)[1]) == 5000
+    assert len(resolve_templates("EuroSAT")) == 3 and len(resolve_templates("resisc45")) == 18 and len(resolve_templates("dtd")) == 8
+    assert resolve_templates("something") == ["a photo of a {}."]
