@@ -150,3 +150,12 @@ def test_cli_init_export_and_bad_data(setup: dict[str, Path], tmp_path: Path, mo
     code, _, err = cli("finetune", "-p", "t0.safetensors", "--train", str(bad), "-o", "never.safetensors", "--steps", "1")
     assert code == 8 and "bad.jsonl:2:" in err and "out of range" in err
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_theta0_from_a_hf_directory_is_materialised_once(setup: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "out.theta0.safetensors"
+    first = run.resolve_theta0(None, str(setup["hf"]), seed=0, materialise=target)
+    again = run.resolve_theta0(str(setup["hf"]), str(setup["hf"]), seed=0, materialise=target)
+    ref = run.resolve_theta0(str(setup["hf"]), str(setup["theta0"]), seed=0, materialise=tmp_path / "unused")
+    assert first.sha256 == again.sha256 == ref.sha256 and first.path == target and ref.path == setup["theta0"]
+    assert not (tmp_path / "unused").exists() and not list(tmp_path.glob("*.tmp"))

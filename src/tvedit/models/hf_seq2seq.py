@@ -451,12 +451,15 @@ def load_theta0(model: str | None, pretrained: str | None, materialise: Path) ->
     as is; a Hugging Face directory is materialised at ``materialise`` (reused when that file already
     holds the same tensors) so that every output records the base's hash."""
     source = next((x for x in (pretrained, model) if x and is_hf_directory(x)), None)
-    if source is None:
-        assert pretrained is not None
+    if pretrained and not is_hf_directory(pretrained):  # a tvedit checkpoint wins over --model DIR
         ckpt = open_checkpoint(pretrained)
         if ckpt.kind != "checkpoint" or ckpt.manifest is None:
             raise InputError(f"{pretrained}: theta0 must be a checkpoint with a manifest")
+        if ckpt.manifest.family != FAMILY:
+            raise MismatchError(f"{pretrained}: is a {ckpt.manifest.family!r} checkpoint, not a {FAMILY!r} one")
         return HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, Path(pretrained)
+    if source is None:
+        raise UsageError("a seq2seq theta0 is a Hugging Face directory or a tvedit checkpoint")
     tmp = materialise.with_name(materialise.name + ".tmp")
     art = init_from_directory(source, tmp, force=True)
     if materialise.exists():
