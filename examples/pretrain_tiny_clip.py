@@ -80,7 +80,7 @@ def pretrain(
     tokens: torch.Tensor,
     steps: int,
     seed: int,
-    batch: int = 128,
+    batch: int = 64,
     lr: float = 1e-3,
 ) -> list[float]:
     from open_clip.loss import ClipLoss
