@@ -219,7 +219,7 @@ def test_cli_evaluate_json_lines_report_and_gate(
         "--alpha",
         "1",
     ]
-    proc = cli(*args, "--report", str(tmp_path / "r.json"), "--min-accuracy", "a=0", check=True)
+    proc = cli(*args, "--report", str(tmp_path / "r.json"), "--min-accuracy", "a=0", "--device", "cpu", check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["task"], r["alpha"]) for r in rows] == [("a", 0.0), ("a", 1.0)]
     report = json.loads((tmp_path / "r.json").read_text())
@@ -297,3 +297,14 @@ def test_heatmap_and_mask_figure_written(tmp_path: Path) -> None:
         (1, "mlp.in", 1.0),
     ]
     assert mask_figure(stats, tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_device_choice() -> None:
+    from tvedit.errors import UsageError
+    from tvedit.evaluate.runner import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            pick_device("cuda")

@@ -181,6 +181,9 @@ def register(app: typer.Typer) -> None:
             None, "--max-examples", help="Cap each split at N examples (seeded subset)."
         ),
         batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
+        device: str = typer.Option(
+            "auto", "--device", help="auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N."
+        ),
         min_accuracy: list[str] = typer.Option(
             [],
             "--min-accuracy",
@@ -240,6 +243,9 @@ def register(app: typer.Typer) -> None:
         from tvedit.evaluate import open_session, studies
         from tvedit.evaluate import protocols as P
         from tvedit.evaluate.data import parse_task_args
+        from tvedit.evaluate.runner import pick_device
+
+        pick_device(device)  # a usage error before anything is read
 
         tasks = parse_task_args(task)
         control_name = None
@@ -256,6 +262,7 @@ def register(app: typer.Typer) -> None:
             max_examples=max_examples,
             batch_size=batch_size,
             force=force,
+            device=device,
         )
         as_json = json_mode(as_json)
         if protocol == "none":

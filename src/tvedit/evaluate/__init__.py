@@ -39,6 +39,7 @@ def open_session(
     max_examples: int | None = None,
     batch_size: int = 512,
     force: bool = False,
+    device: str = "auto",
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
@@ -82,7 +83,7 @@ def open_session(
         load_task(adapter, name, Path(src), records.get(name), max_examples)
         for name, src in tasks.items()
     ]
-    evaluator = Evaluator(adapter, theta0, batch_size=batch_size)
+    evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device)
     return Session(evaluator, task_data, vectors, linear=linear)
 
 

@@ -92,14 +92,41 @@ def _length(inputs: Any) -> int:
     return len(inputs)
 
 
-class Evaluator:
-    """theta0 held once; logits of edited models by parameter substitution; heads cached."""
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    return inputs.to(device) if hasattr(inputs, "to") else inputs  # tensors, TokenBatch
 
-    def __init__(self, adapter: ModelAdapter, theta0: Mapping[str, Tensor], batch_size: int = 512):
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+class Evaluator:
+    """theta0 held once; logits of edited models by parameter substitution; heads cached.
+
+    On CUDA, forward passes run under bf16 autocast (``bf16=False`` turns it off); the jvps of f_lin
+    always run in float32. Logits come back as float32 on the CPU."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        theta0: Mapping[str, Tensor],
+        batch_size: int = 512,
+        device: str | torch.device = "auto",
+        bf16: bool = True,
+    ):
         self.adapter = adapter
-        self.model: nn.Module = adapter.build(theta0)
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.model: nn.Module = adapter.build(theta0).to(self.device)
         self.model.eval()
         self.batch_size = batch_size
+        self.autocast = bf16 and self.device.type == "cuda"
         self.params: dict[str, Tensor] = {k: p.detach() for k, p in self.model.named_parameters()}
         self.buffers: dict[str, Tensor] = {k: b for k, b in self.model.named_buffers()}
         for p in self.model.parameters():
@@ -136,7 +163,7 @@ class Evaluator:
                 base = out.get(key)
                 if base is None:
                     base = self._tensor(key).float().clone()
-                out[key] = base.add_(t, alpha=float(a))
+                out[key] = base.add_(t.to(base.device), alpha=float(a))
         return out
 
     # -- logits ------------------------------------------------------------------------------------
@@ -161,9 +188,11 @@ class Evaluator:
         head = self.head(task)
         out = []
         for s, e in self._batches(inputs):
-            batch = _slice(inputs, s, e)
+            batch = _to_device(_slice(inputs, s, e), self.device)
             fn: Callable[[nn.Module], Tensor] = lambda m, b=batch: self.adapter.scores(m, b, head)  # noqa: E731
-            out.append(functional(self.model, params, fn) if params else fn(self.model))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = functional(self.model, params, fn) if params else fn(self.model)
+            out.append(logits.float().cpu())
         return torch.cat(out)
 
     def _tensor(self, key: str) -> Tensor:
@@ -191,13 +220,13 @@ class Evaluator:
         for vec in vectors:
             names = sorted(vec)
             primals = tuple(self._tensor(k) for k in names)
-            tangents = tuple(vec[k].to(p.dtype) for k, p in zip(names, primals, strict=True))
+            tangents = tuple(vec[k].to(p.device, p.dtype) for k, p in zip(names, primals, strict=True))
             parts = []
             for s, e in self._batches(inputs):
-                fn = self._scores_of(names, _slice(inputs, s, e), head)
+                fn = self._scores_of(names, _to_device(_slice(inputs, s, e), self.device), head)
                 with forward_ad_safe(), torch.no_grad():
                     _, jt = torch.func.jvp(fn, primals, tangents)
-                parts.append(jt)
+                parts.append(jt.float().cpu())
             jts.append(torch.cat(parts))
         return LinearTerms(f0, jts, labels)
 
