@@ -159,3 +159,52 @@ def test_theta0_from_a_hf_directory_is_materialised_once(setup: dict[str, Path],
     ref = run.resolve_theta0(str(setup["hf"]), str(setup["theta0"]), seed=0, materialise=tmp_path / "unused")
     assert first.sha256 == again.sha256 == ref.sha256 and first.path == target and ref.path == setup["theta0"]
     assert not (tmp_path / "unused").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_cli_every_mode_and_the_protocols(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the command line: all four regimes on JSONL tasks, then task addition and negation by
+    rank classification, then the merged model written as a Hugging Face directory."""
+    from transformers import AutoModelForSeq2SeqLM
+    from typer.testing import CliRunner
+
+    from tests.tiny_t5 import parity_examples
+    from tvedit.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    parity = write_task(tmp_path / "parity", "parity", parity_examples(64, seed=2))
+    first = setup["task"]
+
+    def cli(*args: str) -> list[dict]:
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, f"tvedit {' '.join(args)}: {result.stderr}"
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    tiny = ["--steps", "3", "--batch-size", "8", "--lr", "1e-2", "--warmup", "1", "--emit", "vector"]
+    for mode in ("full", "attn", "linearized", "sparse"):
+        extra = ["--density", "0.2", "--calib-batches", "2"] if mode == "sparse" else []
+        (rec, *_) = [r for r in cli("finetune", "-p", str(setup["theta0"]), "--train", str(first), "--mode", mode, *tiny, *extra,
+                                    "-o", f"first-{mode}.safetensors") if r["kind"] == "task-vector"]  # fmt: skip
+        assert rec["manifest"]["regime"] == ("linearized" if mode == "linearized" else "nonlinear")
+    cli("finetune", "-p", str(setup["theta0"]), "--train", str(parity), "--mode", "full", *tiny, "-o", "parity.safetensors")
+
+    vectors = ["first-full.safetensors", "parity.safetensors"]
+    tasks = ["--task", f"first_letter={first}", "--task", f"parity={parity}", "--grid", "0:1:0.5"]
+    added = cli("evaluate", *vectors, *tasks, "--protocol", "addition", "--report", "add.json")
+    report = json.loads((tmp_path / "add.json").read_text())
+    assert report["alpha"] in (0.0, 0.5, 1.0) and set(report["single"]) == {"first_letter", "parity"}
+    assert added and all(0.0 <= v <= 1.0 for v in report["single"].values())
+    cli("evaluate", "first-full.safetensors", "--task", f"first_letter={first}", "--control", f"parity={parity}",
+        "--protocol", "negation", "--grid", "0:1:0.5", "--report", "neg.json")  # fmt: skip
+    neg = json.loads((tmp_path / "neg.json").read_text())
+    assert neg["protocol"] == "negation"
+    lin = cli("evaluate", "first-linearized.safetensors", "--task", f"first_letter={first}", "--alpha", "0", "--alpha", "1")
+    base_acc = cli("evaluate", "first-full.safetensors", "--task", f"first_letter={first}", "--alpha", "0")
+    assert lin[0]["accuracy"] == base_acc[0]["accuracy"]  # f_lin at alpha 0 is theta0
+
+    cli("add", *vectors, "--alpha", "0.5", "-o", "merged.safetensors")
+    cli("export-hf", "merged.safetensors", "-o", "merged-hf")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged-hf")
+    merged, _ = load_tensors(tmp_path / "merged.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], merged[k]) for k in merged if k in state)
