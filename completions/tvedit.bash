@@ -11,7 +11,7 @@ _tvedit() {
     add) opts="--alpha -a --weights -w --base -b --method -m --option --emit --output -o --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --force -f --json --help" ;;
     calibrate) opts="--model -m --pretrained -p --train --output -o --config --task --class-names --templates --density --rounds --calib-batches --calib-batch-size --batch-size --soft-value --fisher --seed --device --force -f --json --help" ;;
     completions) opts=" --help" ;;
-    evaluate) opts="--task -t --base -b --alpha -a --protocol -p --control --threshold --grid --no-widen --grid-range --grid-size --points --linearize --max-examples --batch-size --min-accuracy --gate --mask-plot --output -o --report --force -f --json --help" ;;
+    evaluate) opts="--task -t --base -b --alpha -a --protocol -p --control --threshold --grid --no-widen --grid-range --grid-size --points --linearize --max-examples --batch-size --device --min-accuracy --gate --mask-plot --output -o --report --force -f --json --help" ;;
     export-hf) opts="--output -o --like --dtype --force -f --json --help" ;;
     extract) opts="--base -b --output -o --out-dir --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --force -f --json --help" ;;
     finetune) opts="--model -m --pretrained -p --train --mode --output -o --config --emit --task --class-names --templates --mask --lr --weight-decay --batch-size --micro-batch --steps --warmup --grad-clip --label-smoothing --seed --attn-bias --density --rounds --calib-batches --soft-value --fisher --num-workers --grad-checkpointing --checkpoint-every --stop-after --resume --device --force -f --json --help" ;;

@@ -65,6 +65,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l points -r -d 'Di
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l linearize -d 'Evaluate non-linear vectors under f_lin around theta0 (post-hoc linearization)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l max-examples -r -d 'Cap each split at N examples (seeded subset)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l batch-size -r -d 'Evaluation batch size'
+complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l device -r -d 'auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l min-accuracy -r -d 'NAME=FRACTION: fail (exit 7) when a tasks accuracy is lower'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l gate -r -d 'YAML mapping NAME: FRACTION of --min-accuracy thresholds'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l mask-plot -r -d 'Plot where a masks kept entries sit, layer by layer (to -o); no evaluation'
