@@ -25,7 +25,6 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
 
 completions: $(STAMP)
 	$(BIN)/tvedit completions bash > completions/tvedit.bash

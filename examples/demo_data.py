@@ -13,7 +13,8 @@ Writes, all as 32x32 RGB PNG files:
 
 * ``OUT_DIR/pretrain/`` + ``pretrain.csv`` (``path,caption``): the captioned corpus that
   ``pretrain_tiny_clip.py`` trains theta0 on. It holds every easy-VQA *train* image captioned with its
-  colour and shape, and only a few hundred digits and animals: pre-training touches the digit and
+  colour and shape (or one of the two alone), and only a few hundred digits and animals, all with
+  the caption template "a photo of a {}." that the zero-shot heads use: pre-training touches the digit and
   animal tasks lightly, so zero-shot accuracy leaves headroom for fine-tuning.
 * ``OUT_DIR/tasks/NAME/{train,test}/CLASS/*.png`` for four tasks with disjoint images from the
   corpus: ``digits`` (10 classes), ``animals`` (10), ``shapes`` (3, easy-VQA test images) and
@@ -34,6 +35,9 @@ import numpy as np
 from PIL import Image
 
 SIZE = 32
+# Captions use the template that zero-shot heads use for these task names ("a photo of a {}.",
+# tvedit.data.resolve_templates): a mismatch leaves a tiny text encoder at chance.
+CAPTION = "a photo of a {}."
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 SHAPES = ["circle", "rectangle", "triangle"]
@@ -125,8 +129,8 @@ def main(out: Path) -> None:
         img.save(d / f"{i}.png")
 
     for task, (x, y), names, caption in (
-        ("digits", load_digits(), DIGITS, "a photo of the digit {}."),
-        ("animals", load_animals(), ANIMALS, "a photo of a {}."),
+        ("digits", load_digits(), DIGITS, CAPTION),
+        ("animals", load_animals(), ANIMALS, CAPTION),
     ):
         pre, train, test = _split_per_class(
             y, [PRETRAIN_PER_CLASS, TASK_TRAIN_PER_CLASS, TASK_TEST_PER_CLASS], rng
@@ -142,7 +146,9 @@ def main(out: Path) -> None:
     for i, (path, color, shape) in enumerate(load_shapes("train")):
         name = f"shape_{i}.png"
         Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC).save(pre_dir / name)
-        captions.append((f"pretrain/{name}", f"a photo of a {color} {shape}."))
+        # both attributes, or one of them alone: zero-shot classification asks for one word
+        words = (f"{color} {shape}", shape, color)[int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
+        captions.append((f"pretrain/{name}", CAPTION.format(words)))
     test_images = load_shapes("test")
     order = rng.permutation(len(test_images))
     n_test = len(test_images) // 4

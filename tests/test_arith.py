@@ -32,7 +32,7 @@ def test_weighted_sum_property(alpha: float, w: list[float]) -> None:
     g = torch.Generator().manual_seed(len(w))
     vs = [torch.randn(4, 3, generator=g) for _ in w]
     expected = torch.zeros(4, 3)
-    for v, wi in zip(vs, w):
+    for v, wi in zip(vs, w, strict=True):
         expected = expected + wi * v
     assert torch.allclose(arith.weighted_sum(vs, w), expected, atol=1e-6)
 

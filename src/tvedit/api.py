@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from tvedit import arith
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_ref
 from tvedit.merging import MergeContext, get_method
@@ -207,7 +206,7 @@ class VectorSources:
 
     def vectors(self, key: str) -> list[torch.Tensor]:
         out = []
-        for slot, ckpt in zip(self._slots, self.inputs):
+        for slot, ckpt in zip(self._slots, self.inputs, strict=True):
             if key not in ckpt:
                 out.append(slot.zeros(self._shape(key)))
                 continue
@@ -308,7 +307,7 @@ def extract(
     paths = [target.path_for(s, "tv", len(specs)) for s in specs]
     base_hash = base_ckpt.sha256
     artifacts = []
-    for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths):
+    for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths, strict=True):
         src = ckpt.manifest or Manifest()
         manifest = Manifest(
             kind="task-vector",
@@ -375,7 +374,7 @@ def add(
     state = merge.prepare(sources, method_options) if merge.prepare else {}
 
     params = {"alpha": alpha, "method": method, "method_options": method_options, "emit": emit, **opts.params()}
-    records = [_input_record(s, c, w, nested=True) for s, c, w in zip(specs, ckpts, weights)]
+    records = [_input_record(s, c, w, nested=True) for s, c, w in zip(specs, ckpts, weights, strict=True)]
     if base_ckpt is not None and base_spec is not None:
         records.append({**_input_record(base_spec, base_ckpt), "role": "base"})
     manifest = Manifest(
@@ -438,7 +437,7 @@ def scale(
     suffix = "neg" if _op == "negate" else "scaled"
     paths = [target.path_for(s, suffix, len(specs)) for s in specs]
     artifacts = []
-    for spec, ckpt, out in zip(specs, ckpts, paths):
+    for spec, ckpt, out in zip(specs, ckpts, paths, strict=True):
         assert ckpt.manifest is not None
         params = {"by": by, **opts.params()} if _op == "scale" else opts.params()
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])

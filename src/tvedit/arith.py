@@ -32,7 +32,7 @@ def weighted_sum(
     if out is None:
         out = torch.empty(vectors[0].shape, dtype=compute_dtype)
     torch.mul(vectors[0].to(compute_dtype), weights[0], out=out)
-    for v, w in zip(vectors[1:], weights[1:]):
+    for v, w in zip(vectors[1:], weights[1:], strict=True):
         out.add_(v.to(compute_dtype), alpha=w)
     return out
 

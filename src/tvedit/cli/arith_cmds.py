@@ -7,7 +7,18 @@ from typing import Any
 
 import typer
 
-from tvedit.cli.common import FORCE_HELP, JSON_HELP, OUT_DIR_HELP, OUT_HELP, guard, json_mode, parse_dtype_option, piped, progress_bar, report
+from tvedit.cli.common import (
+    FORCE_HELP,
+    JSON_HELP,
+    OUT_DIR_HELP,
+    OUT_HELP,
+    guard,
+    json_mode,
+    parse_dtype_option,
+    piped,
+    progress_bar,
+    report,
+)
 from tvedit.errors import UsageError
 
 DTYPE_HELP = "Output dtype (float32, float16, bfloat16, float64). Default: the base's dtype."
