@@ -124,6 +124,43 @@ def test_resume_gives_the_same_weights(env):
         _ft(env, "resumed2.safetensors", mode="full", steps=7, resume=True)
 
 
+def test_early_stopping_keeps_the_best_weights(env, monkeypatch):
+    """Planted validation losses: best at step 2, then two worse -> stop at step 4 with step 2's weights."""
+    from safetensors.torch import load_file
+
+    planted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
+
+    def fake_validation(*args, **kwargs):
+        return lambda: next(planted)
+
+    ref = _ft(env, "at2.safetensors", mode="full", steps=6, stop_after=2)
+    assert ref == []
+    at2 = load_file(str(env["root"] / "at2.resume" / "state.safetensors"))
+    monkeypatch.setattr(run, "_validation", fake_validation)
+    out = _ft(env, "early.safetensors", mode="full", steps=6, eval_every=1, patience=2)[0]
+    tuned, manifest = load_tensors(out.path)
+    for k, v in tuned.items():
+        if f"param/{k}" in at2:
+            assert torch.equal(v, at2[f"param/{k}"]), k
+    log = [json.loads(x) for x in (env["root"] / "early.train.jsonl").read_text().splitlines()]
+    vals = [r for r in log if "val_loss" in r]
+    assert [r["val_loss"] for r in vals] == [3.0, 2.0, 2.5, 2.6]
+    assert vals[-1]["early_stop"] is True and vals[-1]["best_step"] == 2
+    assert manifest.provenance[-1]["params"]["patience"] == 2
+
+
+def test_validation_loss_is_logged_and_resume_keeps_the_tracker(env):
+    whole = _ft(env, "v_whole.safetensors", mode="full", steps=6, eval_every=2, patience=1)[0]
+    log = [json.loads(x) for x in (env["root"] / "v_whole.train.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert vals and all(v == v and 0 < v < 10 for v in vals)  # finite cross-entropies
+    assert _ft(env, "v_res.safetensors", mode="full", steps=6, eval_every=2, patience=1, stop_after=3) == []
+    resumed = _ft(env, "v_res.safetensors", mode="full", steps=6, eval_every=2, patience=1, resume=True)[0]
+    assert resumed.sha256 == whole.sha256
+    with pytest.raises(UsageError, match="needs --eval-every"):
+        FinetuneConfig(patience=3).validate()
+
+
 # ------------------------------------------------------------------------------------------------
 # TaLoS pieces on a toy adapter with a planted high-sensitivity tensor
 # ------------------------------------------------------------------------------------------------

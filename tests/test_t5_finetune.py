@@ -119,6 +119,7 @@ def test_text_recipe_defaults_and_overrides(setup: dict[str, Path], tmp_path: Pa
 
     cfg = _config(None, None, str(setup["theta0"]))
     assert cfg.lr == RECIPE["lr"] == 1e-4 and cfg.batch_size == RECIPE["batch_size"]
+    assert cfg.patience == 5 and cfg.eval_every > 0  # TaLoS text setup: early stopping, patience 5
     (tmp_path / "c.yaml").write_text("lr: 0.002\n")
     assert _config(tmp_path / "c.yaml", None, str(setup["hf"])).lr == 0.002
     assert _config(tmp_path / "c.yaml", None, str(setup["hf"]), lr=0.5).lr == 0.5

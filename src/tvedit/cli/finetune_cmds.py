@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save resume state every N steps (OUT.resume/)."),
         stop_after: int | None = typer.Option(None, "--stop-after", help="Stop after N steps in this run, keeping resume state."),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT.resume/ (same final weights as an uninterrupted run)."),
+        eval_every: int | None = typer.Option(None, "--eval-every", help="Validate (mean held-out loss) every N steps and keep the best weights (default 0 = off; T5 recipe: 100)."),
+        patience: int | None = typer.Option(None, "--patience", help="Stop after N validations without improvement (default 0 = off; T5 recipe: 5)."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (torchrun: one process per GPU)."),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -125,7 +127,7 @@ def register(app: typer.Typer) -> None:
             warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None,
             density=density, rounds=rounds, calib_batches=calib_batches, soft_value=soft_value, fisher=fisher,
             num_workers=num_workers, grad_checkpointing=grad_checkpointing or None, checkpoint_every=checkpoint_every,
-            stop_after=stop_after, device=device,
+            stop_after=stop_after, device=device, eval_every=eval_every, patience=patience,
         )  # fmt: skip
         with progress_bar(f"finetune ({cfg.mode})") as bar:
             arts = run.finetune(model, pretrained, train, output, cfg, task=task, class_names=class_names, templates=templates,

@@ -51,6 +51,9 @@ class FinetuneConfig:
     stop_after: int | None = None  # stop after this many steps in this run (leaves resume state)
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # validation on the held-out split (0 = never) and early stopping (0 = off)
+    eval_every: int = 0
+    patience: int = 0
 
     def validate(self) -> FinetuneConfig:
         if self.mode not in MODES:
@@ -71,6 +74,12 @@ class FinetuneConfig:
             raise UsageError("--micro-batch must be positive")
         if not 0 <= self.heldout_fraction < 1:
             raise UsageError("held-out fraction must be in [0, 1)")
+        if self.eval_every < 0 or self.patience < 0:
+            raise UsageError("--eval-every and --patience must be >= 0")
+        if self.patience and not self.eval_every:
+            raise UsageError("--patience counts validations: it needs --eval-every N")
+        if self.eval_every and not self.heldout_fraction:
+            raise UsageError("--eval-every validates on the held-out split, which is empty (held-out fraction 0)")
         return self
 
     def params(self) -> dict[str, Any]:

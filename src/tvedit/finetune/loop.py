@@ -58,12 +58,43 @@ def pick_device(name: str, dist: Dist) -> torch.device:
 
 
 # -- resume state: safetensors (tensors) + JSON (counters, fingerprint); no pickle -----------------
-def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any]) -> None:
+@dataclass
+class EarlyStopping:
+    """Best validation loss so far, the parameters that reached it, and validations since."""
+
+    patience: int = 0  # 0: never stop early (the best weights are still kept)
+    best: float = float("inf")
+    best_step: int = 0
+    bad: int = 0
+    snapshot: dict[str, Tensor] | None = None
+
+    def update(self, loss: float, step: int, params: dict[str, Tensor]) -> bool:
+        """Record a validation; True when patience has run out."""
+        if loss < self.best:
+            self.best, self.best_step, self.bad = loss, step, 0
+            self.snapshot = {k: p.detach().clone() for k, p in params.items()}
+        else:
+            self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    def restore(self, params: dict[str, Tensor]) -> None:
+        if self.snapshot is not None:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(self.snapshot[k])
+
+    def meta(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+
+def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{k}": p.detach().cpu().contiguous() for k, p in regime.params.items()}
     tensors.update({k: v.cpu().contiguous() for k, v in opt.state_tensors().items()})
+    if early is not None and early.snapshot is not None:
+        tensors.update({f"best/{k}": v.cpu().contiguous() for k, v in early.snapshot.items()})
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
@@ -71,11 +102,13 @@ def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fin
     save_file(tensors, str(tmp))
     os.replace(tmp, directory / "state.safetensors")
     meta = {"step": step, "optimizer_steps": opt.step_count, "fingerprint": fingerprint}
+    if early is not None:
+        meta["early_stopping"] = early.meta()
     (directory / "state.json.tmp").write_text(json.dumps(meta, sort_keys=True, indent=1))
     os.replace(directory / "state.json.tmp", directory / "state.json")
 
 
-def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any]) -> int:
+def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None) -> int:
     from safetensors.torch import load_file
 
     try:
@@ -93,6 +126,11 @@ def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: d
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
+    if early is not None and "early_stopping" in meta:
+        e = meta["early_stopping"]
+        early.best, early.best_step, early.bad = float(e["best"]), int(e["best_step"]), int(e["bad"])
+        best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
+        early.snapshot = {k: best[k].to(p.device) for k, p in regime.params.items()} if best else None
     return int(meta["step"])
 
 
@@ -146,14 +184,21 @@ def train(
     resume: bool = False,
     fingerprint: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    validate: Callable[[], float] | None = None,
 ) -> int:
     """Train ``regime.params`` for ``cfg.steps`` steps; returns the step reached (< steps when
-    ``cfg.stop_after`` interrupted the run). ``batches(start)`` yields this rank's share of each
-    global batch from step ``start`` on."""
+    ``cfg.stop_after`` interrupted the run; ``cfg.steps`` when it ended, early stopping included).
+    ``batches(start)`` yields this rank's share of each global batch from step ``start`` on.
+
+    With ``cfg.eval_every`` and ``validate`` (the mean held-out loss; every rank computes the same
+    value, so every rank takes the same decision), the parameters of the best validation loss are
+    kept and restored at the end, and with ``cfg.patience`` the run stops after that many
+    validations without improvement."""
     dist = dist or Dist()
     fingerprint = fingerprint or {}
     opt = MaskedAdamW(regime.params, regime.masks, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    start = load_state(resume_dir, regime, opt, fingerprint) if resume and resume_dir is not None else 0
+    early = EarlyStopping(cfg.patience) if (cfg.eval_every and validate is not None) else None
+    start = load_state(resume_dir, regime, opt, fingerprint, early) if resume and resume_dir is not None else 0
     regime.model.train()
     local_batch = cfg.batch_size // dist.world
     micro = cfg.micro_batch or local_batch
@@ -177,11 +222,25 @@ def train(
                 log.flush()
             if progress is not None:
                 progress(done, cfg.steps, f"loss {loss_sum:.4f}  lr {lr:.2e}  {rate:.1f} ex/s")
+            stop = False
+            if early is not None and validate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                regime.model.eval()
+                val = validate()
+                regime.model.train()
+                stop = early.update(val, done, regime.params)
+                if log is not None:
+                    log.write(json.dumps({"step": done, "val_loss": val, "best_step": early.best_step, **({"early_stop": True} if stop else {})}) + "\n")
+                    log.flush()
+            if stop:
+                end = cfg.steps  # the run is complete: stopped early
+                break
             if resume_dir is not None and dist.rank == 0 and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and end < cfg.steps)):
-                save_state(resume_dir, done, regime, opt, fingerprint)
+                save_state(resume_dir, done, regime, opt, fingerprint, early)
         step = end
     finally:
         if log is not None:
             log.close()
+    if early is not None and step == cfg.steps:
+        early.restore(regime.params)
     regime.model.eval()
     return step

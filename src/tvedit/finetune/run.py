@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -150,13 +151,34 @@ def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor
     return head
 
 
-def _loader(task: Task, indices: list[int], adapter: OpenClipAdapter, batch: int, seed: int, cfg: FinetuneConfig, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+def _loader(task: Task, indices: list[int], adapter: OpenClipAdapter, batch: int, seed: int, cfg: FinetuneConfig, start: int = 0, rank: int = 0, world: int = 1, train: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
     if isinstance(task, TextFinetuneTask):
         return task.loader(indices, adapter, batch, seed, start, rank, world)
-    ds = ImageDataset(task.data, indices, adapter.transform(train=True), seed)
+    ds = ImageDataset(task.data, indices, adapter.transform(train=train), seed)
     sampler = stream_batches(len(indices), batch, seed, start, rank, world)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers)  # type: ignore[arg-type]
     return iter(loader)
+
+
+def _validation(task: Task, adapter: OpenClipAdapter, regime: Any, head: Any, cfg: FinetuneConfig, device: torch.device) -> Callable[[], float] | None:
+    """The mean loss on the held-out split (eval transform, one pass), for --eval-every."""
+    if not cfg.eval_every:
+        return None
+    indices = task.heldout_idx
+    if not indices:
+        raise UsageError("--eval-every: the task has no held-out examples to validate on")
+    n_batches = -(-len(indices) // cfg.batch_size)
+
+    def validate() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in itertools.islice(_loader(task, indices, adapter, cfg.batch_size, cfg.split_seed, cfg, train=False), n_batches):
+                x, y = x.to(device), y.to(device)
+                total += float(adapter.loss(regime.logits(x, head).float(), y, 0.0))
+                count += int(y.shape[0])
+        return total / max(1, count)
+
+    return validate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +289,7 @@ def finetune(
         regime, head,
         lambda start: ((x, y) for x, y in _loader(the_task, the_task.train_idx, adapter, cfg.batch_size, cfg.seed, cfg, start, dist.rank, dist.world)),
         cfg, device=device, dist=dist, log_path=sibling(output, "train.jsonl"), resume_dir=sibling(output, "resume"),
-        resume=resume, fingerprint=fingerprint, progress=progress,
+        resume=resume, fingerprint=fingerprint, progress=progress, validate=_validation(the_task, adapter, regime, head, cfg, device),
     )  # fmt: skip
     if step < cfg.steps or dist.rank != 0:
         return artifacts
