@@ -11,7 +11,9 @@
 #     heatmaps and the sparse mask's layer picture. Tables: $DEMO_OUT/results/results.{md,json}.
 #
 # Knobs (environment): DEMO_OUT (demo-out), DEMO_STEPS (fine-tuning steps, 120),
-# DEMO_PRETRAIN_STEPS (300), DEMO_SEED (0), DEMO_JOBS (parallel fine-tuning runs, 2).
+# DEMO_PRETRAIN_STEPS (300), DEMO_SEED (0: pre-training and the random theta0), DEMO_SEEDS
+# (fine-tuning seeds, e.g. "0 1 2": addition is reported as the mean over them; default DEMO_SEED),
+# DEMO_JOBS (parallel fine-tuning runs, 2).
 # Every process runs single-threaded (OMP_NUM_THREADS=1) and DEMO_JOBS runs go side by side: on a
 # small shared CPU this is several times faster than two threads per run (spin-waiting threads).
 set -euo pipefail
@@ -75,55 +77,59 @@ tvedit init --model "$cache/theta0_raw.json" --pretrained none --seed "$seed" -o
 tasks=(digits animals shapes colors)
 task_args=()
 for t in "${tasks[@]}"; do task_args+=(--task "$t=$data/tasks/$t"); done
-common=(--steps "$steps" --batch-size 64 --warmup $((steps / 10)) --seed "$seed" --emit vector --json)
-mkdir -p "$out/vectors" "$out/results"
-finetune() {  # base regime task lr [extra...]
-  local base=$1 regime=$2 t=$3 lr=$4
-  shift 4
-  tvedit finetune --pretrained "$out/$base.safetensors" --train "$data/tasks/$t/train" --task "$t" \
-    --mode "$regime" --lr "$lr" "${common[@]}" "$@" -o "$out/vectors/$base-$regime-$t.safetensors" > /dev/null
+seeds=(${DEMO_SEEDS:-$seed})
+common=(--steps "$steps" --batch-size 64 --warmup $((steps / 10)) --emit vector --json)
+mkdir -p "$out/results"
+finetune() {  # seed base regime task lr [extra...]
+  local s=$1 base=$2 regime=$3 t=$4 lr=$5
+  shift 5
+  tvedit finetune --pretrained "$out/$base.safetensors" --train "$data/tasks/$t/train" --task "$t" --seed "$s" \
+    --mode "$regime" --lr "$lr" "${common[@]}" "$@" -o "$out/vectors/seed$s/$base-$regime-$t.safetensors" > /dev/null
 }
 background() {  # run "$@" in the background, at most $jobs_max at a time
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
   "$@" &
 }
-echo "-- fine-tune ${tasks[*]}: full, sparse (TaLoS, density 0.1), and full from the random theta0 ($steps steps each)"
-for t in "${tasks[@]}"; do
-  background finetune theta0 full "$t" 3e-4
-  background finetune theta0 sparse "$t" 6e-3 --density 0.1 --calib-batches 8
-  background finetune random0 full "$t" 3e-4
-done
-for pid in $(jobs -p); do wait "$pid"; done  # fails the demo if any run failed
-stamp
-
 # The papers train sparse vectors at the full-FT learning rate and so widen the alpha grid by
 # 1/density for them. This demo trains them at 20x the rate instead (a tiny model barely moves
 # otherwise), which puts them on the full vectors' scale: same grid (--no-widen).
 grid_opts() { case $1 in *sparse*) echo --no-widen ;; esac; }
-echo "-- task addition (alpha on validation splits)"
-for run in theta0-full theta0-sparse random0-full; do
-  base=${run%%-*}
-  tvedit evaluate "$out"/vectors/"$run"-{digits,animals,shapes,colors}.safetensors --base "$out/$base.safetensors" \
-    "${task_args[@]}" --protocol addition $(grid_opts "$run") --report "$out/results/addition-$run.json" --json > /dev/null
+for s in "${seeds[@]}"; do
+  mkdir -p "$out/vectors/seed$s"
+  echo "-- seed $s: fine-tune ${tasks[*]}: full, sparse (TaLoS, density 0.1), and full from the random theta0 ($steps steps each)"
+  for t in "${tasks[@]}"; do
+    background finetune "$s" theta0 full "$t" 3e-4
+    background finetune "$s" theta0 sparse "$t" 6e-3 --density 0.1 --calib-batches 8
+    background finetune "$s" random0 full "$t" 3e-4
+  done
+  for pid in $(jobs -p); do wait "$pid"; done  # fails the demo if any run failed
+  stamp
+  echo "-- seed $s: task addition (alpha on validation splits)"
+  for run in theta0-full theta0-sparse random0-full; do
+    base=${run%%-*}
+    tvedit evaluate "$out/vectors/seed$s/$run"-{digits,animals,shapes,colors}.safetensors --base "$out/$base.safetensors" \
+      "${task_args[@]}" --protocol addition $(grid_opts "$run") --report "$out/results/addition-$run-seed$s.json" --json > /dev/null
+  done
+  stamp
 done
-stamp
+vectors=$out/vectors/seed${seeds[0]}  # negation, disentanglement and the plots use the first seed's vectors
 echo "-- task negation: forget digits / animals, control = shapes"
 for run in theta0-full theta0-sparse; do
-  tvedit evaluate "$out"/vectors/"$run"-{digits,animals}.safetensors --base "$out/theta0.safetensors" \
+  tvedit evaluate "$vectors/$run"-{digits,animals}.safetensors --base "$out/theta0.safetensors" \
     --task digits="$data/tasks/digits" --task animals="$data/tasks/animals" --control shapes="$data/tasks/shapes" \
     --protocol negation $(grid_opts "$run") --report "$out/results/negation-$run.json" --json > /dev/null
 done
 stamp
 echo "-- weight disentanglement (digits + animals), non-linear and post-hoc linearized (f_lin: no extra forward pass per grid point)"
 xi_args=(--task digits="$data/tasks/digits" --task animals="$data/tasks/animals" --protocol disentanglement --grid-size 9 --points 256 --json)
-tvedit evaluate "$out"/vectors/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" \
+tvedit evaluate "$vectors"/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" \
   -o "$out/results/xi-full.png" --report "$out/results/xi-full.json" > /dev/null
-tvedit evaluate "$out"/vectors/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" --linearize \
+tvedit evaluate "$vectors"/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" --linearize \
   -o "$out/results/xi-full-linearized.png" --report "$out/results/xi-full-linearized.json" > /dev/null
 echo "-- where the TaLoS mask keeps entries, layer by layer"
-tvedit evaluate --mask-plot "$out/vectors/theta0-sparse-digits.mask.safetensors" -o "$out/results/mask-digits.png" --json
+tvedit evaluate --mask-plot "$vectors/theta0-sparse-digits.mask.safetensors" -o "$out/results/mask-digits.png" --json
 echo "-- a CI gate: the merged model must keep 50% on digits (exit 7 when it does not)"
-tvedit evaluate "$out"/vectors/theta0-full-{digits,animals,shapes,colors}.safetensors --base "$out/theta0.safetensors" \
+tvedit evaluate "$vectors"/theta0-full-{digits,animals,shapes,colors}.safetensors --base "$out/theta0.safetensors" \
   "${task_args[@]}" --alpha 0.3 --min-accuracy digits=0.5 --json || echo "   gate failed with exit code $?"
 stamp
 

@@ -2,7 +2,8 @@
 
     python examples/demo_tables.py RESULTS_DIR
 
-Reads ``addition-*.json``, ``negation-*.json`` and ``xi-*.json`` (``tvedit evaluate --report``)
+Reads ``addition-*.json`` (``addition-RUN-seedS.json``: one per fine-tuning seed, averaged),
+``negation-*.json`` and ``xi-*.json`` (``tvedit evaluate --report``)
 and writes ``RESULTS_DIR/results.md`` and ``RESULTS_DIR/results.json``.
 """
 
@@ -17,38 +18,60 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def avg(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def sd(xs: list[float]) -> float:
+    m = avg(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def cell(xs: list[float], sign: bool = False) -> str:
+    """Mean in %, with ± the sample sd when there are several seeds."""
+    text = f"{100 * avg(xs):+.1f}" if sign else pct(avg(xs))
+    return text + (f" ± {100 * sd(xs):.1f}" if len(xs) > 1 else "")
+
+
 def main(root: Path) -> None:
     summary: dict[str, dict] = {}
     lines = ["# tvedit demo: measured results", ""]
 
-    adds = sorted(root.glob("addition-*.json"))
-    if adds:
+    runs: dict[str, list[dict]] = {}  # addition-RUN-seedS.json: one report per fine-tuning seed
+    for p in sorted(root.glob("addition-*.json")):
+        name = p.stem.removeprefix("addition-")
+        run, _, seed = name.rpartition("-seed")
+        runs.setdefault(run if seed.isdigit() else name, []).append(json.loads(p.read_text()))
+    if runs:
+        n_seeds = sorted({len(v) for v in runs.values()})
         lines += [
-            "## Task addition (α chosen on validation; test accuracy, %)",
+            "## Task addition (α chosen on validation; test accuracy, %"
+            + (f"; mean ± sd over {n_seeds[-1]} fine-tuning seeds)" if n_seeds[-1] > 1 else ")"),
             "",
             "| θ0 / regime | α | zero-shot | fine-tuned (single) | merged | normalised | gain over zero-shot | per task: merged (zero-shot) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for p in adds:
-            r = json.loads(p.read_text())
-            m = r["mean"]
-            name = p.stem.removeprefix("addition-")
+        for name, reports in runs.items():
+            means = {k: [r["mean"][k] for r in reports] for k in ("zero_shot", "single", "merged", "normalized", "gain")}
+            tasks = reports[0]["tasks"]
             per = ", ".join(
-                f"{t} {pct(r['merged'][t])} ({pct(r['zero_shot'][t])})" for t in r["tasks"]
+                f"{t} {pct(avg([r['merged'][t] for r in reports]))} ({pct(avg([r['zero_shot'][t] for r in reports]))})"
+                for t in tasks
             )
+            alphas = "/".join(f"{r['alpha']:g}" for r in reports)
             lines.append(
-                f"| {name} | {r['alpha']:g} | {pct(m['zero_shot'])} | {pct(m['single'])} | {pct(m['merged'])} | {pct(m['normalized'])} | {100 * m['gain']:+.1f} | {per} |"
+                f"| {name} | {alphas} | {cell(means['zero_shot'])} | {cell(means['single'])} | {cell(means['merged'])} "
+                f"| {cell(means['normalized'])} | {cell(means['gain'], sign=True)} | {per} |"
             )
             summary[f"addition/{name}"] = {
-                "alpha": r["alpha"],
-                **m,
+                "seeds": len(reports),
+                "alpha": [r["alpha"] for r in reports],
+                **{k: avg(v) for k, v in means.items()},
+                "sd": {k: sd(v) for k, v in means.items()},
+                "per_seed": [r["mean"] for r in reports],
                 "per_task": {
-                    t: {
-                        "zero_shot": r["zero_shot"][t],
-                        "single": r["single"][t],
-                        "merged": r["merged"][t],
-                    }
-                    for t in r["tasks"]
+                    t: {k: avg([r[k][t] for r in reports]) for k in ("zero_shot", "single", "merged")}
+                    for t in tasks
                 },
             }
         lines.append("")

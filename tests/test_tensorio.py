@@ -71,6 +71,45 @@ def test_writer_is_atomic_and_refuses_overwrite(tmp_path: Path) -> None:
         save_tensors(out, {"a": torch.ones(2)}, Manifest(), force=True, inputs=[out])
 
 
+def test_background_writes_keep_order_and_the_callers_buffer_is_free(tmp_path: Path) -> None:
+    """Large tensors go through the writer thread from a copy: reusing the caller's buffer at once
+    (as the streaming commands do) must not change what lands in the file."""
+    buf = torch.empty(1 << 19)  # 2 MiB: above ASYNC_MIN_BYTES
+    expect = {}
+    with CheckpointWriter(tmp_path / "o.safetensors", Manifest(), [f"k{i}" for i in range(6)]) as w:
+        for i in range(6):
+            buf.fill_(float(i))
+            expect[f"k{i}"] = buf.clone()
+            w.write(f"k{i}", buf if i % 2 else buf[:5])  # large and small writes interleaved
+        art = w.commit()
+    got = open_checkpoint(art.path)
+    for i in range(6):
+        ref = expect[f"k{i}"] if i % 2 else expect[f"k{i}"][:5]
+        assert torch.equal(got.get(f"k{i}"), ref)
+    assert art.manifest.sha256 == content_hash(got)
+
+
+def test_background_write_error_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            if len(data) >= CheckpointWriter.ASYNC_MIN_BYTES:
+                raise OSError(28, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    with pytest.raises(OSError, match="No space"), CheckpointWriter(tmp_path / "o.safetensors", Manifest(), ["a", "b"]) as w:
+        w._fh = Full(w._fh)
+        w.write("a", torch.zeros(1 << 19))
+        w.write("b", torch.zeros(3))
+        w.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_without_key_plan_still_valid(tmp_path: Path) -> None:
     with CheckpointWriter(tmp_path / "o.safetensors", Manifest(), None) as w:
         w.write("a", torch.arange(5.0))

@@ -25,6 +25,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,7 +492,14 @@ class CheckpointWriter:
     ``layout``: "dense" stores everything dense; "sparse" stores every floating tensor sparse;
     "auto" stores a floating tensor sparse when its density is at most AUTO_SPARSE_DENSITY (task
     vectors only). Masks (bool tensors in a ``kind: mask`` file) are always bit-packed.
+
+    Large tensors are copied into one of two writer-owned buffers and hashed + written by one
+    background thread, so the caller may reuse its buffer at once and the hashing overlaps the
+    caller's next reads and arithmetic (sha256 and file writes release the GIL). The single thread
+    keeps the bytes in call order; an error in it surfaces at the next write or at commit.
     """
+
+    ASYNC_MIN_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -523,6 +531,10 @@ class CheckpointWriter:
         self._nonzero = 0
         self._float_numel = 0
         self._done = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._bufs = [bytearray(), bytearray()]
+        self._turn = 0
         key_list = list(keys) if keys is not None else None
         self._reserved = self._estimate_header(key_list) if key_list is not None else 0
         self._fh.seek(8 + self._reserved)
@@ -537,11 +549,40 @@ class CheckpointWriter:
     def _write_stored(self, key: str, tensor: torch.Tensor) -> None:
         data = _tensor_bytes(tensor)
         st = _st_dtype(tensor.dtype)
-        self._fh.write(data)
+        shape = list(tensor.shape)
         n = len(data)
-        self._header[key] = {"dtype": st, "shape": list(tensor.shape), "data_offsets": [self._offset, self._offset + n]}
+        self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [self._offset, self._offset + n]}
         self._offset += n
-        self._digests[key] = _entry_digest(key, st, tensor.shape, hashlib.sha256(data).hexdigest())
+        if n < self.ASYNC_MIN_BYTES:
+            self._drain()
+            self._sink(key, st, shape, data)
+            return
+        # this buffer's previous job was drained before the job now pending was submitted
+        if len(self._bufs[self._turn]) < n:
+            self._bufs[self._turn] = bytearray(n)
+        copy = memoryview(self._bufs[self._turn])[:n]
+        copy[:] = data
+        self._turn ^= 1
+        self._drain()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvedit-writer")
+        self._pending = self._pool.submit(self._sink, key, st, shape, copy)
+
+    def _sink(self, key: str, st: str, shape: list[int], data: memoryview) -> None:
+        self._fh.write(data)
+        self._digests[key] = _entry_digest(key, st, shape, hashlib.sha256(data).hexdigest())
+
+    def _drain(self) -> None:
+        """Wait for the background write in flight (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _stop_thread(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._bufs = [bytearray(), bytearray()]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._done:
@@ -558,7 +599,7 @@ class CheckpointWriter:
             self._write_stored(f"{key}{SEP}bitmap", pack_bits(tensor))
             self._sparse[key] = {"shape": list(tensor.shape), "encoding": "mask"}
             return
-        if tensor.dtype.is_floating_point:
+        if tensor.dtype.is_floating_point and self.manifest.kind != "checkpoint":  # density: vectors only
             nnz = int(torch.count_nonzero(tensor))
             self._nonzero += nnz
             self._float_numel += tensor.numel()
@@ -578,6 +619,12 @@ class CheckpointWriter:
 
     def commit(self) -> Artifact:
         """Finish the header, flush, and rename into place. Returns the artifact record."""
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
+        self._stop_thread()
         data = self.manifest.to_dict()
         data["sparse"] = self._sparse
         data["layout"] = "sparse" if self._sparse and self.manifest.kind != "mask" else "dense"
@@ -616,6 +663,11 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         self._done = True
+        try:
+            self._drain()
+        except BaseException:  # noqa: S110 - the error that made us abort is already on its way
+            pass
+        self._stop_thread()
         try:
             self._fh.close()
         except OSError:
