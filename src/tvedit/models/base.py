@@ -122,9 +122,9 @@ def adapter_for(model_info: Mapping[str, Any]) -> ModelAdapter:
 # ------------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------------
-def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
-    """load_state_dict(strict) with one clear MismatchError naming the first offending key."""
-    own = model.state_dict()
+def check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
+    """``state`` has exactly the keys of ``own``, with the same shapes; else one clear MismatchError
+    naming the first offending key."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing:
@@ -134,6 +134,12 @@ def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str = "che
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise MismatchError(f"{where}: key {k!r}: shape {list(state[k].shape)} does not fit the architecture's {list(v.shape)}")
+
+
+def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
+    """load_state_dict(strict) with one clear MismatchError naming the first offending key."""
+    own = model.state_dict()
+    check_fits(own, state, where)
     model.load_state_dict({k: state[k].to(v.dtype) if v.is_floating_point() else state[k] for k, v in own.items()}, strict=True)
 
 

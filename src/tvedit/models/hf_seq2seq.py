@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tvedit.data.text import TextExample
 from tvedit.errors import InputError, MismatchError, OutputError, UsageError
 from tvedit.manifest import Manifest
-from tvedit.models.base import ModelAdapter, check_mode, register_adapter
+from tvedit.models.base import ModelAdapter, check_fits, check_mode, register_adapter
 from tvedit.tensorio import Artifact, open_checkpoint, save_tensors
 
 FAMILY = "hf-seq2seq"
@@ -362,16 +362,9 @@ def _canonical(model: nn.Module) -> dict[str, Tensor]:
 def _load_canonical(model: nn.Module, state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
     """Strict load over the canonical keys (tied aliases follow their parameter)."""
     own = _canonical(model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing:
-        raise MismatchError(f"{where}: key {missing[0]!r} required by the architecture is missing ({len(missing)} missing)")
-    if unexpected:
-        raise MismatchError(f"{where}: key {unexpected[0]!r} does not belong to the architecture ({len(unexpected)} unexpected)")
+    check_fits(own, state, where)
     with torch.no_grad():
         for k, v in own.items():
-            if tuple(state[k].shape) != tuple(v.shape):
-                raise MismatchError(f"{where}: key {k!r}: shape {list(state[k].shape)} does not fit the architecture's {list(v.shape)}")
             v.copy_(state[k].to(v.dtype))
 
 
