@@ -301,10 +301,12 @@ def test_heatmap_and_mask_figure_written(tmp_path: Path) -> None:
 
 def test_device_choice() -> None:
     from tvedit.errors import UsageError
-    from tvedit.evaluate.runner import pick_device
+    from tvedit.models.base import pick_device
 
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="expected auto, cpu, cuda"):
+        pick_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             pick_device("cuda")

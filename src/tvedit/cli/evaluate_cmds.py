@@ -243,7 +243,7 @@ def register(app: typer.Typer) -> None:
         from tvedit.evaluate import open_session, studies
         from tvedit.evaluate import protocols as P
         from tvedit.evaluate.data import parse_task_args
-        from tvedit.evaluate.runner import pick_device
+        from tvedit.models.base import pick_device
 
         pick_device(device)  # a usage error before anything is read
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tvedit.errors import InputError, MismatchError, UsageError
-from tvedit.models.base import ModelAdapter, adapter_for, forward_ad_safe, functional
+from tvedit.models.base import ModelAdapter, adapter_for, forward_ad_safe, functional, pick_device
 
 Vector = dict[str, Tensor]  # a task vector: parameter name -> float32 tensor
 
@@ -96,15 +96,6 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, Mapping):
         return {k: _to_device(v, device) for k, v in inputs.items()}
     return inputs.to(device) if hasattr(inputs, "to") else inputs  # tensors, TokenBatch
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 class Evaluator:

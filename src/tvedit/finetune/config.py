@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tvedit.errors import UsageError
-from tvedit.models.base import MODES
+from tvedit.models.base import MODES, pick_device
 
 FISHER_VARIANTS = ("sampled", "logit")  # log p(y_hat|x) with sampled y_hat (paper) | raw logit z_y_hat (authors' code)
 
@@ -74,6 +74,7 @@ class FinetuneConfig:
             raise UsageError("--micro-batch must be positive")
         if not 0 <= self.heldout_fraction < 1:
             raise UsageError("held-out fraction must be in [0, 1)")
+        pick_device(self.device)  # a usage error now, not after the data is read
         if self.eval_every < 0 or self.patience < 0:
             raise UsageError("--eval-every and --patience must be >= 0")
         if self.patience and not self.eval_every:

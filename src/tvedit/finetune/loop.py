@@ -49,14 +49,6 @@ class Dist:
                 t.div_(self.world)
 
 
-def pick_device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 # -- resume state: safetensors (tensors) + JSON (counters, fingerprint); no pickle -----------------
 @dataclass
 class EarlyStopping:
@@ -223,9 +215,9 @@ def train(
             if progress is not None:
                 progress(done, cfg.steps, f"loss {loss_sum:.4f}  lr {lr:.2e}  {rate:.1f} ex/s")
             stop = False
-            if early is not None and validate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if early is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 regime.model.eval()
-                val = validate()
+                val = validate()  # type: ignore[misc]  # early exists only with validate
                 regime.model.train()
                 stop = early.update(val, done, regime.params)
                 if log is not None:

@@ -21,6 +21,7 @@ from tvedit.errors import MismatchError, UsageError
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.manifest import Manifest, base_ref
 from tvedit.models import hf_seq2seq
+from tvedit.models.base import pick_device
 from tvedit.models.open_clip import OpenClipAdapter, load_pretrained
 from tvedit.tensorio import Artifact, check_output, open_checkpoint, save_tensors
 
@@ -166,7 +167,7 @@ def _validation(task: Task, adapter: OpenClipAdapter, regime: Any, head: Any, cf
         return None
     indices = task.heldout_idx
     if not indices:
-        raise UsageError("--eval-every: the task has no held-out examples to validate on")
+        raise UsageError("--eval-every: the task has no held-out examples to validate on (the T5 recipe validates by default: --eval-every 0 turns it off)")
     n_batches = -(-len(indices) // cfg.batch_size)
 
     def validate() -> float:
@@ -214,9 +215,7 @@ def calibrate(model: str | None, pretrained: str, train: Path, output: Path, cfg
     check_output(output, force)
     the_task = load_task(train, cfg, task=task, class_names=class_names, templates=templates)
     theta0 = resolve_theta0(model, pretrained, seed=cfg.seed, materialise=sibling(output, "theta0.safetensors"))
-    from tvedit.finetune.loop import Dist, pick_device
-
-    mask = _calibrate(theta0, the_task, cfg, pick_device(cfg.device, Dist()), progress)
+    mask = _calibrate(theta0, the_task, cfg, pick_device(cfg.device), progress)
     return [_write_mask(mask, output, theta0, the_task, cfg, force)]
 
 
@@ -250,7 +249,7 @@ def finetune(
     calib_progress: Progress | None = None,
 ) -> list[Artifact]:
     """Fine-tune the image encoder; returns [output (, mask)] or [] when stopped early (--stop-after)."""
-    from tvedit.finetune.loop import Dist, pick_device
+    from tvedit.finetune.loop import Dist
     from tvedit.finetune.loop import train as train_loop
     from tvedit.finetune.regimes import make_regime
 
@@ -265,7 +264,7 @@ def finetune(
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world} processes")
     theta0 = resolve_theta0(model, pretrained, seed=cfg.seed, materialise=sibling(output, "theta0.safetensors"))
     adapter = theta0.adapter
-    device = pick_device(cfg.device, dist)
+    device = pick_device(cfg.device, dist.rank)
     artifacts: list[Artifact] = []
 
     masks, mask_sha = None, None

@@ -122,6 +122,22 @@ def adapter_for(model_info: Mapping[str, Any]) -> ModelAdapter:
 # ------------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------------
+def pick_device(name: str = "auto", rank: int = 0) -> torch.device:
+    """``--device``: auto (CUDA when available, GPU ``rank`` mod the GPU count; else CPU), cpu,
+    cuda, cuda:N. A name torch does not know, or CUDA on a machine without it, is a UsageError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], where: str = "checkpoint") -> None:
     """``state`` has exactly the keys of ``own``, with the same shapes; else one clear MismatchError
     naming the first offending key."""
