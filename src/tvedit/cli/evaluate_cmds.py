@@ -164,6 +164,11 @@ def register(app: typer.Typer) -> None:
             "--grid",
             help="Addition/negation alpha grid START:STOP:STEP (x 1/density for sparse vectors).",
         ),
+        merged: Path | None = typer.Option(
+            None,
+            "--merged",
+            help="Addition: a merged vector (tvedit add --method M --emit vector) to scale by alpha instead of the plain sum; the inputs (one vector per task) give the single-task accuracies.",
+        ),
         no_widen: bool = typer.Option(
             False, "--no-widen", help="Do not widen the alpha grid by 1/density for sparse vectors."
         ),
@@ -227,6 +232,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--control is only for --protocol negation")
         if not 0 < threshold <= 1:
             raise UsageError(f"--threshold must be in (0, 1], not {threshold}")
+        if merged is not None and protocol != "addition":
+            raise UsageError("--merged is for --protocol addition")
         thresholds = _thresholds(min_accuracy, gate)
         if thresholds and protocol in ("negation", "disentanglement"):
             raise UsageError(
@@ -255,7 +262,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--control {control_name!r} is also a --task")
             tasks[control_name] = control_dir
         session = open_session(
-            inputs or [],
+            [*(inputs or []), *([merged] if merged is not None else [])],
             tasks,
             base,
             linearize=linearize,
@@ -324,10 +331,10 @@ def register(app: typer.Typer) -> None:
             _write_report(report_path, report, force)
             return
         start, stop, step = _grid(grid, "--grid")
-        widen = 1.0 if no_widen else studies.widen(session)
+        widen = 1.0 if no_widen or merged is not None else studies.widen(session)
         alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
         if protocol == "addition":
-            report = studies.addition(session, alphas)
+            report = studies.addition(session, alphas, merged=None if merged is None else len(session.vectors) - 1)
         else:
             assert control_name is not None
             report = studies.negation(session, control_name, alphas, threshold)

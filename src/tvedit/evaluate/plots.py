@@ -133,3 +133,57 @@ def heatmap(
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def study_figure(result: dict[str, Any], output: Path) -> None:
+    """The regime study in one PNG: task addition (absolute and normalised, mean ± sd over seeds) for
+    every regime and post-hoc merge, task negation (target vs control) per regime, and the training
+    loss curves (first seed, mean over tasks) that show each regime's runs have flattened."""
+    plt = _pyplot()
+    rows = result["rows"]
+    names = list(rows)
+    labels = [n if rows[n]["kind"] == "regime" else n.removeprefix("merge-") for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    width = 0.38
+    xs = range(len(names))
+    for j, (key, title) in enumerate((("merged", "absolute"), ("normalized", "normalised"))):
+        means = [rows[n]["addition"][key]["mean"] * 100 for n in names]
+        sds = [rows[n]["addition"][key]["sd"] * 100 for n in names]
+        ax.bar([x + (j - 0.5) * width for x in xs], means, width, yerr=sds, capsize=3, label=title)
+    ax.axhline(result["zero_shot"] * 100, color="gray", linestyle="--", linewidth=1, label="zero-shot θ0")
+    ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("task addition")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    neg = [n for n in names if "negation" in rows[n]]
+    for j, (key, title) in enumerate((("target", "target ↓"), ("control", "control"))):
+        means = [rows[n]["negation"][key]["mean"] * 100 for n in neg]
+        sds = [rows[n]["negation"][key]["sd"] * 100 for n in neg]
+        ax.bar([x + (j - 0.5) * width for x in range(len(neg))], means, width, yerr=sds, capsize=3, label=title)
+    if neg:
+        first = rows[neg[0]]["seeds"][0]["negation"]
+        ax.axhline(first["target_zero_shot"] * 100, color="gray", linestyle="--", linewidth=1, label="target zero-shot")
+    ax.set_xticks(list(range(len(neg))), neg, rotation=30, ha="right")
+    ax.set_title("task negation")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for n in names:
+        if rows[n]["kind"] != "regime":
+            continue
+        curves = [c for c in rows[n]["seeds"][0]["loss"].values() if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        steps = [c[i][0] for i in range(length) for c in curves[:1]]
+        mean_loss = [sum(c[i][1] for c in curves) / len(curves) for i in range(length)]
+        ax.plot(steps, mean_loss, label=n)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over tasks)")
+    ax.set_title("fine-tuning loss, first seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)

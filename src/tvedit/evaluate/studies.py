@@ -15,11 +15,12 @@ from tvedit.evaluate import protocols as P
 from tvedit.evaluate.runner import Session
 
 
-def vector_tasks(session: Session, task_names: Sequence[str]) -> list[str]:
-    """The task each vector belongs to: its manifest task name when that is one of the tasks,
-    otherwise the task at the same position."""
+def vector_tasks(session: Session, task_names: Sequence[str], which: Sequence[int] | None = None) -> list[str]:
+    """The task each vector (of ``which``, default all) belongs to: its manifest task name when that
+    is one of the tasks, otherwise the task at the same position."""
     out = []
-    for i, vec in enumerate(session.vectors):
+    indices = range(len(session.vectors)) if which is None else which
+    for i, vec in enumerate(session.vectors[j] for j in indices):
         if vec.name in task_names:
             out.append(vec.name)
         elif i < len(task_names):
@@ -61,27 +62,41 @@ def plain(session: Session, alphas: Sequence[float], split: str = "test") -> lis
     return rows
 
 
-def addition(session: Session, grid: Sequence[float]) -> dict[str, Any]:
-    """Task addition (ALGORITHMS.md section 5)."""
+def addition(session: Session, grid: Sequence[float], merged: int | None = None) -> dict[str, Any]:
+    """Task addition (ALGORITHMS.md section 5): theta0 + alpha * sum_t tau_t, alpha chosen on validation.
+
+    ``merged``: the index of a vector that is already a merge of the task vectors (``tvedit add
+    --method ties --emit vector``); the edit is then theta0 + alpha * merged, while the other vectors,
+    one per task, give the single-task accuracies that normalise it."""
     names = list(session.tasks)
-    owners = vector_tasks(session, names)
+    singles = [i for i in range(len(session.vectors)) if i != merged]
+    if merged is not None and not 0 <= merged < len(session.vectors):
+        raise UsageError(f"merged vector index {merged} out of range")
+    owners = vector_tasks(session, names, singles)
     if sorted(owners) != sorted(names):
         raise UsageError(
             f"task addition needs one vector per task: tasks {names}, vectors for {owners}"
         )
-    n = len(session.vectors)
-    zero = {t: session.accuracy(t, "test", [0.0] * n) for t in names}
-    single_val = {t: session.accuracy(t, "val", [1.0], [owners.index(t)]) for t in names}
-    single_test = {t: session.accuracy(t, "test", [1.0], [owners.index(t)]) for t in names}
-    val = {a: {t: session.shared(t, "val", a) for t in names} for a in grid}
+    which = singles if merged is None else [merged]
+    edit = {t: singles[owners.index(t)] for t in names}
+
+    def shared(t: str, split: str, a: float) -> float:
+        return session.shared(t, split, a, which)
+
+    zero = {t: session.accuracy(t, "test", [], []) for t in names}
+    single_val = {t: session.accuracy(t, "val", [1.0], [edit[t]]) for t in names}
+    single_test = {t: session.accuracy(t, "test", [1.0], [edit[t]]) for t in names}
+    val = {a: {t: shared(t, "val", a) for t in names} for a in grid}
     choice = P.choose_addition_alpha(val, single_val)
-    test = {choice.alpha: {t: session.shared(t, "test", choice.alpha) for t in names}}
+    test = {choice.alpha: {t: shared(t, "test", choice.alpha) for t in names}}
     summary = P.addition_summary(choice, test, zero, single_test)
     return {
         "protocol": "addition",
         "linear": session.linear,
         "grid": list(grid),
         "choice": choice.to_dict(),
+        "merged_vector": None if merged is None else str(session.vectors[merged].path),
+        "val": {"merged": val[choice.alpha], "single": single_val, "merged_mean": P.mean(val[choice.alpha])},
         **summary.to_dict(),
     }
 

@@ -1,0 +1,82 @@
+"""tvedit study: the regime comparison (fine-tune every regime, add, negate, merge, evaluate) from a YAML plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tvedit.cli.common import JSON_HELP, err_console, guard, json_mode
+from tvedit.errors import UsageError
+
+
+def _seeds(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        seeds = [int(s) for s in spec.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--seeds expects integers like 0,1,2, not {spec!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds expects integers >= 0, not {spec!r}")
+    return seeds
+
+
+def _lrs(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        regime, sep, value = item.partition("=")
+        try:
+            out[regime] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or out[regime] <= 0:
+            raise UsageError(f"--lr expects REGIME=LR with a positive LR, not {item!r}")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guard
+    def study(
+        plan_path: Path = typer.Argument(..., metavar="PLAN", help="The study plan (YAML): theta0, tasks, seeds, regimes with lr grids, negation, disentanglement, merges (docs/study.md)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output directory: study.json, results.md, study.png, runs/, reports/ (existing runs are reused)."),
+        seeds: str | None = typer.Option(None, "--seeds", help="Fine-tuning seeds, e.g. 0,1,2 (overrides the plan's)."),
+        lr: list[str] = typer.Option([], "--lr", help="REGIME=LR: fix a regime's learning rate (skips its grid search). Repeatable."),
+        jobs: int | None = typer.Option(None, "--jobs", "-j", help="Commands run side by side (default: the plan's, 2)."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N, auto (default: the plan's)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Check the plan and print the commands; run nothing."),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    ) -> None:
+        """The papers' comparison on your theta0 and tasks: every fine-tuning regime (lr chosen on validation), task addition, negation, disentanglement and post-hoc merges, with a table, JSON and a figure."""
+        import json
+        import sys
+
+        from tvedit.study import Study, load_plan
+
+        if jobs is not None and jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, not {jobs}")
+        plan = load_plan(plan_path, seeds=_seeds(seeds), lrs=_lrs(lr), jobs=jobs, device=device)
+        if device is not None:
+            from tvedit.models.base import pick_device
+
+            pick_device(device)
+        quiet = json_mode(as_json)
+        s = Study(plan, output, progress=None if quiet else (lambda msg: err_console.print(msg)))
+        if dry_run:
+            first = plan.seeds[0]
+            steps = [s.init_step()] + [s.finetune_step(r, x, first, t) for r in plan.regimes for x in plan.lrs(r) for t in plan.tasks]
+            for step in steps:
+                sys.stdout.write("tvedit " + " ".join(step.args) + "\n")
+            sys.stdout.write(f"# then: addition per lr, lr choice, seeds {plan.seeds[1:]}, negation, disentanglement, merges\n")
+            return
+        result = s.run()
+        if quiet:
+            summary = {name: {"addition": r["addition"], **({"negation": r["negation"]} if "negation" in r else {})} for name, r in result["rows"].items()}
+            sys.stdout.write(json.dumps({"study": str(output / "study.json"), "rows": summary}, sort_keys=True) + "\n")
+        else:
+            from rich.console import Console
+            from rich.markdown import Markdown
+
+            Console().print(Markdown((output / "results.md").read_text()))
+            err_console.print(f"study written to {output}/ (study.json, results.md, study.png)")

@@ -1,0 +1,573 @@
+"""The regime study: the papers' comparison as one plan (``tvedit study PLAN.yaml -o OUT``).
+
+One theta0, one set of tasks and seeds; for every fine-tuning regime (full, attn, linearized,
+sparse) a learning rate chosen on validation from a small grid, then task vectors for every task
+and seed, task addition, task negation and weight disentanglement; post-hoc merges (TIES,
+DARE-TIES, TALL consensus, ... any ``tvedit add --method``) of one regime's vectors evaluated the
+same way. Every number in the outputs comes from a ``tvedit evaluate --report`` JSON file written by
+the run; this module only orchestrates commands and aggregates their reports.
+
+Work is a list of ``tvedit`` commands run as subprocesses (``jobs`` at a time; single-threaded each
+on CPU, which is several times faster than threads on a small machine), or one after the other in
+this process when ``jobs`` is 1 (no interpreter start per command: the choice on one GPU). A command whose output
+already exists is skipped, so an interrupted study resumes where it stopped and a second study can
+reuse the first one's runs.
+
+Outputs under OUT: ``study.json`` (plan, choices, per-seed and mean ± sd results, loss curves),
+``results.md`` (the tables), ``study.png`` (figure), and ``runs/`` / ``reports/`` (every vector and
+every evaluate report, named ``REGIME/lrLR/seedS/...``). Semantics: docs/study.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvedit.errors import DataError, TveditError, UsageError
+
+REGIMES = ("full", "attn", "linearized", "sparse")
+SELECT_BY = ("merged", "single")
+
+
+class StudyError(TveditError):
+    """A step of the study failed; carries the failed command's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    theta0: str  # a tvedit checkpoint, or an open_clip state dict (+ ``model``)
+    tasks: dict[str, str]  # name -> data directory (train/ and test/)
+    model: str | None = None  # open_clip model name / config JSON (when theta0 is a raw state dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    finetune: dict[str, Any] = field(default_factory=dict)  # options shared by every regime
+    regimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # regime -> options (lr: a list = grid)
+    select: str = "merged"  # lr chosen by mean validation accuracy of the merged model, or of single tasks
+    negation: dict[str, Any] = field(default_factory=dict)  # targets, control, threshold
+    disentanglement: dict[str, Any] = field(default_factory=dict)  # tasks (2), grid_size, range, points
+    merges: dict[str, Any] = field(default_factory=dict)  # vectors (a regime), methods {name: options}, grid
+    evaluate: dict[str, Any] = field(default_factory=dict)  # grid, widen, max_examples, batch_size
+    jobs: int = 2
+    device: str = "cpu"
+
+    def lrs(self, regime: str) -> list[float]:
+        lr = self.regimes[regime].get("lr", self.finetune.get("lr", 1e-5))
+        return [float(x) for x in (lr if isinstance(lr, list) else [lr])]
+
+    def regime_options(self, regime: str) -> dict[str, Any]:
+        """Fine-tuning options of one regime, without its lr."""
+        return {k: v for k, v in {**self.finetune, **self.regimes[regime]}.items() if k != "lr"}
+
+
+PLAN_KEYS = {f for f in Plan.__dataclass_fields__}
+
+
+def load_plan(path: Path, seeds: Sequence[int] | None = None, lrs: dict[str, float] | None = None,
+              jobs: int | None = None, device: str | None = None) -> Plan:
+    """Read and check a plan; command-line overrides (seeds, fixed learning rates, jobs, device) win."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: not a readable YAML plan: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a plan is a mapping (theta0, tasks, regimes, ...)")
+    unknown = sorted(set(data) - PLAN_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown plan key {unknown[0]!r} (known: {', '.join(sorted(PLAN_KEYS))})")
+    for key in ("theta0", "tasks", "regimes"):
+        if key not in data:
+            raise UsageError(f"{path}: the plan needs {key!r}")
+    try:
+        plan = Plan(**data)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check
+        raise UsageError(f"{path}: {exc}") from None
+    if seeds is not None:
+        plan.seeds = list(seeds)
+    if jobs is not None:
+        plan.jobs = jobs
+    if device is not None:
+        plan.device = device
+    for regime, lr in (lrs or {}).items():
+        if regime not in plan.regimes:
+            raise UsageError(f"--lr {regime}={lr}: the plan has no regime {regime!r}")
+        plan.regimes[regime] = {**plan.regimes[regime], "lr": float(lr)}
+    return check_plan(plan, path)
+
+
+def check_plan(plan: Plan, path: Path | str = "plan") -> Plan:
+    if not isinstance(plan.tasks, dict) or len(plan.tasks) < 2:
+        raise UsageError(f"{path}: tasks: at least two NAME: DIR entries")
+    if not plan.regimes or not isinstance(plan.regimes, dict):
+        raise UsageError(f"{path}: regimes: a mapping REGIME: options")
+    for regime, options in plan.regimes.items():
+        if regime not in REGIMES:
+            raise UsageError(f"{path}: regimes: unknown regime {regime!r} (choose from {', '.join(REGIMES)})")
+        if not isinstance(options, dict):
+            raise UsageError(f"{path}: regimes.{regime}: a mapping of fine-tuning options")
+        if "mode" in options:
+            raise UsageError(f"{path}: regimes.{regime}: 'mode' is the regime's name")
+        lrs = plan.lrs(regime)
+        if not lrs or not all(x > 0 for x in lrs):
+            raise UsageError(f"{path}: regimes.{regime}.lr: positive learning rates")
+        for key, value in options.items():
+            if key != "lr" and isinstance(value, list):
+                raise UsageError(f"{path}: regimes.{regime}.{key}: only lr may be a grid (a list)")
+    from tvedit.finetune.config import FinetuneConfig
+
+    for regime in plan.regimes:  # every option a known fine-tuning option with a valid value
+        try:
+            FinetuneConfig.load(None, None, **{**plan.regime_options(regime), "mode": regime, "lr": plan.lrs(regime)[0]})
+        except UsageError as exc:
+            raise UsageError(f"{path}: regimes.{regime}: {exc}") from None
+    if not plan.seeds or not all(isinstance(s, int) and s >= 0 for s in plan.seeds):
+        raise UsageError(f"{path}: seeds: a list of integers >= 0")
+    if plan.select not in SELECT_BY:
+        raise UsageError(f"{path}: select: one of {', '.join(SELECT_BY)}, not {plan.select!r}")
+    if not isinstance(plan.jobs, int) or plan.jobs < 1:
+        raise UsageError(f"{path}: jobs: an integer >= 1")
+    neg = plan.negation
+    if neg:
+        control = neg.get("control")
+        if control not in plan.tasks:
+            raise UsageError(f"{path}: negation.control: one of the tasks, not {control!r}")
+        targets = neg.get("targets") or [t for t in plan.tasks if t != control]
+        bad = [t for t in targets if t not in plan.tasks or t == control]
+        if bad:
+            raise UsageError(f"{path}: negation.targets: {bad[0]!r} is not a task other than the control")
+        neg["targets"] = list(targets)
+    dis = plan.disentanglement
+    if dis:
+        pair = dis.get("tasks") or []
+        if len(pair) != 2 or not all(t in plan.tasks for t in pair):
+            raise UsageError(f"{path}: disentanglement.tasks: two of the tasks")
+    merges = plan.merges
+    if merges:
+        from tvedit.merging import METHODS, resolve_options
+
+        if merges.get("vectors") not in plan.regimes:
+            raise UsageError(f"{path}: merges.vectors: the regime whose vectors are merged, one of {', '.join(plan.regimes)}")
+        methods = merges.get("methods") or {}
+        if not isinstance(methods, dict) or not methods:
+            raise UsageError(f"{path}: merges.methods: a mapping METHOD: options")
+        for name, options in methods.items():
+            if name not in METHODS:
+                raise UsageError(f"{path}: merges.methods: unknown method {name!r} (tvedit add --method: {', '.join(sorted(METHODS))})")
+            try:
+                resolve_options(name, dict(options or {}))
+            except UsageError as exc:
+                raise UsageError(f"{path}: merges.methods.{name}: {exc}") from None
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# running commands
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One tvedit command; ``output`` exists when it is done (then it is skipped)."""
+
+    args: list[str]
+    output: Path
+    label: str
+
+    def done(self) -> bool:
+        return self.output.exists()
+
+
+Runner = Callable[[Sequence[Step]], None]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+class Study:
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None):
+        self.plan = plan
+        self.out = Path(out)
+        self.say = progress or (lambda msg: None)
+        self.theta0 = self.out / "theta0.safetensors"
+        self.timings: dict[str, float] = {}
+
+    # -- running --------------------------------------------------------------------------------
+    def run_steps(self, steps: Sequence[Step], what: str) -> None:
+        todo = [s for s in steps if not s.done()]
+        if not todo:
+            return
+        self.say(f"{what}: {len(todo)} command(s), {self.plan.jobs} at a time")
+        t0 = time.time()
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.plan.jobs > 1 and not self.plan.device.startswith("cuda"):
+            env["OMP_NUM_THREADS"] = "1"  # threads spin-wait against each other on a small CPU
+
+        def one(step: Step) -> tuple[Step, int, Path]:
+            step.output.parent.mkdir(parents=True, exist_ok=True)
+            log = logs / (step.label.replace("/", "_") + ".log")
+            with open(log, "w") as fh:
+                if self.plan.jobs == 1:
+                    rc = _in_process(step.args, fh)
+                else:
+                    rc = subprocess.call([sys.executable, "-m", "tvedit", *step.args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            return step, rc, log
+
+        failed = None
+        with ThreadPoolExecutor(max_workers=self.plan.jobs) as pool:
+            for step, rc, log in pool.map(one, todo):
+                if rc != 0 and failed is None:
+                    failed = (step, rc, log)
+                elif rc == 0:
+                    self.say(f"  done {step.label}")
+        if failed:
+            step, rc, log = failed
+            last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
+            raise StudyError(f"study step {step.label} failed (exit {rc}): {last[0]} [log: {log}]", rc)
+        self.timings[what] = self.timings.get(what, 0.0) + time.time() - t0
+
+    # -- paths ----------------------------------------------------------------------------------
+    def vector(self, regime: str, lr: float, seed: int, task: str) -> Path:
+        return self.out / "runs" / regime / f"lr{_fmt(lr)}" / f"seed{seed}" / f"{task}.safetensors"
+
+    def report(self, regime: str, lr: float | None, seed: int, name: str) -> Path:
+        parts = [regime] + ([f"lr{_fmt(lr)}"] if lr is not None else []) + [f"seed{seed}", f"{name}.json"]
+        return self.out.joinpath("reports", *parts)
+
+    # -- commands -------------------------------------------------------------------------------
+    def _task_args(self, tasks: Sequence[str]) -> list[str]:
+        return [a for t in tasks for a in ("--task", f"{t}={self.plan.tasks[t]}")]
+
+    def _eval_common(self) -> list[str]:
+        ev = self.plan.evaluate
+        args = ["--base", str(self.theta0), "--device", self.plan.device, "--json"]
+        if ev.get("max_examples"):
+            args += ["--max-examples", str(int(ev["max_examples"]))]
+        if ev.get("batch_size"):
+            args += ["--batch-size", str(int(ev["batch_size"]))]
+        return args
+
+    def init_step(self) -> Step:
+        args = ["init", "--pretrained", self.plan.theta0, "-o", str(self.theta0), "--json"]
+        if self.plan.model:
+            args[1:1] = ["--model", self.plan.model]
+        return Step(args, self.theta0, "init")
+
+    def finetune_step(self, regime: str, lr: float, seed: int, task: str) -> Step:
+        out = self.vector(regime, lr, seed, task)
+        args = ["finetune", "--pretrained", str(self.theta0), "--train", f"{self.plan.tasks[task]}/train",
+                "--task", task, "--mode", regime, "--lr", repr(lr), "--seed", str(seed), "--emit", "vector",
+                "--device", self.plan.device, "-o", str(out), "--json"]  # fmt: skip
+        options = self.plan.regime_options(regime)
+        if options:
+            cfg = out.with_name(out.name.removesuffix(".safetensors") + ".config.json")
+            cfg.parent.mkdir(parents=True, exist_ok=True)
+            cfg.write_text(json.dumps(options, sort_keys=True) + "\n")
+            args += ["--config", str(cfg)]
+        return Step(args, out, f"finetune/{regime}/lr{_fmt(lr)}/seed{seed}/{task}")
+
+    def _grid_args(self, regime: str) -> list[str]:
+        ev = self.plan.evaluate
+        args = ["--grid", str(ev.get("grid", "0:1:0.05"))]
+        if regime == "sparse" and not ev.get("widen", True):
+            args.append("--no-widen")
+        return args
+
+    def addition_step(self, regime: str, lr: float, seed: int) -> Step:
+        out = self.report(regime, lr, seed, "addition")
+        vectors = [str(self.vector(regime, lr, seed, t)) for t in self.plan.tasks]
+        args = ["evaluate", *vectors, *self._task_args(list(self.plan.tasks)), "--protocol", "addition",
+                *self._grid_args(regime), *self._eval_common(), "--report", str(out)]  # fmt: skip
+        return Step(args, out, f"addition/{regime}/lr{_fmt(lr)}/seed{seed}")
+
+    def negation_step(self, regime: str, lr: float, seed: int) -> Step:
+        neg = self.plan.negation
+        out = self.report(regime, lr, seed, "negation")
+        targets = neg["targets"]
+        control = neg["control"]
+        vectors = [str(self.vector(regime, lr, seed, t)) for t in targets]
+        args = ["evaluate", *vectors, *self._task_args(targets), "--control", f"{control}={self.plan.tasks[control]}",
+                "--protocol", "negation", "--threshold", str(neg.get("threshold", 0.95)), *self._grid_args(regime),
+                *self._eval_common(), "--report", str(out)]  # fmt: skip
+        return Step(args, out, f"negation/{regime}/lr{_fmt(lr)}/seed{seed}")
+
+    def xi_step(self, regime: str, lr: float, seed: int) -> Step:
+        dis = self.plan.disentanglement
+        out = self.report(regime, lr, seed, "disentanglement")
+        pair = dis["tasks"]
+        lo, hi = dis.get("range", [-3, 3])
+        vectors = [str(self.vector(regime, lr, seed, t)) for t in pair]
+        args = ["evaluate", *vectors, *self._task_args(pair), "--protocol", "disentanglement",
+                "--grid-range", f"{lo}:{hi}", "--grid-size", str(dis.get("grid_size", 9)),
+                "--points", str(dis.get("points", 256)), *self._eval_common(), "--report", str(out),
+                "-o", str(out.with_suffix(".png"))]  # fmt: skip
+        return Step(args, out, f"xi/{regime}/lr{_fmt(lr)}/seed{seed}")
+
+    def merge_steps(self, method: str, lr: float, seed: int) -> tuple[Step, Step]:
+        regime = self.plan.merges["vectors"]
+        label = f"merge-{method}"
+        merged = self.out / "runs" / label / f"seed{seed}" / "merged.safetensors"
+        vectors = [str(self.vector(regime, lr, seed, t)) for t in self.plan.tasks]
+        options = [a for k, v in (self.plan.merges["methods"][method] or {}).items() for a in ("--option", f"{k}={_option(v)}")]
+        add = Step(["add", *vectors, "--method", method, *options, "--emit", "vector", "-o", str(merged), "--json"],
+                   merged, f"{label}/seed{seed}/add")  # fmt: skip
+        out = self.report(label, None, seed, "addition")
+        grid = str(self.plan.merges.get("grid", "0:2:0.05"))
+        ev = Step(["evaluate", *vectors, "--merged", str(merged), *self._task_args(list(self.plan.tasks)),
+                   "--protocol", "addition", "--grid", grid, *self._eval_common(), "--report", str(out)],
+                  out, f"{label}/seed{seed}/addition")  # fmt: skip
+        return add, ev
+
+    # -- the study ------------------------------------------------------------------------------
+    def select_lr(self, regime: str) -> dict[str, Any]:
+        """The lr whose first-seed vectors give the best mean validation accuracy (merged model or
+        single tasks, ``plan.select``); ties: the smaller lr."""
+        seed = self.plan.seeds[0]
+        scores = {}
+        for lr in self.plan.lrs(regime):
+            rep = read_json(self.report(regime, lr, seed, "addition"))
+            val = rep["val"]
+            scores[lr] = val["merged_mean"] if self.plan.select == "merged" else _mean(list(val["single"].values()))
+        best = max(sorted(scores), key=lambda lr: scores[lr])
+        return {"lr": best, "by": f"mean validation accuracy ({self.plan.select})", "scores": {_fmt(k): v for k, v in scores.items()}}
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_steps([self.init_step()], "init theta0")
+        first = plan.seeds[0]
+        tasks = list(plan.tasks)
+        # 1. first seed at every learning rate of every regime; addition picks each regime's lr
+        self.run_steps([self.finetune_step(r, lr, first, t) for r in plan.regimes for lr in plan.lrs(r) for t in tasks], "fine-tune (first seed, lr grid)")
+        self.run_steps([self.addition_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)], "task addition (first seed)")
+        chosen = {r: self.select_lr(r) for r in plan.regimes}
+        lr_of = {r: c["lr"] for r, c in chosen.items()}
+        # 2. the other seeds at the chosen learning rates
+        rest = plan.seeds[1:]
+        self.run_steps([self.finetune_step(r, lr_of[r], s, t) for r in plan.regimes for s in rest for t in tasks], "fine-tune (other seeds)")
+        steps = [self.addition_step(r, lr_of[r], s) for r in plan.regimes for s in rest]
+        if plan.negation:
+            steps += [self.negation_step(r, lr_of[r], s) for r in plan.regimes for s in plan.seeds]
+        if plan.disentanglement:
+            steps += [self.xi_step(r, lr_of[r], first) for r in plan.regimes]
+        self.run_steps(steps, "evaluate (addition, negation, disentanglement)")
+        # 3. post-hoc merges of one regime's vectors
+        if plan.merges:
+            regime = plan.merges["vectors"]
+            pairs = [self.merge_steps(m, lr_of[regime], s) for m in plan.merges["methods"] for s in plan.seeds]
+            self.run_steps([a for a, _ in pairs], "post-hoc merges")
+            self.run_steps([e for _, e in pairs], "evaluate merges")
+        result = self.collect(chosen)
+        write_outputs(result, self.out)
+        return result
+
+    # -- aggregation ----------------------------------------------------------------------------
+    def collect(self, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        plan = self.plan
+        rows: dict[str, Any] = {}
+        for regime, choice in chosen.items():
+            lr = choice["lr"]
+            per_seed = []
+            for s in plan.seeds:
+                rec: dict[str, Any] = {"seed": s, "addition": _addition_record(read_json(self.report(regime, lr, s, "addition")))}
+                if plan.negation:
+                    rec["negation"] = _negation_record(read_json(self.report(regime, lr, s, "negation")))
+                rec["loss"] = {t: loss_curve(self.vector(regime, lr, s, t)) for t in plan.tasks}
+                per_seed.append(rec)
+            row = {"kind": "regime", "regime": regime, "lr": lr, "lr_choice": choice, "seeds": per_seed, **_aggregate(per_seed)}
+            if plan.disentanglement:
+                xi = read_json(self.report(regime, lr, plan.seeds[0], "disentanglement"))
+                row["disentanglement"] = _xi_record(xi)
+            rows[regime] = row
+        if plan.merges:
+            regime = plan.merges["vectors"]
+            for method in plan.merges["methods"]:
+                label = f"merge-{method}"
+                per_seed = [{"seed": s, "addition": _addition_record(read_json(self.report(label, None, s, "addition")))} for s in plan.seeds]
+                rows[label] = {"kind": "merge", "method": method, "vectors": regime, "lr": chosen[regime]["lr"],
+                               "options": plan.merges["methods"][method] or {}, "seeds": per_seed, **_aggregate(per_seed)}  # fmt: skip
+        first = rows[next(iter(chosen))]["seeds"][0]["addition"]
+        return {
+            "plan": asdict(plan),
+            "zero_shot": first["zero_shot"],
+            "zero_shot_per_task": first["zero_shot_per_task"],
+            "rows": rows,
+            "seconds": {k: round(v, 1) for k, v in self.timings.items()},
+        }
+
+
+def _in_process(args: Sequence[str], log: Any) -> int:
+    """Run one tvedit command in this process (jobs = 1: no interpreter start, no torch import per
+    command), its output to ``log``; returns its exit code."""
+    import contextlib
+
+    import click
+
+    from tvedit.cli.app import app
+
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            rc = app(list(args), standalone_mode=False)
+        except click.ClickException as exc:  # bad command line: what click would print, exit 2
+            exc.show(file=log)
+            rc = exc.exit_code
+        except SystemExit as exc:  # pragma: no cover - typer may still exit
+            rc = exc.code
+    return int(rc or 0)
+
+
+def _option(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the report: {exc}") from None
+
+
+def loss_curve(vector: Path) -> list[float]:
+    """Training loss per logged step from the run's JSONL log (OUT.train.jsonl)."""
+    log = vector.with_name(vector.name.removesuffix(".safetensors") + ".train.jsonl")
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec and "step" in rec:
+            out.append([rec["step"], rec["loss"]])
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _sd(xs: Sequence[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _addition_record(rep: dict[str, Any]) -> dict[str, Any]:
+    m = rep["mean"]
+    return {"alpha": rep["alpha"], "zero_shot": m["zero_shot"], "single": m["single"], "merged": m["merged"],
+            "normalized": m["normalized"], "gain": m["gain"], "per_task": rep["merged"], "single_per_task": rep["single"],
+            "zero_shot_per_task": rep["zero_shot"]}  # fmt: skip
+
+
+def _negation_record(rep: dict[str, Any]) -> dict[str, Any]:
+    m = rep["mean"]
+    return {"target": m["target_test"], "control": m["control_test"], "target_zero_shot": m["target_zero_shot"],
+            "control_zero_shot": rep["control_zero_shot"],
+            "target_finetuned": _mean([r["target_finetuned"] for r in rep["targets"]]),
+            "alphas": {r["target"]: r["alpha"] for r in rep["targets"]},
+            "feasible": all(r["feasible"] for r in rep["targets"])}  # fmt: skip
+
+
+def _xi_record(rep: dict[str, Any]) -> dict[str, Any]:
+    xi = rep["xi"]
+    n = sum(len(r) for r in xi)
+    return {"tasks": rep["tasks"], "linear": rep["linear"], "xi_mean": sum(map(sum, xi)) / n, "xi_max": max(map(max, xi))}
+
+
+AGGREGATED = {
+    "addition": ("merged", "normalized", "gain", "single", "alpha"),
+    "negation": ("target", "control", "target_finetuned"),
+}
+
+
+def _aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """mean and sample sd over seeds of every headline number."""
+    out: dict[str, Any] = {}
+    for part, keys in AGGREGATED.items():
+        if part not in per_seed[0]:
+            continue
+        out[part] = {k: {"mean": _mean([r[part][k] for r in per_seed]), "sd": _sd([r[part][k] for r in per_seed])} for k in keys}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------------
+def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['sd'] * scale:.{digits}f}"
+
+
+def results_table(result: dict[str, Any]) -> str:
+    """The README table (markdown), every number from ``result`` (test accuracy in %)."""
+    rows = result["rows"]
+    zero = result["zero_shot"] * 100
+    seeds = len(result["plan"]["seeds"])
+    lines = [
+        f"Task addition over {len(result['plan']['tasks'])} tasks, test accuracy in % (mean ± sd over {seeds} seed{'s' * (seeds > 1)}); zero-shot θ0: {zero:.1f}.",
+        "",
+        "Zero-shot θ0 per task: " + ", ".join(f"{t} {a * 100:.1f}" for t, a in result.get("zero_shot_per_task", {}).items()) + ".",
+        "",
+        "| vectors | lr | α | fine-tuned (alone) | merged (absolute) | normalised | gain over zero-shot |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        a = r["addition"]
+        label = name if r["kind"] == "regime" else f"{r['vectors']} + {r['method']}"
+        lines.append(f"| {label} | {r['lr']:g} | {a['alpha']['mean']:.3g} | {_pm(a['single'])} | {_pm(a['merged'])} | {_pm(a['normalized'])} | {_pm(a['gain'])} |")
+    neg_rows = [(n, r) for n, r in rows.items() if "negation" in r]
+    if neg_rows:
+        first = neg_rows[0][1]["seeds"][0]["negation"]
+        plan_neg = result["plan"]["negation"]
+        lines += [
+            "",
+            f"Task negation (θ0 − α τ, targets {', '.join(plan_neg['targets'])}; control {plan_neg['control']} kept ≥ "
+            f"{plan_neg.get('threshold', 0.95):g} × θ0's {first['control_zero_shot'] * 100:.1f}), mean over targets; lower target is better:",
+            "",
+            "| regime | target: zero-shot | fine-tuned | after negation | control |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in neg_rows:
+            n = r["negation"]
+            z = r["seeds"][0]["negation"]["target_zero_shot"] * 100
+            lines.append(f"| {name} | {z:.1f} | {_pm(n['target_finetuned'])} | {_pm(n['target'])} | {_pm(n['control'])} |")
+    xi_rows = [(n, r) for n, r in rows.items() if "disentanglement" in r]
+    if xi_rows:
+        d = result["plan"]["disentanglement"]
+        lines += ["", f"Weight disentanglement ξ ({' + '.join(d['tasks'])}, first seed, grid {d.get('grid_size', 9)}² over {d.get('range', [-3, 3])}; lower is better):", "",
+                  "| regime | mean ξ | max ξ |", "|---|---|---|"]  # fmt: skip
+        for name, r in xi_rows:
+            x = r["disentanglement"]
+            lines.append(f"| {name}{' (f_lin)' if x['linear'] else ''} | {x['xi_mean']:.3f} | {x['xi_max']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    (out / "study.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / "results.md").write_text(results_table(result))
+    try:
+        from tvedit.evaluate.plots import study_figure
+    except ImportError:  # pragma: no cover - matplotlib is the [plot] extra
+        return
+    try:
+        study_figure(result, out / "study.png")
+    except ImportError:
+        pass
