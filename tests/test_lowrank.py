@@ -89,7 +89,11 @@ def test_every_command_reads_the_low_rank_layout(cli, tv: Path, tmp_path: Path) 
     got, tau2 = load_file(str(tmp_path / "m.safetensors")), dense(tmp_path / "tv2.safetensors")
     for k in SHAPES:
         close(got[k], base[k] + 0.5 * (trunc[k] + tau2[k]))
-    # scale, mask, info (the others read through the same Checkpoint.get)
+    # evaluate's reader, scale, mask, info (all read through the same Checkpoint.get)
+    from tvedit.evaluate.runner import load_vector
+
+    loaded = load_vector(lr.path, None).tensors
+    assert loaded.keys() == trunc.keys() and all(torch.equal(loaded[k], trunc[k]) for k in trunc)
     (sc,) = scale([lr.path], 2.0, tmp_path / "s.safetensors", ArithOptions())
     assert all(torch.allclose(v, 2 * trunc[k]) for k, v in dense(sc.path).items() if v.is_floating_point())
     proc = cli("mask", "topk", "lr.safetensors", "--density", "1", "-o", "k.safetensors")
