@@ -11,9 +11,9 @@ wall time and peak RSS (benchmarks/_measure.py):
   and bfloat16 factors, reporting the file / dense-file size ratio.
 
 Every figure includes the ~3 s of process start-up (importing torch). Prints a table and one JSON
-line. Usage (the default takes about 3 minutes on 2 cores):
+line. Usage (the default, --blocks 1, took 2 min 44 s of wall time on the shared 2-core machine):
 
-    python benchmarks/bench_svd.py --inputs 8 --blocks 3
+    python benchmarks/bench_svd.py --inputs 8 --blocks 1
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def run(n_inputs: int, blocks: int, workdir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=8)
-    ap.add_argument("--blocks", type=int, default=3, help="residual blocks per vector (12 = the whole ViT-B/32 encoder)")
+    ap.add_argument("--blocks", type=int, default=1, help="residual blocks per vector (12 = the whole ViT-B/32 encoder)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tvedit-bench-svd-"))
