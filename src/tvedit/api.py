@@ -18,8 +18,9 @@ import torch
 
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_ref
-from tvedit.merging import MergeContext, get_method
+from tvedit.merging import OPTION_DEFAULTS, MergeContext, get_method, resolve_options
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
+from tvedit.svd import Factors
 from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
 
 Progress = Callable[[int, int, str], None]
@@ -351,6 +352,8 @@ def add(
     opts = opts or ArithOptions()
     merge = get_method(method)
     method_options = dict(method_options or {})
+    if method in OPTION_DEFAULTS:
+        resolve_options(method, dict(method_options))  # bad option values fail before any file is opened
     if emit not in ("checkpoint", "vector"):
         raise UsageError(f"--emit must be 'checkpoint' or 'vector', not {emit!r}")
     specs = [_spec(s) for s in inputs]
@@ -398,6 +401,17 @@ def add(
             shape = sources._shape(key)
             ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape))
             merged = merge.merge(sources.vectors(key), ctx)
+            if isinstance(merged, Factors):  # a low-rank result (tsv lowrank=true)
+                if emit == "vector":
+                    ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
+                    merged.S.mul_(alpha)
+                    for part in (merged.U, merged.S, merged.V):
+                        _check_finite(part, out, key, opts)
+                    w.write_lowrank(key, merged.to(_out_dtype(opts, ref.info(key).dtype)))
+                    if progress:
+                        progress(i + 1, len(all_keys), key)
+                    continue
+                merged = merged.dense()
             if emit == "checkpoint":
                 assert base_ckpt is not None
                 result = merged.mul_(alpha).add_(sources.base(key))  # theta0 + alpha * merged, in place

@@ -16,7 +16,7 @@ FORMAT = "tvedit/1"
 METADATA_KEY = "tvedit"
 KINDS = ("checkpoint", "task-vector", "mask")
 REGIMES = ("nonlinear", "linearized")
-LAYOUTS = ("dense", "sparse")
+LAYOUTS = ("dense", "sparse", "lowrank", "mixed")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tvedit import arith, sparsify
+from tvedit import arith, sparsify, svd
 from tvedit.errors import UsageError
 
 
@@ -129,7 +129,13 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(f"--option lambda={options['lambda']}: must be a number") from None
         if not options["lambda"] >= 0:
             raise UsageError(f"--option lambda={options['lambda']}: must be >= 0")
+    if method in OPTION_CHECKS:
+        OPTION_CHECKS[method](options)
     return options
+
+
+# method-specific option checks, run by resolve_options after the defaults are filled in
+OPTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
 def _vector_stream(sources: Any) -> sparsify.Stream:
@@ -196,6 +202,117 @@ register(MergeMethod(
     "consensus", _consensus, "TALL consensus: sum_i w_i tau_i where >= min_agree TALL masks agree",
     options=tuple(OPTION_DEFAULTS["consensus"]), prepare=_prepare_consensus,
 ))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# singular-value merges: TSV-M, Iso-C, Iso-CTS (math in tvedit/svd.py; docs/methods.md)
+# --------------------------------------------------------------------------------------------
+# Every 2-D floating tensor selected by include/exclude goes through the SVD path, computed on the
+# weighted matrices w_i tau_i; every other tensor is merged by ``other`` (mean: sum_i w_i tau_i /
+# sum_i w_i, the reference implementations' rule; sum: sum_i w_i tau_i). add applies alpha last.
+_SVD_COMMON: dict[str, Any] = {"other": "mean", "include": [], "exclude": [], "device": "cpu"}
+OPTION_DEFAULTS.update({
+    "tsv": {"rank_fraction": None, "lowrank": False, **_SVD_COMMON},  # rank_fraction None: 1/N
+    "iso-c": dict(_SVD_COMMON),
+    "iso-cts": {"common_fraction": 0.8, "sizing": "fill", "spectrum": "combined", **_SVD_COMMON},
+})  # fmt: skip
+SVD_OTHER = ("mean", "sum")
+ISO_CTS_SIZINGS = ("fill", "floor")
+ISO_CTS_SPECTRA = ("combined", "sum")
+
+
+def _fraction(options: dict[str, Any], name: str, upper_closed: bool) -> None:
+    value = options[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value and (value <= 1 if upper_closed else value < 1)
+    if not ok:
+        interval = "(0, 1]" if upper_closed else "(0, 1)"
+        raise UsageError(f"--option {name}={value}: must be a number in {interval}")
+    options[name] = float(value)
+
+
+def _globs(options: dict[str, Any], name: str) -> None:
+    value = options[name]
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"--option {name}={options[name]}: must be a glob or a list of globs")
+    options[name] = list(value)
+
+
+def _device(options: dict[str, Any]) -> None:
+    name = str(options["device"])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--option device={name}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--option device={name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--option device={name}: expected cpu, cuda or cuda:N")
+    options["device"] = name
+
+
+def _check_svd_options(options: dict[str, Any]) -> None:
+    _choice(options, "other", SVD_OTHER)
+    _globs(options, "include")
+    _globs(options, "exclude")
+    _device(options)
+    if options.get("rank_fraction") is not None:
+        _fraction(options, "rank_fraction", upper_closed=True)
+    if "lowrank" in options:
+        _flag(options, "lowrank")
+    if "common_fraction" in options:
+        _fraction(options, "common_fraction", upper_closed=False)
+        _choice(options, "sizing", ISO_CTS_SIZINGS)
+        _choice(options, "spectrum", ISO_CTS_SPECTRA)
+
+
+def _prepare_svd(method: str) -> PrepareFn:
+    def prepare(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
+        from tvedit.masking import KeyFilter  # masking imports api, which imports this module
+
+        resolve_options(method, options)
+        if "rank_fraction" in options and options["rank_fraction"] is None:
+            options["rank_fraction"] = 1.0 / len(sources.inputs)  # recorded resolved, like the DARE seed
+        return {"filter": KeyFilter(tuple(options["include"]), tuple(options["exclude"])), "device": torch.device(options["device"])}
+
+    return prepare
+
+
+def _svd_method(fn: Callable[[Sequence[torch.Tensor], MergeContext], Any]) -> Callable[[Sequence[torch.Tensor], MergeContext], Any]:
+    """Route a key: 2-D and selected -> fn on the inputs' matrices (on the chosen device), else ``other``."""
+
+    def merge(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
+        if vectors[0].dim() != 2 or 0 in vectors[0].shape or not ctx.state["filter"].selects(ctx.key):
+            return (_mean if ctx.options["other"] == "mean" else _sum)(vectors, ctx)
+        device = ctx.state["device"]
+        result = fn([v.to(device) for v in vectors], ctx)
+        return result.to("cpu") if device.type != "cpu" else result
+
+    return merge
+
+
+def _tsv(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
+    factors = svd.tsv_merge(vectors, ctx.weights, ctx.options["rank_fraction"])
+    return factors if ctx.options["lowrank"] else factors.dense()
+
+
+def _iso_c(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
+    return svd.iso_c(vectors, ctx.weights)
+
+
+def _iso_cts(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
+    o = ctx.options
+    return svd.iso_cts(vectors, ctx.weights, o["common_fraction"], o["sizing"], o["spectrum"])
+
+
+for _name, _fn, _summary in (
+    ("tsv", _tsv, "TSV-M: top rank_fraction of each w_i tau_i's singular triplets, concatenated, U and V orthogonalised"),
+    ("iso-c", _iso_c, "Iso-C: SVD of sum_i w_i tau_i with every singular value replaced by their mean"),
+    ("iso-cts", _iso_cts, "Iso-CTS: common top directions of the sum + per-input directions outside them, flat spectrum"),
+):
+    OPTION_CHECKS[_name] = _check_svd_options
+    register(MergeMethod(_name, _svd_method(_fn), _summary + " (2-D tensors; others: other=mean|sum)",
+                         options=tuple(OPTION_DEFAULTS[_name]), prepare=_prepare_svd(_name)))  # fmt: skip
 
 
 def get_method(name: str) -> MergeMethod:

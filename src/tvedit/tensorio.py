@@ -15,6 +15,10 @@ Sparse layout (docs/manifest.md): a logical tensor ``K`` of shape S may be store
 ``K::values`` (its non-zero entries, row-major order) plus either ``K::indices`` (int32/int64 flat
 positions) or ``K::bitmap`` (uint8, one bit per entry, most significant bit first); a mask is
 stored as ``K::bitmap`` alone. The manifest's ``sparse`` map records S and the encoding.
+
+Low-rank layout (docs/manifest.md): a 2-D task-vector tensor ``K`` of shape (m, n) may be stored as
+``K::U`` (m, k), ``K::S`` (k,) and ``K::V`` (n, k), meaning U diag(S) V^T; its ``sparse`` record is
+``{"shape": [m, n], "encoding": "lowrank", "rank": k}``.
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int
     return out.reshape(shape)
 
 
+LOWRANK_PARTS = ("U", "S", "V")
+
+
+def decode_lowrank(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """U diag(S) V^T, computed in float32 (float64 for float64 factors), in the factors' dtype."""
+    u, s, v = (parts[p] for p in LOWRANK_PARTS)
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return ((u.to(work) * s.to(work)) @ v.to(work).T).to(u.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -223,11 +237,13 @@ class Checkpoint:
         for key, spec in self._sparse.items():
             enc = spec.get("encoding")
             needed = ["bitmap"] if enc == "mask" else ["values", "bitmap" if enc == "bitmap" else "indices"]
+            if enc == "lowrank":
+                needed = list(LOWRANK_PARTS)
             for part in needed:
                 if f"{key}{SEP}{part}" not in self._stored:
                     raise InputError(f"{self.path}: key {key!r}: sparse part {part!r} is missing")
                 hidden.add(f"{key}{SEP}{part}")
-            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}values"].dtype
+            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}{needed[0]}"].dtype
             self._logical[key] = TensorInfo(tuple(spec["shape"]), dtype)
         for key, info in self._stored.items():
             if key not in hidden:
@@ -272,7 +288,12 @@ class Checkpoint:
         return self.info(key).dtype.is_floating_point
 
     def is_sparse(self, key: str) -> bool:
+        """Stored in any encoding other than itself (sparse or low-rank): ``get`` decodes it."""
         return key in self._sparse
+
+    def encoding(self, key: str) -> str:
+        """How a logical key is stored: dense, indices, bitmap, mask or lowrank."""
+        return str(self._sparse[key]["encoding"]) if key in self._sparse else "dense"
 
     def _handle(self, f: Path) -> Any:
         handle = self._files.get(f)
@@ -315,10 +336,12 @@ class Checkpoint:
         if key in self._sparse:
             spec = self._sparse[key]
             parts = {}
-            for part in ("values", "indices", "bitmap"):
+            for part in ("values", "indices", "bitmap", *LOWRANK_PARTS):
                 stored = f"{key}{SEP}{part}"
                 if stored in self._stored:
                     parts[part] = self._get_stored(stored)
+            if spec["encoding"] == "lowrank":
+                return decode_lowrank(parts)
             return decode_sparse(spec["encoding"], parts, list(spec["shape"]), None)
         if key not in self._stored:
             raise MismatchError(f"{self.path}: key {key!r} is missing")
@@ -584,7 +607,7 @@ class CheckpointWriter:
             self._pool = None
         self._bufs = [bytearray(), bytearray()]
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _begin(self, key: str) -> None:
         if self._done:
             raise RuntimeError("writer is closed")
         if self._last_key is not None and key <= self._last_key:
@@ -592,6 +615,27 @@ class CheckpointWriter:
         if SEP in key:
             raise InputError(f"key {key!r}: '{SEP}' is reserved for tvedit's sparse layout")
         self._last_key = key
+
+    def write_lowrank(self, key: str, factors: Any) -> None:
+        """Store a task-vector matrix given as factors (U (m, k), S (k,), V (n, k): U diag(S) V^T) in
+        the low-rank layout, or as the dense product when the factors would not be smaller."""
+        if self.manifest.kind != "task-vector":
+            raise ValueError("the low-rank layout is for task vectors")
+        u, s, v = (t.detach().cpu().contiguous() for t in (factors.U, factors.S, factors.V))
+        (m, k), n = u.shape, v.shape[0]
+        dense = decode_lowrank(dict(zip(LOWRANK_PARTS, (u, s, v), strict=True)))
+        if k * (m + n + 1) >= m * n:
+            self.write(key, dense)
+            return
+        self._begin(key)
+        self._nonzero += int(torch.count_nonzero(dense))
+        self._float_numel += dense.numel()
+        for part, t in sorted(zip(LOWRANK_PARTS, (u, s, v), strict=True)):
+            self._write_stored(f"{key}{SEP}{part}", t)
+        self._sparse[key] = {"shape": [m, n], "encoding": "lowrank", "rank": k}
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._begin(key)
         tensor = tensor.detach().cpu()
         if self.manifest.kind == "mask" and tensor.dtype == torch.bool:
             self._nonzero += int(tensor.sum())
@@ -627,7 +671,8 @@ class CheckpointWriter:
         self._stop_thread()
         data = self.manifest.to_dict()
         data["sparse"] = self._sparse
-        data["layout"] = "sparse" if self._sparse and self.manifest.kind != "mask" else "dense"
+        encodings = {spec["encoding"] for spec in self._sparse.values()} - {"mask"}
+        data["layout"] = {0: "dense", 1: "sparse", 2: "lowrank", 3: "mixed"}[bool(encodings - {"lowrank"}) + 2 * ("lowrank" in encodings)]
         if self.manifest.kind in ("task-vector", "mask"):
             data["density"] = self.density
         data["sha256"] = combine_digests(self._digests)

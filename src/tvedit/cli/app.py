@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "tvedit.cli.mask_cmds",
     "tvedit.cli.evaluate_cmds",
     "tvedit.cli.study_cmds",
+    "tvedit.cli.compress_cmds",
 )
 
 EPILOG = "Exit codes: " + "; ".join(f"{c} {d.split(':')[0].split(' (')[0]}" for c, d in EXIT_CODES.items()) + "."

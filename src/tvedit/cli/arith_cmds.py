@@ -97,6 +97,8 @@ def register(app: typer.Typer) -> None:
         base: Path | None = typer.Option(None, "--base", "-b", help="theta0. Default: the base recorded in the inputs."),
         method: str | None = typer.Option(None, "--method", "-m", help="Merge method (see `tvedit methods`). Default: sum."),
         option: list[str] = typer.Option([], "--option", help="Method option KEY=VALUE (repeatable), e.g. --option density=0.2."),
+        include: list[str] = typer.Option([], "--include", help="tsv, iso-c, iso-cts: only keys matching this glob take the SVD path (repeatable)."),
+        exclude: list[str] = typer.Option([], "--exclude", help="tsv, iso-c, iso-cts: keys matching this glob skip the SVD path (repeatable)."),
         emit: str = typer.Option("checkpoint", "--emit", help="checkpoint: theta0 + alpha*merged; vector: alpha*merged as a task vector."),
         output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
         dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
@@ -109,21 +111,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
         from tvedit import api
-        from tvedit.merging import METHODS
         from tvedit.pipeline import InputSpec
 
         opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        cli_options = parse_options(option)
+        cli_options.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v})
+        if method is not None:  # options given with --method are checked before stdin or any file is read
+            _check_method_options(method, cli_options)
         resolved = _inputs(inputs)
         recipe = resolved.options
         method = method or recipe.get("method", "sum")
-        if method not in METHODS:
-            raise UsageError(f"--method: unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
         method_options: dict[str, Any] = dict(recipe.get("options") or {})
-        method_options.update(parse_options(option))
-        bad = sorted(set(method_options) - set(METHODS[method].options))
-        if bad:
-            allowed = ", ".join(METHODS[method].options) or "none"
-            raise UsageError(f"--option: {method} does not take {bad[0]!r} (it takes: {allowed})")
+        method_options.update(cli_options)
+        _check_method_options(method, method_options)
         if alpha is None:
             alpha = float(recipe.get("alpha", 1.0))
         weight_list = parse_weights(weights, len(resolved.items)) if weights else None
@@ -177,6 +177,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
         _unary("negate", inputs, -1.0, output, out_dir, dtype, compute_dtype, layout, False, force, as_json)
+
+
+def _check_method_options(method: str, options: dict[str, Any]) -> None:
+    from tvedit.merging import METHODS, OPTION_DEFAULTS, resolve_options
+
+    if method not in METHODS:
+        raise UsageError(f"--method: unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    bad = sorted(set(options) - set(METHODS[method].options))
+    if bad:
+        allowed = ", ".join(METHODS[method].options) or "none"
+        flag = f"--{bad[0]}" if bad[0] in ("include", "exclude") else "--option"
+        raise UsageError(f"{flag}: {method} does not take {bad[0]!r} (it takes: {allowed})")
+    if method in OPTION_DEFAULTS:
+        resolve_options(method, dict(options))
 
 
 def parse_weights(text: str, n: int) -> list[float]:

@@ -19,6 +19,8 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
     total = nonzero = float_numel = 0
     sq = 0.0
     dtypes: dict[str, int] = {}
+    layouts: dict[str, int] = {}  # encoding -> number of logical tensors
+    logical_bytes = 0  # the tensors' bytes if every one were stored dense
     for key in ckpt.keys():
         info = ckpt.info(key)
         numel = 1
@@ -27,7 +29,10 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
         total += numel
         dt = str(info.dtype).replace("torch.", "")
         dtypes[dt] = dtypes.get(dt, 0) + 1
-        row = {"key": key, "shape": list(info.shape), "dtype": dt, "sparse": ckpt.is_sparse(key)}
+        encoding = ckpt.encoding(key)
+        layouts[encoding] = layouts.get(encoding, 0) + 1
+        logical_bytes += numel * info.dtype.itemsize
+        row = {"key": key, "shape": list(info.shape), "dtype": dt, "sparse": ckpt.is_sparse(key), "encoding": encoding}
         if info.dtype.is_floating_point or info.dtype == torch.bool:
             t = ckpt.get(key)
             nz = int(torch.count_nonzero(t))
@@ -46,6 +51,8 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
         "parameters": total,
         "bytes": sum(f.stat().st_size for f in set(ckpt._where.values())),
         "dtypes": dtypes,
+        "layouts": layouts,
+        "storage_ratio": ckpt.stored_nbytes() / logical_bytes if logical_bytes else None,
         "density": nonzero / float_numel if float_numel else None,
         "norm": sq**0.5,
         "manifest": m.to_dict() if m else None,
@@ -57,6 +64,12 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
     if tensors:
         data["tensor_table"] = rows
     return data
+
+
+def _storage(data: dict) -> str:
+    """'12.3% of dense (lowrank×3, dense×2)': stored tensor bytes over the dense bytes, per encoding."""
+    ratio = "" if data["storage_ratio"] is None else f"{100 * data['storage_ratio']:.3g}% of dense "
+    return ratio + "(" + ", ".join(f"{k}×{v}" for k, v in sorted(data["layouts"].items())) + ")"
 
 
 def register(app: typer.Typer) -> None:
@@ -91,6 +104,7 @@ def register(app: typer.Typer) -> None:
             for k, v in [
                 ("kind", data["kind"]), ("model", (m.get("model") or {}).get("architecture") or (m.get("model") or {}).get("family", "unknown")),
                 ("regime", m.get("regime", "nonlinear")), ("layout", m.get("layout", "dense")),
+                ("storage", _storage(data)),
                 ("tensors", data["tensors"]), ("parameters", f"{data['parameters']:,}"), ("bytes", f"{data['bytes']:,}"),
                 ("dtypes", ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items())), ("density", density),
                 ("norm", f"{data['norm']:.6g}"), ("sha256", data["sha256"]),
@@ -103,11 +117,11 @@ def register(app: typer.Typer) -> None:
             console.print(table)
             if tensors:
                 t = Table(show_edge=False, header_style="bold")
-                for col in ("key", "shape", "dtype", "norm", "density", "sparse"):
+                for col in ("key", "shape", "dtype", "norm", "density", "stored as"):
                     t.add_column(col)
                 for r in data["tensor_table"]:
                     t.add_row(r["key"], str(r["shape"]), r["dtype"], f"{r.get('norm', 0):.4g}" if "norm" in r else "",
-                              f"{r['density']:.3g}" if r.get("density") is not None else "", "yes" if r["sparse"] else "")  # fmt: skip
+                              f"{r['density']:.3g}" if r.get("density") is not None else "", "" if r["encoding"] == "dense" else r["encoding"])  # fmt: skip
                 console.print(t)
         if bad:
             raise MismatchError(f"{bad[0]}: content hash does not match its manifest (file modified?)")
