@@ -19,7 +19,7 @@ import torch
 from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_ref
-from tvedit.merging import MergeContext, get_method
+from tvedit.merging import MergeContext, MergeMethod, get_method
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
 from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
 
@@ -384,10 +384,13 @@ def add(
     emit: str = "checkpoint",
     opts: ArithOptions | None = None,
     progress: Progress | None = None,
+    custom: MergeMethod | None = None,
 ) -> Artifact:
-    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector."""
+    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector.
+
+    ``custom``: a merge method built outside the table (a mergekit recipe: mergekit.py)."""
     opts = opts or ArithOptions()
-    merge = get_method(method)
+    merge = custom or get_method(method)
     method_options = dict(method_options or {})
     if emit not in ("checkpoint", "vector"):
         raise UsageError(f"--emit must be 'checkpoint' or 'vector', not {emit!r}")

@@ -135,6 +135,14 @@ def register(app: typer.Typer) -> None:
         from tvedit.pipeline import InputSpec
 
         opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        recipe = _mergekit_recipe(inputs)
+        if recipe is not None:
+            given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]
+            if given or emit != "checkpoint" or any(not o.startswith("seed=") for o in option):
+                raise UsageError(f"{inputs[0]}: a mergekit recipe sets method, weights and base itself; only --option seed=N applies ({(given or ['--option/--emit'])[0]} given)")
+            target = _target(output, None, force, fmt, max_shard_size, like)
+            _run_mergekit(recipe, option, opts, target, dtype, compute_dtype, as_json)
+            return
         resolved = _inputs(inputs)
         recipe = resolved.options
         method = method or recipe.get("method", "sum")
@@ -203,6 +211,49 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
         _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json)
+
+
+def _mergekit_recipe(args: list[str]):
+    """A single YAML argument with a ``merge_method`` key: a mergekit recipe (parsed, validated)."""
+    if len(args) != 1 or Path(args[0]).suffix not in (".yaml", ".yml"):
+        return None
+    import yaml
+
+    from tvedit import mergekit
+    from tvedit.errors import InputError
+
+    path = Path(args[0])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read recipe: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    return mergekit.parse(path, data) if mergekit.is_mergekit_recipe(data) else None
+
+
+def _run_mergekit(recipe, option: list[str], opts, target, dtype: str | None, compute_dtype: str, as_json: bool) -> None:
+    import torch
+
+    from tvedit import api, hfdir, mergekit
+    from tvedit.pipeline import InputSpec
+
+    seed = parse_options(option).get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--option seed={seed}: must be an integer >= 0")
+    if dtype is None and (recipe.out_dtype or recipe.dtype):
+        opts.dtype = parse_dtype_option(recipe.out_dtype or recipe.dtype)
+    if recipe.dtype and parse_dtype_option(recipe.dtype) == torch.float64:
+        opts.compute_dtype = torch.float64
+    method, zeroed = mergekit.merge_method(recipe, seed)
+    with progress_bar(f"add (mergekit {recipe.method_name})") as bar:
+        art = api.add(
+            [InputSpec(p) for p in recipe.models], target, base=InputSpec(recipe.base), alpha=1.0,
+            method=method.name, method_options=mergekit.provenance_options(recipe, seed), opts=opts, progress=bar, custom=method,
+        )  # fmt: skip
+    if zeroed:
+        hfdir.warn(f"{recipe.path}: breadcrumbs zeroed {len(zeroed)} tensor(s) whose gamma * size < 1, as mergekit does (e.g. {zeroed[0]!r}); use a filter to give them density 1")
+    report([art], json_mode(as_json))
 
 
 def parse_weights(text: str, n: int) -> list[float]:
