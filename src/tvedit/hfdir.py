@@ -196,33 +196,50 @@ def wants_directory(output: str | None, flag: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # tied weights
 # --------------------------------------------------------------------------------------------
+TIED_NAME_HINTS = ("lm_head", "embed", "shared", "wte", "word_embeddings")
+
+
+def _identical_pairs(base: Checkpoint, keys: Sequence[str]) -> set[frozenset[str]]:
+    """Pairs of head/embedding-like keys the base stores with identical bytes (cheap pre-check, so
+    that transformers is imported only when tied weights may really be stored twice)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for k in keys:
+        if k in base and any(h in k for h in TIED_NAME_HINTS) and base.is_floating(k):
+            info = base.info(k)
+            groups.setdefault((info.shape, info.dtype), []).append(k)
+    pairs = set()
+    for names in groups.values():
+        tensors = {k: base.get(k) for k in names} if len(names) > 1 else {}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if torch.equal(tensors[a], tensors[b]):
+                    pairs.add(frozenset((a, b)))
+    return pairs
+
+
 def tied_aliases(root: Path | None, base: Checkpoint | None, keys: Sequence[str]) -> dict[str, str]:
     """{alias: source} of tied weights that ``save_pretrained`` would leave out of the files.
 
-    The architecture class's ``_tied_weights_keys`` names candidate pairs; a pair counts only when
-    both keys are in the output and the base stores them with identical bytes (so the weights are
-    really tied there). A base that already lacks the alias (the usual case) needs nothing."""
+    A pair counts when the base stores both keys with identical bytes and the architecture class's
+    ``_tied_weights_keys`` names it. A base that already lacks the alias (the usual case, since
+    ``save_pretrained`` leaves it out) needs nothing, and transformers is not even imported."""
     if root is None or base is None:
         return {}
-    key_set = set(keys)
+    identical = _identical_pairs(base, keys)
+    if not identical:
+        return {}
     archs = read_config(root).get("architectures") or []
     pairs: dict[str, str] = {}
     try:
         import transformers
 
         for arch in archs:
-            cls = getattr(transformers, arch, None)
-            tied = getattr(cls, "_tied_weights_keys", None) or {}
+            tied = getattr(getattr(transformers, arch, None), "_tied_weights_keys", None) or {}
             if isinstance(tied, dict):
                 pairs.update({a: s for a, s in tied.items() if isinstance(a, str) and isinstance(s, str)})
     except ImportError:  # pragma: no cover - transformers is a dependency
         return {}
-    out = {}
-    for alias, source in sorted(pairs.items()):
-        if alias in key_set and source in key_set and base.info(alias) == base.info(source):
-            if torch.equal(base.get(alias), base.get(source)):
-                out[alias] = source
-    return out
+    return {a: s for a, s in sorted(pairs.items()) if frozenset((a, s)) in identical}
 
 
 # --------------------------------------------------------------------------------------------
