@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_ref
-from tvedit.merging import OPTION_DEFAULTS, MergeContext, get_method, resolve_options
+from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
 from tvedit.svd import Factors
 from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
@@ -83,15 +84,23 @@ def _check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> N
         raise NumericError(f"{out}: key {key!r}: result contains NaN or Inf (use --allow-nonfinite to keep it)")
 
 
-def _model_of(*ckpts: Checkpoint | None) -> dict[str, Any]:
+def _model_of(*ckpts: Checkpoint | None, like: Path | None = None) -> dict[str, Any]:
     for c in ckpts:
         if c is not None and c.manifest and c.manifest.family != "unknown":
             return dict(c.manifest.model)
-    return {"family": "unknown"}
+    for c in ckpts:  # Hugging Face directories: the architecture from their config.json
+        root = hfdir.hf_root(c.path) if c is not None else None
+        if root is not None:
+            return hfdir.model_info(root)
+    return hfdir.model_info(like) if like is not None else {"family": "unknown"}
+
+
+def _family_group(family: str) -> str:
+    return "hf" if family.startswith("hf") else family  # hf and hf-seq2seq weights mix
 
 
 def _check_families(ckpts: Iterable[Checkpoint], opts: ArithOptions) -> None:
-    fams = {(c.manifest.family, c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
+    fams = {(_family_group(c.manifest.family), c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
     if len({f for f, _ in fams}) > 1 and not opts.force_mix:
         listing = ", ".join(f"{p} ({f})" for f, p in sorted(fams, key=str))
         raise MismatchError(f"inputs come from different model families: {listing}")
@@ -124,6 +133,34 @@ def _open_all(specs: Sequence[InputSpec]) -> list[Checkpoint]:
 
 def _out_dtype(opts: ArithOptions, fallback: torch.dtype) -> torch.dtype:
     return opts.dtype or fallback
+
+
+def _out_sizes(keys: Sequence[str], refs: Sequence[Checkpoint | None], opts: ArithOptions) -> dict[str, int]:
+    """Output bytes per key (dense): the shape and dtype of the first reference holding it."""
+    sizes = {}
+    for key in keys:
+        info = next(c.info(key) for c in refs if c is not None and key in c)
+        dtype = opts.dtype if (opts.dtype is not None and info.dtype.is_floating_point) else info.dtype
+        sizes[key] = _numel(info.shape) * torch.empty((), dtype=dtype).element_size()
+    return sizes
+
+
+def _open_writer(
+    target: OutputTarget, out: Path, manifest: Manifest, keys: Sequence[str], protect: Sequence[Path],
+    opts: ArithOptions, refs: Sequence[Checkpoint | None], base: Checkpoint | None = None,
+) -> CheckpointWriter | hfdir.HFDirWriter:
+    """One safetensors file, or a Hugging Face directory when the target asks for one (hfdir.py)."""
+    if target.hf is None:
+        return CheckpointWriter(out, manifest, keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral)
+    root = next((r for r in (hfdir.hf_root(c.path) for c in refs if c is not None) if r is not None), None)
+    source = target.hf.like or root
+    if manifest.kind == "checkpoint" and source is None:
+        raise UsageError(f"{out}: a Hugging Face directory needs a config.json, and no input is a Hugging Face directory; pass --like HF_DIR")
+    drop = hfdir.tied_aliases(root or target.hf.like, base, keys)
+    return hfdir.HFDirWriter(
+        out, manifest, _out_sizes(keys, refs, opts), options=target.hf, force=target.force, inputs=protect,
+        layout=opts.layout, source=source, drop=drop,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +341,7 @@ def extract(
         if c.kind != "checkpoint":
             raise InputError(f"{c.path}: is a {c.kind}; extract takes fine-tuned checkpoints")
     _check_families([base_ckpt, *ckpts], opts)
+    hfdir.check_inputs(base_ckpt, ckpts)
     keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
     paths = [target.path_for(s, "tv", len(specs)) for s in specs]
     base_hash = base_ckpt.sha256
@@ -320,7 +358,7 @@ def extract(
         ).with_step("extract", opts.params(), [_input_record(spec, ckpt), _input_record(base_spec, base_ckpt)])
         inputs = [s.path for s in specs] + [base_spec.path]
         sources = VectorSources([ckpt], base_ckpt, opts, keys)
-        with CheckpointWriter(out, manifest, keys, force=target.force, inputs=inputs, layout=opts.layout, ephemeral=target.ephemeral) as w:
+        with _open_writer(target, out, manifest, keys, inputs, opts, [base_ckpt, ckpt], base_ckpt) as w:
             for i, key in enumerate(keys):
                 (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
                 _check_finite(tau, out, key, opts)
@@ -347,10 +385,13 @@ def add(
     emit: str = "checkpoint",
     opts: ArithOptions | None = None,
     progress: Progress | None = None,
+    custom: MergeMethod | None = None,
 ) -> Artifact:
-    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector."""
+    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector.
+
+    ``custom``: a merge method built outside the table (a mergekit recipe: mergekit.py)."""
     opts = opts or ArithOptions()
-    merge = get_method(method)
+    merge = custom or get_method(method)
     method_options = dict(method_options or {})
     if method in OPTION_DEFAULTS:
         resolve_options(method, dict(method_options))  # bad option values fail before any file is opened
@@ -370,6 +411,7 @@ def add(
     if base_ckpt is not None and base_spec is None:
         base_spec = InputSpec(base_ckpt.path)
     _check_families([c for c in [base_ckpt, *ckpts] if c is not None], opts)
+    hfdir.check_inputs(base_ckpt, ckpts)
     regime = _regime(ckpts, opts)
     keys = _vector_keys(ckpts, base_ckpt, opts)
     out = target.path_for(None, "merged" if emit == "checkpoint" else "sum", 1)
@@ -377,12 +419,14 @@ def add(
     state = merge.prepare(sources, method_options) if merge.prepare else {}
 
     params = {"alpha": alpha, "method": method, "method_options": method_options, "emit": emit, **opts.params()}
+    if target.hf is not None:
+        params.update(target.hf.params())
     records = [_input_record(s, c, w, nested=True) for s, c, w in zip(specs, ckpts, weights, strict=True)]
     if base_ckpt is not None and base_spec is not None:
         records.append({**_input_record(base_spec, base_ckpt), "role": "base"})
     manifest = Manifest(
         kind="checkpoint" if emit == "checkpoint" else "task-vector",
-        model=_model_of(base_ckpt, *ckpts),
+        model=_model_of(base_ckpt, *ckpts, like=target.hf.like if target.hf is not None else None),
         regime=regime,
         base=base_ref(base_ckpt.sha256, str(base_ckpt.path)) if base_ckpt is not None else (ckpts[0].manifest.base if ckpts[0].manifest else None),
         task={"merged": [c.manifest.task for c in ckpts if c.manifest and c.manifest.task]} if emit == "vector" else None,
@@ -392,7 +436,7 @@ def add(
     all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
     key_set = set(keys)
     acc = Slot(opts.compute_dtype)
-    with CheckpointWriter(out, manifest, all_keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral) as w:
+    with _open_writer(target, out, manifest, all_keys, protect, opts, [base_ckpt, *ckpts], base_ckpt) as w:
         for i, key in enumerate(all_keys):
             if key not in key_set:  # integer/bool tensors: copied from theta0
                 assert base_ckpt is not None
@@ -457,7 +501,7 @@ def scale(
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
         keys = ckpt.keys()
         slot = Slot(opts.compute_dtype)
-        with CheckpointWriter(out, manifest, keys, force=target.force, inputs=[s.path for s in specs], layout=opts.layout, ephemeral=target.ephemeral) as w:
+        with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):
                 if ckpt.is_floating(key):
                     r = slot.load(ckpt, key).mul_(by)  # c * tau, in place, in the compute dtype

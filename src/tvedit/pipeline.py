@@ -168,6 +168,7 @@ class OutputTarget:
     out_dir: Path | None = None
     ephemeral: bool = False
     force: bool = False
+    hf: Any = None  # hfdir.HFOutput: write Hugging Face directories (named without .safetensors)
 
     def path_for(self, spec: InputSpec | None, suffix: str, count: int) -> Path:
         if self.output is not None:
@@ -175,7 +176,7 @@ class OutputTarget:
                 raise UsageError(f"-o names one file but there are {count} outputs; use --out-dir")
             return self.output
         stem = spec.stem if spec is not None else "merged"
-        name = f"{stem}.{suffix}.safetensors"
+        name = f"{stem}.{suffix}" if self.hf is not None else f"{stem}.{suffix}.safetensors"
         if self.out_dir is not None:
             return self.out_dir / name
         return scratch_dir() / name

@@ -487,6 +487,17 @@ class Artifact:
         return json.dumps(record, sort_keys=True)
 
 
+@dataclass
+class WrittenData:
+    """What one file of a (sharded) output holds, once written (CheckpointWriter.finish_data)."""
+
+    digests: dict[str, bytes]  # stored key -> content-hash record
+    sparse: dict[str, dict[str, Any]]  # logical key -> sparse encoding
+    nonzero: int
+    float_numel: int
+    nbytes: dict[str, int]  # stored key -> bytes
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -503,6 +514,15 @@ def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
         raise OutputError(f"{path}: already exists (use --force to overwrite)")
     if path.exists() and path.is_dir():
         raise OutputError(f"{path}: is a directory")
+
+
+def layout_of(specs: dict[str, dict[str, Any]], kind: str | None) -> str:
+    """The manifest layout of a file from its encoded tensors: dense, sparse, lowrank or mixed
+    (a mask's bitmaps are its dense form)."""
+    encodings = {spec["encoding"] for spec in specs.values()} - {"mask"}
+    if kind == "mask":
+        encodings = set()
+    return {0: "dense", 1: "sparse", 2: "lowrank", 3: "mixed"}[bool(encodings - {"lowrank"}) + 2 * ("lowrank" in encodings)]
 
 
 class CheckpointWriter:
@@ -661,22 +681,32 @@ class CheckpointWriter:
     def density(self) -> float | None:
         return self._nonzero / self._float_numel if self._float_numel else None
 
-    def commit(self) -> Artifact:
-        """Finish the header, flush, and rename into place. Returns the artifact record."""
+    def finish_data(self) -> WrittenData:
+        """Wait for every tensor byte to be written; what a sharded writer needs to build the
+        shared manifest of its shards (hfdir.py)."""
         try:
             self._drain()
         except BaseException:
             self.abort()
             raise
         self._stop_thread()
-        data = self.manifest.to_dict()
-        data["sparse"] = self._sparse
-        encodings = {spec["encoding"] for spec in self._sparse.values()} - {"mask"}
-        data["layout"] = {0: "dense", 1: "sparse", 2: "lowrank", 3: "mixed"}[bool(encodings - {"lowrank"}) + 2 * ("lowrank" in encodings)]
-        if self.manifest.kind in ("task-vector", "mask"):
-            data["density"] = self.density
-        data["sha256"] = combine_digests(self._digests)
-        manifest = Manifest.from_dict(data)
+        sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in self._header.items()}
+        return WrittenData(dict(self._digests), dict(self._sparse), self._nonzero, self._float_numel, sizes)
+
+    def commit(self, manifest: Manifest | None = None) -> Artifact:
+        """Finish the header, flush, and rename into place. Returns the artifact record.
+
+        ``manifest``: written as is instead of this file's own (the shared manifest of a sharded
+        output, whose content hash covers every shard)."""
+        self.finish_data()
+        if manifest is None:
+            data = self.manifest.to_dict()
+            data["sparse"] = self._sparse
+            data["layout"] = layout_of(self._sparse, self.manifest.kind)
+            if self.manifest.kind in ("task-vector", "mask"):
+                data["density"] = self.density
+            data["sha256"] = combine_digests(self._digests)
+            manifest = Manifest.from_dict(data)
         metadata = {METADATA_KEY: manifest.to_json()}
         header = json.dumps({"__metadata__": metadata, **dict(sorted(self._header.items()))}, separators=(",", ":")).encode()
         try:

@@ -26,6 +26,9 @@ COMPUTE_HELP = "Accumulate in float32 (default) or float64."
 MISSING_HELP = "Treat a key missing from some inputs as zero instead of failing."
 NONFINITE_HELP = "Write results that contain NaN/Inf instead of failing."
 LAYOUT_HELP = "Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse."
+FORMAT_HELP = "Output format: auto (a Hugging Face directory when -o ends with '/' or is an existing directory), safetensors, hf."
+SHARD_HELP = "Largest weights file of a Hugging Face directory output, e.g. 5GB, 500MB. Default: transformers' save_pretrained default."
+LIKE_HELP = "Copy config and tokenizer files from this Hugging Face directory (default: the base's directory)."
 
 
 def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, force_mix: bool = False):
@@ -55,10 +58,24 @@ def _inputs(args: list[str]):
     return resolve_inputs(args)
 
 
-def _target(output: Path | None, out_dir: Path | None, force: bool):
+def _target(raw_output: str | None, out_dir: Path | None, force: bool, fmt: str = "safetensors", max_shard_size: str | None = None, like: Path | None = None):
+    from tvedit import hfdir
     from tvedit.pipeline import output_target
 
-    return output_target(output, out_dir, force, piped())
+    hf = hfdir.wants_directory(raw_output, fmt)  # the raw string: Path() drops a trailing '/'
+    output = Path(raw_output) if raw_output is not None else None
+    if not hf and (max_shard_size is not None or like is not None):
+        raise UsageError("--max-shard-size and --like apply to Hugging Face directory outputs (-o DIR/ or --format hf)")
+    if hf and output is None and out_dir is None:
+        raise UsageError("a Hugging Face directory output needs -o DIR or --out-dir DIR")
+    if like is not None and hfdir.hf_root(like) is None:
+        raise UsageError(f"--like {like}: not a Hugging Face directory (no config.json)")
+    if hf and output is not None and output.exists() and not output.is_dir() and not force:
+        raise UsageError(f"{output}: is a file; a Hugging Face directory output needs a directory path (or --force to replace it)")
+    target = output_target(output, out_dir, force, piped())
+    if hf:
+        target.hf = hfdir.HFOutput(hfdir.parse_size(max_shard_size) if max_shard_size is not None else None, like)
+    return target
 
 
 def register(app: typer.Typer) -> None:
@@ -67,8 +84,10 @@ def register(app: typer.Typer) -> None:
     def extract(
         finetuned: list[str] = typer.Argument(..., help="Fine-tuned checkpoints (or '-' for piped JSON lines, or a recipe)."),
         base: Path = typer.Option(..., "--base", "-b", help="The pre-trained checkpoint theta0."),
-        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        output: str | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
         out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: tv."),
+        fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+        max_shard_size: str | None = typer.Option(None, "--max-shard-size", help=SHARD_HELP),
         dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
@@ -83,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
         opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout)
         inputs = _inputs(finetuned)
-        target = _target(output, out_dir, force)
+        target = _target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar("extract") as bar:
             arts = api.extract(inputs.items, InputSpec(base), target, opts, bar)
         report(arts, json_mode(as_json))
@@ -100,7 +119,10 @@ def register(app: typer.Typer) -> None:
         include: list[str] = typer.Option([], "--include", help="tsv, iso-c, iso-cts: only keys matching this glob take the SVD path (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="tsv, iso-c, iso-cts: keys matching this glob skip the SVD path (repeatable)."),
         emit: str = typer.Option("checkpoint", "--emit", help="checkpoint: theta0 + alpha*merged; vector: alpha*merged as a task vector."),
-        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        output: str | None = typer.Option(None, "--output", "-o", help=OUT_HELP + " A directory path writes a Hugging Face directory."),
+        fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+        max_shard_size: str | None = typer.Option(None, "--max-shard-size", help=SHARD_HELP),
+        like: Path | None = typer.Option(None, "--like", help=LIKE_HELP),
         dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP + " (with --emit vector)"),
@@ -114,6 +136,14 @@ def register(app: typer.Typer) -> None:
         from tvedit.pipeline import InputSpec
 
         opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        recipe = _mergekit_recipe(inputs)
+        if recipe is not None:
+            given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]
+            if given or emit != "checkpoint" or any(not o.startswith("seed=") for o in option):
+                raise UsageError(f"{inputs[0]}: a mergekit recipe sets method, weights and base itself; only --option seed=N applies ({(given or ['--option/--emit'])[0]} given)")
+            target = _target(output, None, force, fmt, max_shard_size, like)
+            _run_mergekit(recipe, option, opts, target, dtype, compute_dtype, as_json)
+            return
         cli_options = parse_options(option)
         cli_options.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v})
         if method is not None:  # options given with --method are checked before stdin or any file is read
@@ -128,7 +158,7 @@ def register(app: typer.Typer) -> None:
             alpha = float(recipe.get("alpha", 1.0))
         weight_list = parse_weights(weights, len(resolved.items)) if weights else None
         base_path = base or (Path(recipe["base"]) if recipe.get("base") else None)
-        target = _target(output, None, force)
+        target = _target(output, None, force, fmt, max_shard_size, like)
         with progress_bar(f"add ({method})") as bar:
             art = api.add(
                 resolved.items, target, base=InputSpec(base_path) if base_path else None, alpha=alpha,
@@ -136,12 +166,12 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         report([art], json_mode(as_json))
 
-    def _unary(op: str, inputs: list[str], by: float, output, out_dir, dtype, compute_dtype, layout, allow_nonfinite, force, as_json) -> None:
+    def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json) -> None:
         from tvedit import api
 
         opts = _opts(dtype, compute_dtype, False, allow_nonfinite, layout)
         resolved = _inputs(inputs)
-        target = _target(output, out_dir, force)
+        target = _target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar(op) as bar:
             arts = api.scale(resolved.items, by, target, opts, bar, _op=op)
         report(arts, json_mode(as_json))
@@ -151,8 +181,10 @@ def register(app: typer.Typer) -> None:
     def scale(
         inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
         by: float = typer.Option(..., "--by", "-c", help="The coefficient c in c * tau."),
-        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        output: str | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
         out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: scaled."),
+        fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+        max_shard_size: str | None = typer.Option(None, "--max-shard-size", help=SHARD_HELP),
         dtype: str | None = typer.Option(None, "--dtype", help="Output dtype. Default: the input's."),
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
@@ -161,14 +193,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Scale task vectors: c * tau."""
-        _unary("scale", inputs, by, output, out_dir, dtype, compute_dtype, layout, allow_nonfinite, force, as_json)
+        _unary("scale", inputs, by, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json)
 
     @app.command()
     @guard
     def negate(
         inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
-        output: Path | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
+        output: str | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
         out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: neg."),
+        fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+        max_shard_size: str | None = typer.Option(None, "--max-shard-size", help=SHARD_HELP),
         dtype: str | None = typer.Option(None, "--dtype", help="Output dtype. Default: the input's."),
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
@@ -176,7 +210,50 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
-        _unary("negate", inputs, -1.0, output, out_dir, dtype, compute_dtype, layout, False, force, as_json)
+        _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json)
+
+
+def _mergekit_recipe(args: list[str]):
+    """A single YAML argument with a ``merge_method`` key: a mergekit recipe (parsed, validated)."""
+    if len(args) != 1 or Path(args[0]).suffix not in (".yaml", ".yml"):
+        return None
+    import yaml
+
+    from tvedit import mergekit
+    from tvedit.errors import InputError
+
+    path = Path(args[0])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read recipe: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    return mergekit.parse(path, data) if mergekit.is_mergekit_recipe(data) else None
+
+
+def _run_mergekit(recipe, option: list[str], opts, target, dtype: str | None, compute_dtype: str, as_json: bool) -> None:
+    import torch
+
+    from tvedit import api, hfdir, mergekit
+    from tvedit.pipeline import InputSpec
+
+    seed = parse_options(option).get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--option seed={seed}: must be an integer >= 0")
+    if dtype is None and (recipe.out_dtype or recipe.dtype):
+        opts.dtype = parse_dtype_option(recipe.out_dtype or recipe.dtype)
+    if recipe.dtype and parse_dtype_option(recipe.dtype) == torch.float64:
+        opts.compute_dtype = torch.float64
+    method, zeroed = mergekit.merge_method(recipe, seed)
+    with progress_bar(f"add (mergekit {recipe.method_name})") as bar:
+        art = api.add(
+            [InputSpec(p) for p in recipe.models], target, base=InputSpec(recipe.base), alpha=1.0,
+            method=method.name, method_options=mergekit.provenance_options(recipe, seed), opts=opts, progress=bar, custom=method,
+        )  # fmt: skip
+    if zeroed:
+        hfdir.warn(f"{recipe.path}: breadcrumbs zeroed {len(zeroed)} tensor(s) whose gamma * size < 1, as mergekit does (e.g. {zeroed[0]!r}); use a filter to give them density 1")
+    report([art], json_mode(as_json))
 
 
 def _check_method_options(method: str, options: dict[str, Any]) -> None:

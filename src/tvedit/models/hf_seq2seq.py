@@ -397,22 +397,19 @@ def init_from_directory(hf_dir: str | Path, output: str | Path, *, force: bool =
 
 
 def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path | None = None, dtype: torch.dtype | None = None, force: bool = False) -> Path:
-    """Write a tvedit checkpoint (e.g. the output of ``add``/``negate``) as a Hugging Face directory
-    that ``AutoModelForSeq2SeqLM.from_pretrained`` loads. ``like``: copy config and tokenizer files
-    from this Hugging Face directory (needed when the checkpoint records no hf-seq2seq model)."""
+    """Write a tvedit checkpoint as a Hugging Face directory (any architecture: hfdir.export)."""
+    from tvedit import hfdir
+
+    return hfdir.export(checkpoint, out_dir, like=like, dtype=dtype, force=force).path
+
+
+def export_with_adapter(checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """An hf-seq2seq checkpoint whose recorded tokenizer directory is gone: the model is rebuilt
+    from the recorded config and saved with ``save_pretrained``, the tokenizer from its class
+    (tokenizers that need no file, e.g. ByT5's)."""
     ckpt = open_checkpoint(checkpoint)
-    if ckpt.kind != "checkpoint":
-        raise InputError(f"{checkpoint}: is a {ckpt.kind}; export-hf writes checkpoints (apply it first: tvedit add --base)")
-    manifest = ckpt.manifest
-    if manifest is not None and manifest.regime == "linearized":
-        raise MismatchError(f"{checkpoint}: holds linearized weights, which only mean something under f_lin; a Hugging Face model would run them non-linearly")
-    if like is not None:
-        adapter = HFSeq2SeqAdapter.from_directory(like)
-    elif manifest is not None and manifest.family == FAMILY:
-        adapter = HFSeq2SeqAdapter.from_model_info(manifest.model)
-    else:
-        family = manifest.family if manifest else "unknown"
-        raise MismatchError(f"{checkpoint}: model family {family!r} is not {FAMILY!r}; pass --like HF_DIR")
+    assert ckpt.manifest is not None and ckpt.manifest.family == FAMILY
+    adapter = HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputError(f"{out}: exists and is not empty (use --force to overwrite)")
@@ -421,7 +418,7 @@ def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str |
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        adapter.save_pretrained(state, tmp, like=like, dtype=dtype)
+        adapter.save_pretrained(state, tmp, dtype=dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
