@@ -189,7 +189,7 @@ def test_failed_step_names_the_command_and_its_log(tiny_study: dict[str, Path], 
     p.write_text(yaml.safe_dump({**plan, "jobs": 2, "seeds": [0], "regimes": {"full": {"lr": 1e-3}}, "merges": {}, "negation": {}, "disentanglement": {}}))
     proc = cli("study", str(p), "-o", str(tmp_path / "out"), "--device", "cpu")
     assert proc.returncode == 8, proc.stderr  # the fine-tuning command's data error, passed through
-    assert "finetune/full/lr0.001/seed0/a failed (exit 8)" in proc.stderr and "[log: " in proc.stderr
+    assert "finetune/full/lr0.001/seed0/a failed (exit 8)" in proc.stderr and "(log: " in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------

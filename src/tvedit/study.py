@@ -186,6 +186,7 @@ class Step:
     args: list[str]
     output: Path
     label: str
+    files: dict[Path, str] = field(default_factory=dict)  # written just before the command runs
 
     def done(self) -> bool:
         return self.output.exists()
@@ -221,6 +222,8 @@ class Study:
 
         def one(step: Step) -> tuple[Step, int, Path]:
             step.output.parent.mkdir(parents=True, exist_ok=True)
+            for path, text in step.files.items():
+                path.write_text(text)
             log = logs / (step.label.replace("/", "_") + ".log")
             with open(log, "w") as fh:
                 if self.plan.jobs == 1:
@@ -239,7 +242,7 @@ class Study:
         if failed:
             step, rc, log = failed
             last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
-            raise StudyError(f"study step {step.label} failed (exit {rc}): {last[0]} [log: {log}]", rc)
+            raise StudyError(f"study step {step.label} failed (exit {rc}): {last[0]} (log: {log})", rc)
         self.timings[what] = self.timings.get(what, 0.0) + time.time() - t0
 
     # -- paths ----------------------------------------------------------------------------------
@@ -275,12 +278,12 @@ class Study:
                 "--task", task, "--mode", regime, "--lr", repr(lr), "--seed", str(seed), "--emit", "vector",
                 "--device", self.plan.device, "-o", str(out), "--json"]  # fmt: skip
         options = self.plan.regime_options(regime)
+        files = {}
         if options:
             cfg = out.with_name(out.name.removesuffix(".safetensors") + ".config.json")
-            cfg.parent.mkdir(parents=True, exist_ok=True)
-            cfg.write_text(json.dumps(options, sort_keys=True) + "\n")
+            files[cfg] = json.dumps(options, sort_keys=True) + "\n"
             args += ["--config", str(cfg)]
-        return Step(args, out, f"finetune/{regime}/lr{_fmt(lr)}/seed{seed}/{task}")
+        return Step(args, out, f"finetune/{regime}/lr{_fmt(lr)}/seed{seed}/{task}", files)
 
     def _grid_args(self, regime: str) -> list[str]:
         ev = self.plan.evaluate
