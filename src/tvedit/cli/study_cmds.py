@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
 
             pick_device(device)
         quiet = json_mode(as_json)
-        s = Study(plan, output, progress=None if quiet else (lambda msg: err_console.print(msg)))
+        s = Study(plan, output, progress=lambda msg: err_console.print(msg, highlight=False))  # stderr: never mixed with JSON
         if dry_run:
             first = plan.seeds[0]
             steps = [s.init_step()] + [s.finetune_step(r, x, first, t) for r in plan.regimes for x in plan.lrs(r) for t in plan.tasks]
