@@ -8,8 +8,10 @@ tensors whatever the model size). Sparse-encoded tensors are decoded to dense on
 command sees one logical view.
 
 Writing: ``CheckpointWriter`` writes tensor bytes straight to a temporary file beside the output
-(the header is reserved up front and filled in at the end), hashes as it goes, and renames into
-place only when everything succeeded. A failure leaves nothing behind.
+(the header is reserved up front and filled in at the end), hashes as it goes, and puts it in place
+only when everything succeeded (``tvedit.safeio.commit_file``: fsynced, and exclusive without
+--force). A failure or SIGINT/SIGTERM leaves nothing behind; temporaries of killed processes are
+removed by the next write to the same directory.
 
 Sparse layout (docs/manifest.md): a logical tensor ``K`` of shape S may be stored as
 ``K::values`` (its non-zero entries, row-major order) plus either ``K::indices`` (int32/int64 flat
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from tvedit import safeio
 from tvedit.errors import InputError, MismatchError, OutputError
 from tvedit.manifest import METADATA_KEY, Manifest
 
@@ -511,7 +514,7 @@ def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
         if _same_file(path, Path(inp)):
             raise OutputError(f"{path}: output is the same file as an input; choose another path")
     if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (use --force to overwrite)")
+        raise safeio.exists_error(path)
     if path.exists() and path.is_dir():
         raise OutputError(f"{path}: is a directory")
 
@@ -559,12 +562,15 @@ class CheckpointWriter:
         if layout not in ("dense", "sparse", "auto"):
             raise ValueError(f"unknown layout {layout!r}")
         self.path = Path(path)
+        self.force = force
         check_output(self.path, force, inputs)
         self.manifest = manifest
         self.layout = layout if manifest.kind == "task-vector" else "dense"
         self.ephemeral = ephemeral
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.tvedit-tmp-{os.getpid()}"
+        safeio.remove_stale(self.path.parent)  # left by killed runs
+        self._tmp = safeio.temp_path(self.path)
+        safeio.register(self._tmp)
         self._fh = open(self._tmp, "wb")
         self._header: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, bytes] = {}
@@ -715,6 +721,8 @@ class CheckpointWriter:
                 self._fh.seek(0)
                 self._fh.write(struct.pack("<Q", len(header)))
                 self._fh.write(header)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
                 self._fh.close()
             else:  # no (or too small) reservation: rewrite with the header in front
                 pad = (-len(header)) % 8
@@ -726,14 +734,21 @@ class CheckpointWriter:
                     dst.write(header)
                     src.seek(8 + self._reserved)
                     shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+                    dst.flush()
+                    os.fsync(dst.fileno())
                 os.replace(final, self._tmp)
             stem = self.path.name[: -len(".safetensors")] if self.path.name.endswith(".safetensors") else self.path.name
             final = self.path.with_name(f"{stem}.{manifest.sha256[:16]}.safetensors") if self.ephemeral else self.path
-            os.replace(self._tmp, final)
+            safeio.test_hold()
+            with safeio.deferred_signals():  # no signal between the rename and the bookkeeping
+                # content-named scratch files are identical when the name is: replacing is safe
+                safeio.commit_file(self._tmp, final, force=self.force or self.ephemeral)
+                self._done = True
+                safeio.unregister(self._tmp)
         except BaseException:
-            self.abort()
+            if not self._done:
+                self.abort()
             raise
-        self._done = True
         return Artifact(final, manifest, self.ephemeral, stem if self.ephemeral else None)
 
     def abort(self) -> None:
@@ -752,6 +767,7 @@ class CheckpointWriter:
                 p.unlink()
             except FileNotFoundError:
                 pass
+        safeio.unregister(self._tmp)
 
     def __enter__(self) -> CheckpointWriter:
         return self

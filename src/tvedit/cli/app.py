@@ -63,4 +63,12 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    import sys
+
+    from tvedit.safeio import Interrupted, install_signal_handlers, report_interrupt
+
+    install_signal_handlers()
+    try:
+        app()
+    except Interrupted as exc:  # outside a command (while parsing or importing)
+        sys.exit(report_interrupt(exc))

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from tvedit.errors import TveditError, UsageError
+from tvedit.safeio import Interrupted
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True)
@@ -33,9 +34,10 @@ def guard(fn: F) -> F:
         except TveditError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: no output was written")
-            raise typer.Exit(130) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            from tvedit.safeio import report_interrupt
+
+            raise typer.Exit(report_interrupt(exc)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,4 +1,4 @@
-"""info, import, methods: looking at files and bringing them in."""
+"""info, import, methods, clean: looking at files, bringing them in, tidying up."""
 
 from __future__ import annotations
 
@@ -163,3 +163,29 @@ def register(app: typer.Typer) -> None:
         for m in METHODS.values():
             t.add_row(m.name, m.summary, ", ".join(m.options))
         Console().print(t)
+
+    @app.command()
+    @guard
+    def clean(
+        paths: list[Path] = typer.Argument(None, help="Outputs or directories to look beside (default: only the scratch directory)."),
+        dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only list what would be removed."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line per temporary."),
+    ) -> None:
+        """Remove temporaries left by killed runs, in the scratch directory and beside PATHS."""
+        from tvedit.pipeline import scratch_dir
+        from tvedit.safeio import remove_stale
+
+        dirs = [scratch_dir()]
+        for p in paths or []:
+            d = p if p.is_dir() else p.parent
+            if all(d.resolve() != x.resolve() for x in dirs):
+                dirs.append(d)
+        found = [item for d in dirs for item in remove_stale(d, dry_run=dry_run)]
+        if json_mode(as_json):
+            for path, size in found:
+                print_json({"path": str(path), "bytes": size, "removed": not dry_run})
+            return
+        verb = "would remove" if dry_run else "removed"
+        for path, size in found:
+            typer.echo(f"{verb} {path} ({size:,} bytes)")
+        typer.echo(f"{verb} {len(found)} stale temporar{'y' if len(found) == 1 else 'ies'}, {sum(s for _, s in found):,} bytes", err=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tvedit import safeio
 from tvedit.errors import UsageError
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.finetune.optim import MaskedAdamW, lr_at
@@ -126,6 +127,17 @@ def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: d
     return int(meta["step"])
 
 
+def _agreed_signal(dist: Dist) -> int | None:
+    """The postponed signal, agreed across ranks (torchrun signals them all, not at the same step)."""
+    signum = safeio.take_pending()
+    if dist.world > 1:
+        flag = torch.tensor([0.0 if signum is None else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce_mean([flag])
+        if float(flag) > 0 and signum is None:
+            signum = 15
+    return signum
+
+
 def train_step(
     regime: Regime,
     opt: MaskedAdamW,
@@ -199,7 +211,11 @@ def train(
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     t0, seen = time.perf_counter(), 0
     step = start
+    # SIGINT/SIGTERM with checkpointing configured: finish the step, save resume state, then stop
+    save_on_signal = resume_dir is not None and bool(cfg.checkpoint_every)
     try:
+        guard = safeio.deferred_signals() if save_on_signal else nullcontext()
+        guard.__enter__()
         stream = batches(start)
         for step in range(start, end):
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
@@ -226,10 +242,19 @@ def train(
             if stop:
                 end = cfg.steps  # the run is complete: stopped early
                 break
-            if resume_dir is not None and dist.rank == 0 and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and end < cfg.steps)):
+            signum = _agreed_signal(dist) if save_on_signal else None
+            periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and end < cfg.steps)
+            if resume_dir is not None and dist.rank == 0 and (periodic or signum is not None):
                 save_state(resume_dir, done, regime, opt, fingerprint, early)
+            if signum is not None:
+                raise safeio.Interrupted(signum, f"resume state saved at step {done} in {resume_dir}; continue with --resume")
         step = end
     finally:
+        if save_on_signal:
+            try:
+                guard.__exit__(None, None, None)
+            except safeio.Interrupted:  # a signal after the last step's check: the run is complete anyway
+                pass
         if log is not None:
             log.close()
     if early is not None and step == cfg.steps:

@@ -1,0 +1,245 @@
+"""Interrupt-safe, exclusive and durable outputs (no torch: imported by every command).
+
+* Temporaries: every output is written to ``.NAME.tvedit-tmp-PID`` beside it. The writer registers
+  it here while it is open. ``stale_temporaries(dir)`` finds the ones whose process is gone (SIGKILL,
+  power loss, a crash); the next write to a directory removes them, and ``tvedit clean`` lists or
+  removes them in the scratch directory and beside given outputs.
+* Signals: the CLI calls ``install_signal_handlers()``; SIGINT and SIGTERM then raise
+  ``Interrupted`` (a BaseException, like KeyboardInterrupt), so every ``with`` block and ``finally`` unwinds and the
+  writers delete their temporaries; the CLI prints one line and exits 128 + signal (130 / 143).
+  ``deferred_signals()`` postpones them over a critical section (the final rename, a training
+  step that ends in a resume checkpoint); a second signal inside it is not postponed.
+* Commit: ``commit_file(tmp, final, force)`` fsyncs the file, puts it in place (without ``force``
+  by ``link`` + ``unlink``, which fails if the output appeared meanwhile; where the filesystem has
+  no hard links, by claiming the name with O_EXCL first), and fsyncs the directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tvedit.errors import OutputError
+
+TMP_MARK = ".tvedit-tmp-"
+_TMP_RE = re.compile(r"^\..+\.tvedit-tmp-(\d+)(?:-final)?$")
+# Test hook: before the final step of a commit, wait (up to a minute) until this path exists.
+HOLD_ENV = "TVEDIT_TEST_HOLD_COMMIT"
+
+_active: set[str] = set()  # temporaries this process is writing right now
+
+
+def temp_path(final: Path) -> Path:
+    """The temporary beside ``final`` for this process."""
+    return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}"
+
+
+def register(path: Path) -> None:
+    _active.add(os.path.abspath(path))
+
+
+def unregister(path: Path) -> None:
+    _active.discard(os.path.abspath(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stale temporaries
+# ------------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def is_stale(path: Path) -> bool:
+    """A tvedit temporary whose writer is gone: its PID is dead, or is ours but not in use by us
+    (PIDs repeat across container runs)."""
+    m = _TMP_RE.match(path.name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        base = os.path.abspath(path)
+        return base.removesuffix("-final") not in _active
+    return not _pid_alive(pid)
+
+
+def stale_temporaries(directory: Path) -> list[Path]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(directory / n for n in names if TMP_MARK in n and is_stale(directory / n))
+
+
+def remove_stale(directory: Path, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove (or only list, with ``dry_run``) stale temporaries in ``directory``; returns (path, bytes)."""
+    found = []
+    for p in stale_temporaries(directory):
+        try:
+            size = p.stat().st_size
+            if not dry_run:
+                p.unlink()
+        except OSError:
+            continue
+        found.append((p, size))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; unwinds like Ctrl-C (a BaseException, so ``except Exception``
+    in a library does not swallow it). ``detail`` says what was kept (if anything)."""
+
+    def __init__(self, signum: int, detail: str | None = None):
+        super().__init__(signum)
+        self.signum = signum
+        self.detail = detail
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+_defer_depth = 0
+_pending: int | None = None
+
+
+def _handler(signum: int, frame: object) -> None:
+    global _pending
+    if _defer_depth > 0 and _pending is None:
+        _pending = signum
+        return
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT/SIGTERM raise Interrupted in the main thread (CLI only; a library leaves them alone)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _handler)
+
+
+def pending_signal() -> int | None:
+    """The signal postponed by ``deferred_signals`` (None if none arrived)."""
+    return _pending
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Postpone SIGINT/SIGTERM over a critical section; raise Interrupted at its end if one came.
+    A second signal inside the section raises at once."""
+    global _defer_depth, _pending
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+    if _defer_depth == 0 and _pending is not None:
+        signum, _pending = _pending, None
+        raise Interrupted(signum)
+
+
+def take_pending() -> int | None:
+    """Clear and return the postponed signal (the caller raises Interrupted itself)."""
+    global _pending
+    signum, _pending = _pending, None
+    return signum
+
+
+# ------------------------------------------------------------------------------------------------
+# Exclusive, durable commit
+# ------------------------------------------------------------------------------------------------
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_hold() -> None:
+    """The test hook (HOLD_ENV): called by writers just before ``commit_file``, outside deferral."""
+    gate = os.environ.get(HOLD_ENV)
+    if not gate:
+        return
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EACCES}
+
+
+def exists_error(path: Path) -> OutputError:
+    return OutputError(f"{path}: already exists (use --force to overwrite)")
+
+
+def commit_file(tmp: Path, final: Path, force: bool) -> None:
+    """Put the finished temporary ``tmp`` (already fsynced by its writer) at ``final``.
+
+    Without ``force`` this fails with the "already exists" OutputError if ``final`` appeared while
+    we were writing; the temporary is left for the caller to remove."""
+    if force:
+        os.replace(tmp, final)
+    else:
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise exists_error(final) from None
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            # no hard links here: claim the name atomically, then rename over our own claim
+            try:
+                os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                raise exists_error(final) from None
+            os.replace(tmp, final)
+        else:
+            os.unlink(tmp)
+    fsync_dir(final.parent)
+
+
+def report_interrupt(exc: BaseException) -> int:
+    """The one stderr line for an interrupted command; returns the exit code."""
+    if isinstance(exc, Interrupted):
+        code, name, detail = exc.exit_code, exc.name, exc.detail
+    else:
+        code, name, detail = 130, "SIGINT", None
+    sys.stderr.write(f"interrupted ({name}): {detail or 'unfinished output removed'}\n")
+    sys.stderr.flush()
+    return code
