@@ -9,6 +9,8 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
           with an empty hash cache: the inputs are plain safetensors files without a recorded hash, so
           tvedit reads each once more to hash it for the provenance (cached afterwards);
 * tvedit: the same command again, the input hashes cached (files tvedit wrote carry their hash);
+* floor + fsync: the same, then fsync the output and its directory as tvedit does before reporting
+          success (docs/outputs.md); the difference is what durability costs;
 * startup: `python -c "import torch, tvedit.api"`, the fixed cost inside every tvedit figure;
 * naive:  safetensors.torch.load_file for every input, sum, save_file (skipped when it would need
           more than half of this machine's memory).
@@ -38,7 +40,7 @@ from _measure import measure  # noqa: E402
 
 FLOOR = r"""
 import os, sys
-paths, out, size = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+paths, out, size, sync = sys.argv[1:-3], sys.argv[-3], int(sys.argv[-2]), sys.argv[-1] == "fsync"
 buf = bytearray(16 << 20)
 view = memoryview(buf)
 for p in paths:
@@ -56,6 +58,13 @@ with open(out, "wb") as f:
         n = min(left, len(buf))
         f.write(view[:n])
         left -= n
+    if sync:
+        f.flush()
+        os.fsync(f.fileno())
+if sync:
+    fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 NAIVE = r"""
@@ -111,7 +120,8 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
     results: dict[str, dict] = {}
     tvedit = [sys.executable, "-m", "tvedit", "add", *map(str, fts), "--base", str(base), "--alpha", "0.3", "-o", str(out), "--force"]
     plan = [
-        ("floor", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size)]),
+        ("floor", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "-"]),
+        ("floor_fsync", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "fsync"]),
         ("startup", [sys.executable, "-c", "import torch, tvedit.api"]),  # fixed cost: interpreter + torch import
         ("tvedit_first_use", tvedit),
         ("tvedit", tvedit),
@@ -134,6 +144,7 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
         "results": results,
         "tvedit_over_floor_time": results["tvedit"]["wall_s"] / floor["wall_s"],
         "tvedit_first_use_over_floor_time": results["tvedit_first_use"]["wall_s"] / floor["wall_s"],
+        "fsync_cost_s": results["floor_fsync"]["wall_s"] - floor["wall_s"],
         "tvedit_rss_minus_floor_mib": results["tvedit"]["peak_rss_mib"] - floor["peak_rss_mib"],
     }
     if "naive" in results:
@@ -165,15 +176,15 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print("\n| model | inputs | I/O floor s / MiB | tvedit s / MiB | tvedit first use s | naive s / MiB | tvedit / floor time |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    print("\n| model | inputs | I/O floor s / MiB | tvedit s / MiB | tvedit first use s | naive s / MiB | tvedit / floor time | fsync s |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         res = r["results"]
         naive = f"{res['naive']['wall_s']:.1f} / {res['naive']['peak_rss_mib']:.0f}" if "naive" in res else "skipped (would not fit)"
         print(
             f"| {r['model_gib']:.2f} GiB | {r['inputs']} | {res['floor']['wall_s']:.1f} / {res['floor']['peak_rss_mib']:.0f} "
             f"| {res['tvedit']['wall_s']:.1f} / {res['tvedit']['peak_rss_mib']:.0f} | {res['tvedit_first_use']['wall_s']:.1f} "
-            f"| {naive} | {r['tvedit_over_floor_time']:.2f}x |",
+            f"| {naive} | {r['tvedit_over_floor_time']:.2f}x | {r['fsync_cost_s']:.2f} |",
             file=sys.stderr,
         )
 

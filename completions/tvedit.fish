@@ -10,7 +10,7 @@ complete -c tvedit -n '__fish_use_subcommand' -a export-hf -d 'Write a checkpoin
 complete -c tvedit -n '__fish_use_subcommand' -a extract -d 'Task vectors tau = theta* - theta0, one per fine-tuned checkpoint (floating...'
 complete -c tvedit -n '__fish_use_subcommand' -a finetune -d 'Fine-tune a CLIP image encoder behind a frozen zero-shot head, or a seq2seq...'
 complete -c tvedit -n '__fish_use_subcommand' -a import -d 'Convert a pickled .pt checkpoint to safetensors.'
-complete -c tvedit -n '__fish_use_subcommand' -a info -d 'Show a files manifest, tensor count, sizes, dtypes, density and norm.'
+complete -c tvedit -n '__fish_use_subcommand' -a info -d 'Show a files manifest, tensor count, sizes, dtypes and hash (from the...'
 complete -c tvedit -n '__fish_use_subcommand' -a init -d 'Materialise theta0 as a tvedit checkpoint (model info in the manifest) so...'
 complete -c tvedit -n '__fish_use_subcommand' -a mask -d 'Sparsify task vectors (topk, dare, breadcrumbs, tall, consensus) or apply/combine masks.'
 complete -c tvedit -n '__fish_use_subcommand' -a methods -d 'List the merge methods of `tvedit add --method` and their options.'
@@ -163,7 +163,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from import' -l strip-prefix -r -d
 complete -c tvedit -n '__fish_seen_subcommand_from import' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from import' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from info' -F
-complete -c tvedit -n '__fish_seen_subcommand_from info' -l tensors -s t -d 'List every tensor (shape, dtype, norm, density)'
+complete -c tvedit -n '__fish_seen_subcommand_from info' -l tensors -s t -d 'Read every tensor: list each (shape, dtype, norm, density), and the total norm and measured density'
 complete -c tvedit -n '__fish_seen_subcommand_from info' -l verify -d 'Recompute the content hash and compare it with the manifests'
 complete -c tvedit -n '__fish_seen_subcommand_from info' -l json -d 'Print one JSON object per file'
 complete -c tvedit -n '__fish_seen_subcommand_from init' -F

@@ -9,8 +9,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from tvedit.api import add, extract, negate, scale  # noqa: E402
-from tvedit.manifest import Manifest  # noqa: E402
-from tvedit.tensorio import open_checkpoint  # noqa: E402
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Manifest", "add", "extract", "negate", "open_checkpoint", "scale", "__version__"]
+_WHERE = {"add": "tvedit.api", "extract": "tvedit.api", "negate": "tvedit.api", "scale": "tvedit.api",
+          "Manifest": "tvedit.manifest", "open_checkpoint": "tvedit.tensorio"}  # fmt: skip
+
+if TYPE_CHECKING:
+    from tvedit.api import add, extract, negate, scale
+    from tvedit.manifest import Manifest
+    from tvedit.tensorio import open_checkpoint
+
+
+def __getattr__(name: str) -> Any:  # imported on first use: `tvedit --help` need not import torch
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tvedit' has no attribute {name!r}")

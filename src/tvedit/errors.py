@@ -64,4 +64,6 @@ EXIT_CODES = {
     6: "output error: output exists (use --force) or equals an input",
     7: "gate failed: an accuracy fell below its --min-accuracy threshold",
     8: "data error: dataset empty, unreadable or unusable",
+    130: "interrupted by SIGINT: the unfinished output was removed",
+    143: "interrupted by SIGTERM: the unfinished output was removed",
 }

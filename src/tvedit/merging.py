@@ -13,12 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tvedit import arith, sparsify, svd
+from tvedit._lazy import lazy
 from tvedit.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tvedit import arith, sparsify, svd
+else:  # `tvedit methods` reads the table without importing torch
+    torch, arith, sparsify = lazy("torch", globals()), lazy("tvedit.arith", globals()), lazy("tvedit.sparsify", globals())
+    svd = lazy("tvedit.svd", globals())
 
 
 @dataclass
@@ -32,7 +38,7 @@ class MergeContext:
     out: torch.Tensor | None = None  # an uninitialised scratch buffer of the key's shape a method may fill and return
 
 
-MergeFn = Callable[[Sequence[torch.Tensor], MergeContext], torch.Tensor]
+MergeFn = Callable[[Sequence["torch.Tensor"], MergeContext], "torch.Tensor"]
 PrepareFn = Callable[[Any, dict[str, Any]], dict[str, Any]]  # (VectorSources, options) -> state
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tvedit import safeio
+from tvedit import headers, safeio
 from tvedit.errors import InputError, MismatchError, OutputError
 from tvedit.manifest import METADATA_KEY, Manifest
 
@@ -157,37 +157,7 @@ def decode_lowrank(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse and validate a safetensors header (catches truncation before any tensor is read).
-
-    Returns the header and the file offset where tensor data starts."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise InputError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100_000_000):
-                raise InputError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(fh.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError(f"{path}: not a safetensors file (header is not JSON)") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: not a safetensors file")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise InputError(f"{path}: key {key!r}: malformed safetensors entry") from None
-    if 8 + n + end > size:
-        raise InputError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
-    return header, 8 + n
+_read_header = headers.read_header
 
 
 @dataclass(frozen=True)
@@ -252,27 +222,7 @@ class Checkpoint:
             if key not in hidden:
                 self._logical[key] = info
 
-    @staticmethod
-    def _resolve_files(path: Path) -> list[Path]:
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if path.is_dir():
-            for name in ("model.safetensors", "model.safetensors.index.json"):
-                if (path / name).exists():
-                    return Checkpoint._resolve_files(path / name)
-            raise InputError(f"{path}: directory has no model.safetensors or model.safetensors.index.json")
-        if path.name.endswith(".index.json"):
-            try:
-                index = json.loads(path.read_text())
-                shards = sorted(set(index["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise InputError(f"{path}: not a safetensors index (needs a 'weight_map')") from None
-            files = [path.parent / s for s in shards]
-            for f in files:
-                if not f.exists():
-                    raise InputError(f"{path}: shard {f.name} is missing")
-            return files
-        return [path]
+    _resolve_files = staticmethod(headers.resolve_files)
 
     # -- the logical view -------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -404,56 +354,23 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def _entry_digest(key: str, dtype: str, shape: Iterable[int], data_digest: str) -> bytes:
-    return f"{key}\0{dtype}\0{list(shape)}\0{data_digest}\n".encode()
-
-
-def combine_digests(entries: dict[str, bytes]) -> str:
-    """sha256 over per-tensor records sorted by stored key: order-independent content hash."""
-    h = hashlib.sha256()
-    for key in sorted(entries):
-        h.update(entries[key])
-    return h.hexdigest()
+_entry_digest = headers.entry_digest
+combine_digests = headers.combine_digests
+_cache_dir = headers.cache_dir
 
 
 def content_hash(ckpt: Checkpoint) -> str:
     """Recompute the content hash of the stored tensors (independent of file layout and metadata)."""
-    entries = {}
-    for key, info in ckpt._stored.items():
-        data = hashlib.sha256(_tensor_bytes(ckpt._get_stored(key))).hexdigest()
-        entries[key] = _entry_digest(key, DTYPE_TO_ST[info.dtype], info.shape, data)
-    return combine_digests(entries)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("TVEDIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tvedit"
-    )
-    return Path(root)
+    return headers.file_content_hash(sorted(set(ckpt._where.values())))
 
 
 def cached_content_hash(ckpt: Checkpoint) -> str:
-    """Content hash of a file without a manifest hash, cached by (real path, size, mtime)."""
-    stats = []
-    for f in sorted(set(ckpt._where.values())):
-        st = f.stat()
-        stats.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    key = hashlib.sha256("|".join(stats).encode()).hexdigest()
-    cache = _cache_dir() / "hashes" / key
-    try:
-        value = cache.read_text().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    value = content_hash(ckpt)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(value)
-        os.replace(tmp, cache)
-    except OSError:
-        pass
+    """Content hash of a file without a manifest hash, cached by (real path, size, mtime, inode)."""
+    stamp = headers.file_stamp(ckpt._where.values())
+    value = headers.cached_hash(stamp)
+    if value is None:
+        value = content_hash(ckpt)
+        headers.store_hash(stamp, value)
     return value
 
 

@@ -42,6 +42,26 @@ def guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def lazy_help(factory: Callable[[], str]) -> Any:
+    """A command class whose long help is built only when shown (it may import torch-heavy tables)."""
+    from typer.core import TyperCommand
+
+    class LazyHelpCommand(TyperCommand):
+        _text: str | None = None
+
+        @property  # type: ignore[override]
+        def help(self) -> str | None:
+            if self._text is None:
+                self._text = factory()
+            return self._text
+
+        @help.setter
+        def help(self, value: str | None) -> None:
+            self._text = value
+
+    return LazyHelpCommand
+
+
 def piped() -> bool:
     return not sys.stdout.isatty()
 

@@ -10,29 +10,38 @@ from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, print_jso
 
 
 def summarize(path: Path, tensors: bool, verify: bool) -> dict:
+    """What ``info`` shows. Headers only (no torch, no tensor reads) unless ``tensors``: then the
+    per-tensor table, the norm and the density measured on the data."""
+    from tvedit.headers import file_content_hash, resolve_files, summary
+
+    data = summary(path)
+    data["norm"] = None
+    if verify:
+        m = data["manifest"] or {}
+        actual = file_content_hash(resolve_files(path))
+        data["verified"] = m.get("sha256") is None or actual == m["sha256"]
+        data["sha256_actual"] = actual
+    if tensors:
+        data.update(_tensor_stats(path))
+    return data
+
+
+def _tensor_stats(path: Path) -> dict:
     import torch
 
-    from tvedit.tensorio import content_hash, open_checkpoint
+    from tvedit.tensorio import open_checkpoint
 
     ckpt = open_checkpoint(path)
     rows = []
-    total = nonzero = float_numel = 0
+    nonzero = float_numel = 0
     sq = 0.0
-    dtypes: dict[str, int] = {}
-    layouts: dict[str, int] = {}  # encoding -> number of logical tensors
-    logical_bytes = 0  # the tensors' bytes if every one were stored dense
     for key in ckpt.keys():
         info = ckpt.info(key)
         numel = 1
         for s in info.shape:
             numel *= s
-        total += numel
         dt = str(info.dtype).replace("torch.", "")
-        dtypes[dt] = dtypes.get(dt, 0) + 1
-        encoding = ckpt.encoding(key)
-        layouts[encoding] = layouts.get(encoding, 0) + 1
-        logical_bytes += numel * info.dtype.itemsize
-        row = {"key": key, "shape": list(info.shape), "dtype": dt, "sparse": ckpt.is_sparse(key), "encoding": encoding}
+        row = {"key": key, "shape": list(info.shape), "dtype": dt, "sparse": ckpt.is_sparse(key), "encoding": ckpt.encoding(key)}
         if info.dtype.is_floating_point or info.dtype == torch.bool:
             t = ckpt.get(key)
             nz = int(torch.count_nonzero(t))
@@ -42,28 +51,7 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
             sq += norm**2
             row.update(norm=norm, density=nz / numel if numel else None)
         rows.append(row)
-    m = ckpt.manifest
-    data = {
-        "path": str(path),
-        "kind": ckpt.kind,
-        "sha256": ckpt.sha256,
-        "tensors": len(rows),
-        "parameters": total,
-        "bytes": sum(f.stat().st_size for f in set(ckpt._where.values())),
-        "dtypes": dtypes,
-        "layouts": layouts,
-        "storage_ratio": ckpt.stored_nbytes() / logical_bytes if logical_bytes else None,
-        "density": nonzero / float_numel if float_numel else None,
-        "norm": sq**0.5,
-        "manifest": m.to_dict() if m else None,
-    }
-    if verify:
-        actual = content_hash(ckpt)
-        data["verified"] = m is None or m.sha256 is None or actual == m.sha256
-        data["sha256_actual"] = actual
-    if tensors:
-        data["tensor_table"] = rows
-    return data
+    return {"density": nonzero / float_numel if float_numel else None, "norm": sq**0.5, "tensor_table": rows}
 
 
 def _storage(data: dict) -> str:
@@ -77,11 +65,11 @@ def register(app: typer.Typer) -> None:
     @guard
     def info(
         files: list[Path] = typer.Argument(..., help="safetensors files, HF index files or model directories."),
-        tensors: bool = typer.Option(False, "--tensors", "-t", help="List every tensor (shape, dtype, norm, density)."),
+        tensors: bool = typer.Option(False, "--tensors", "-t", help="Read every tensor: list each (shape, dtype, norm, density), and the total norm and measured density."),
         verify: bool = typer.Option(False, "--verify", help="Recompute the content hash and compare it with the manifest's."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per file."),
     ) -> None:
-        """Show a file's manifest, tensor count, sizes, dtypes, density and norm."""
+        """Show a file's manifest, tensor count, sizes, dtypes and hash (from the header; --tensors adds norms and densities)."""
         from rich.console import Console
         from rich.table import Table
 
@@ -107,7 +95,7 @@ def register(app: typer.Typer) -> None:
                 ("storage", _storage(data)),
                 ("tensors", data["tensors"]), ("parameters", f"{data['parameters']:,}"), ("bytes", f"{data['bytes']:,}"),
                 ("dtypes", ", ".join(f"{k}×{v}" for k, v in data["dtypes"].items())), ("density", density),
-                ("norm", f"{data['norm']:.6g}"), ("sha256", data["sha256"]),
+                ("norm", "" if data["norm"] is None else f"{data['norm']:.6g}"), ("sha256", data["sha256"]),
                 ("base", (m.get("base") or {}).get("sha256", "")[:12] + "  " + str((m.get("base") or {}).get("path") or "")),
                 ("provenance", " → ".join(s["op"] for s in m.get("provenance", []))),
             ]:  # fmt: skip

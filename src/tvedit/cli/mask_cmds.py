@@ -14,6 +14,7 @@ from tvedit.cli.common import (
     OUT_HELP,
     guard,
     json_mode,
+    lazy_help,
     progress_bar,
     report,
 )
@@ -38,7 +39,7 @@ def _help() -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help=_help(), short_help="Sparsify task vectors (topk, dare, breadcrumbs, tall, consensus) or apply/combine masks.")
+    @app.command(cls=lazy_help(_help), short_help="Sparsify task vectors (topk, dare, breadcrumbs, tall, consensus) or apply/combine masks.")
     @guard
     def mask(
         method: str = typer.Argument(..., help="topk | dare | breadcrumbs | tall | consensus | apply | invert | intersect | union"),
