@@ -62,11 +62,24 @@ def _target(x: OutputTarget | str | os.PathLike[str] | None, force: bool = False
     return OutputTarget(output=Path(x), force=force)
 
 
-def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None, nested: bool = False) -> dict[str, Any]:
+# The hash of an input that is hashed while the operation streams it is not known when the output's
+# header is reserved: the manifest holds this placeholder (same length) until the commit.
+PENDING_HASH = "0" * 64
+
+
+def _hash_of(ckpt: Checkpoint, final: bool = True) -> str:
+    """``ckpt``'s content hash; before the stream (``final=False``) a placeholder for a file
+    without a known hash, which is then hashed as it is read (no separate hashing pass)."""
+    if final or ckpt.known_sha256() is not None:
+        return ckpt.sha256
+    return PENDING_HASH if ckpt.hash_while_reading() else ckpt.sha256
+
+
+def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None, nested: bool = False, final: bool = True) -> dict[str, Any]:
     """One input in a provenance step; ``nested`` embeds the input's own provenance (multi-input ops)."""
     rec: dict[str, Any] = {
         "path": None if spec.ephemeral else str(spec.path),
-        "sha256": ckpt.sha256,
+        "sha256": _hash_of(ckpt, final),
         "kind": ckpt.kind,
     }
     if weight is not None:
@@ -344,27 +357,30 @@ def extract(
     hfdir.check_inputs(base_ckpt, ckpts)
     keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
     paths = [target.path_for(s, "tv", len(specs)) for s in specs]
-    base_hash = base_ckpt.sha256
     artifacts = []
     for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths, strict=True):
         src = ckpt.manifest or Manifest()
-        manifest = Manifest(
-            kind="task-vector",
-            model=_model_of(ckpt, base_ckpt),
-            regime=src.regime,
-            base=base_ref(base_hash, None if base_spec.ephemeral else str(base_spec.path)),
-            task=src.task,
-            provenance=list(src.provenance),
-        ).with_step("extract", opts.params(), [_input_record(spec, ckpt), _input_record(base_spec, base_ckpt)])
+
+        def manifest_for(final: bool, src: Manifest = src, spec: InputSpec = spec, ckpt: Checkpoint = ckpt) -> Manifest:
+            return Manifest(
+                kind="task-vector",
+                model=_model_of(ckpt, base_ckpt),
+                regime=src.regime,
+                base=base_ref(_hash_of(base_ckpt, final), None if base_spec.ephemeral else str(base_spec.path)),
+                task=src.task,
+                provenance=list(src.provenance),
+            ).with_step("extract", opts.params(), [_input_record(spec, ckpt, final=final), _input_record(base_spec, base_ckpt, final=final)])
+
         inputs = [s.path for s in specs] + [base_spec.path]
         sources = VectorSources([ckpt], base_ckpt, opts, keys)
-        with _open_writer(target, out, manifest, keys, inputs, opts, [base_ckpt, ckpt], base_ckpt) as w:
+        with _open_writer(target, out, manifest_for(False), keys, inputs, opts, [base_ckpt, ckpt], base_ckpt) as w:
             for i, key in enumerate(keys):
                 (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
                 _check_finite(tau, out, key, opts)
                 w.write(key, tau.to(_out_dtype(opts, base_ckpt.info(key).dtype)))
                 if progress:
                     progress(i + 1, len(keys), key)
+            w.manifest = manifest_for(True)  # the input hashes, computed while streaming
             artifacts.append(w.commit())
     consume_ephemeral(specs + [base_spec])
     return artifacts
@@ -421,16 +437,20 @@ def add(
     params = {"alpha": alpha, "method": method, "method_options": method_options, "emit": emit, **opts.params()}
     if target.hf is not None:
         params.update(target.hf.params())
-    records = [_input_record(s, c, w, nested=True) for s, c, w in zip(specs, ckpts, weights, strict=True)]
-    if base_ckpt is not None and base_spec is not None:
-        records.append({**_input_record(base_spec, base_ckpt), "role": "base"})
-    manifest = Manifest(
-        kind="checkpoint" if emit == "checkpoint" else "task-vector",
-        model=_model_of(base_ckpt, *ckpts, like=target.hf.like if target.hf is not None else None),
-        regime=regime,
-        base=base_ref(base_ckpt.sha256, str(base_ckpt.path)) if base_ckpt is not None else (ckpts[0].manifest.base if ckpts[0].manifest else None),
-        task={"merged": [c.manifest.task for c in ckpts if c.manifest and c.manifest.task]} if emit == "vector" else None,
-    ).with_step("add", params, records)
+
+    def manifest_for(final: bool) -> Manifest:
+        records = [_input_record(s, c, w, nested=True, final=final) for s, c, w in zip(specs, ckpts, weights, strict=True)]
+        if base_ckpt is not None and base_spec is not None:
+            records.append({**_input_record(base_spec, base_ckpt, final=final), "role": "base"})
+        return Manifest(
+            kind="checkpoint" if emit == "checkpoint" else "task-vector",
+            model=_model_of(base_ckpt, *ckpts, like=target.hf.like if target.hf is not None else None),
+            regime=regime,
+            base=base_ref(_hash_of(base_ckpt, final), str(base_ckpt.path)) if base_ckpt is not None else (ckpts[0].manifest.base if ckpts[0].manifest else None),
+            task={"merged": [c.manifest.task for c in ckpts if c.manifest and c.manifest.task]} if emit == "vector" else None,
+        ).with_step("add", params, records)
+
+    manifest = manifest_for(False)
 
     protect = [s.path for s in specs] + ([base_spec.path] if base_spec else [])
     all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
@@ -468,6 +488,7 @@ def add(
             w.write(key, result.to(dtype))
             if progress:
                 progress(i + 1, len(all_keys), key)
+        w.manifest = manifest_for(True)  # the input hashes, computed while streaming
         artifact = w.commit()
     consume_ephemeral(specs)
     return artifact

@@ -205,6 +205,9 @@ class Checkpoint:
         raw = metadata.get(METADATA_KEY)
         self.manifest: Manifest | None = Manifest.from_json(raw, str(self.path)) if raw else None
         self._sparse = dict(self.manifest.sparse) if self.manifest else {}
+        self._sha256: str | None = self.manifest.sha256 if self.manifest else None
+        self._digests: dict[str, bytes] | None = None  # per stored key, while hashing as we read
+        self._stamp: str | None = None
         self._logical: dict[str, TensorInfo] = {}
         hidden: set[str] = set()
         for key, spec in self._sparse.items():
@@ -278,6 +281,8 @@ class Checkpoint:
                 done += n
         except OSError as exc:
             raise InputError(f"{loc.file}: key {key!r}: cannot read: {exc.strerror or exc}") from None
+        if self._digests is not None and key not in self._digests:  # hash while streaming
+            self._digests[key] = _entry_digest(key, DTYPE_TO_ST[info.dtype], info.shape, hashlib.sha256(view[: loc.nbytes]).hexdigest())
         return out
 
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,10 +318,39 @@ class Checkpoint:
 
     @property
     def sha256(self) -> str:
-        """Content hash: from the manifest when present, else computed once and cached."""
-        if self.manifest and self.manifest.sha256:
-            return self.manifest.sha256
-        return cached_content_hash(self)
+        """Content hash: from the manifest when present, else from the hash cache, else from the
+        reads made since ``hash_while_reading()`` (completed by reading the keys nobody read),
+        else one pass over the file. Computed hashes are cached by (path, size, mtime, inode)."""
+        if self._sha256 is None:
+            self._sha256 = self._finish_streamed_hash() if self._digests is not None else cached_content_hash(self)
+        return self._sha256
+
+    def known_sha256(self) -> str | None:
+        """The content hash if it costs no tensor reads (manifest or hash cache), else None."""
+        if self._sha256 is None:
+            self._sha256 = headers.cached_hash(headers.file_stamp(self._where.values()))
+        return self._sha256
+
+    def hash_while_reading(self) -> bool:
+        """Hash every stored tensor as it is read, so a first use needs no separate hashing pass.
+        False (nothing to do) when the hash is already known."""
+        if self.known_sha256() is not None:
+            return False
+        if self._digests is None:
+            self._digests, self._stamp = {}, headers.file_stamp(self._where.values())
+        return True
+
+    def _finish_streamed_hash(self) -> str:
+        assert self._digests is not None
+        for key in self._stored:
+            if key not in self._digests:
+                self._get_stored(key)  # a key the operation did not read (e.g. integer buffers)
+        value = combine_digests(self._digests)
+        self._digests = None
+        if headers.file_stamp(self._where.values()) != self._stamp:
+            raise InputError(f"{self.path}: changed while it was being read")
+        headers.store_hash(self._stamp, value)  # type: ignore[arg-type]
+        return value
 
     def close(self) -> None:
         for handle in self._files.values():
