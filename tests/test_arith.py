@@ -111,11 +111,11 @@ def test_sparse_layout_roundtrip(tmp_path: Path) -> None:
 
     g = torch.Generator().manual_seed(0)
     dense = torch.randn(300, 40, generator=g)
-    very_sparse = dense * (torch.rand(300, 40, generator=g) < 0.01)  # index-list encoding
+    very_sparse = dense * (torch.rand(300, 40, generator=g) < 0.01)  # block16 (positions in blocks of 2^16)
     sparse = dense * (torch.rand(300, 40, generator=g) < 0.2)  # bitmap encoding
     tensors = {"a": very_sparse, "b": sparse, "c": dense, "tiny": torch.zeros(3)}
     art = save_tensors(tmp_path / "v.safetensors", tensors, Manifest(kind="task-vector"), layout="auto")
-    assert art.manifest.sparse["a"]["encoding"] == "indices"
+    assert art.manifest.sparse["a"]["encoding"] == "block16"
     assert art.manifest.sparse["b"]["encoding"] == "bitmap"
     assert "c" not in art.manifest.sparse and "tiny" not in art.manifest.sparse
     back, manifest = load_tensors(art.path)
@@ -124,7 +124,7 @@ def test_sparse_layout_roundtrip(tmp_path: Path) -> None:
     nnz = sum(int(torch.count_nonzero(v)) for v in tensors.values())
     assert manifest.density == pytest.approx(nnz / sum(v.numel() for v in tensors.values()))
     plain = load_file(str(art.path))  # plain safetensors reads the stored parts
-    assert set(plain) == {"a::indices", "a::values", "b::bitmap", "b::values", "c", "tiny"}
+    assert set(plain) == {"a::offsets", "a::counts", "a::values", "b::bitmap", "b::values", "c", "tiny"}
 
 
 def _outdir(tmp_path: Path):

@@ -14,9 +14,10 @@ only when everything succeeded (``tvedit.safeio.commit_file``: fsynced, and excl
 removed by the next write to the same directory.
 
 Sparse layout (docs/manifest.md): a logical tensor ``K`` of shape S may be stored as
-``K::values`` (its non-zero entries, row-major order) plus either ``K::indices`` (int32/int64 flat
-positions) or ``K::bitmap`` (uint8, one bit per entry, most significant bit first); a mask is
-stored as ``K::bitmap`` alone. The manifest's ``sparse`` map records S and the encoding.
+``K::values`` (its non-zero entries, row-major order) plus ``K::indices`` (int32/int64 flat
+positions), or ``K::offsets`` + ``K::counts`` (block16: int16 positions within blocks of 2^16
+entries, and the int32 count per block), or ``K::bitmap`` (uint8, one bit per entry, most
+significant bit first); a mask is stored as ``K::bitmap`` alone. The manifest's ``sparse`` map records S and the encoding.
 
 Low-rank layout (docs/manifest.md): a 2-D task-vector tensor ``K`` of shape (m, n) may be stored as
 ``K::U`` (m, k), ``K::S`` (k,) and ``K::V`` (n, k), meaning U diag(S) V^T; its ``sparse`` record is
@@ -112,19 +113,34 @@ def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     return bits[:numel].reshape(shape)
 
 
+# Stored parts of each sparse encoding (docs/manifest.md); files of every encoding stay readable.
+SPARSE_PARTS = headers.ENCODING_PARTS  # indices, block16, bitmap, mask, lowrank
+BLOCK16 = 1 << 16  # block16: positions are (block of 2^16 entries, 16-bit offset in the block)
+
+
 def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
-    """Pick the smaller of index-list and bitmap encodings for a tensor. Returns (encoding, parts)."""
+    """Pick the smallest of the index-list, block16 and bitmap encodings. Returns (encoding, parts)."""
     flat = tensor.reshape(-1)
     nz = flat != 0
     values = flat[nz]
-    nnz = values.numel()
-    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-    index_bytes = nnz * (4 if index_dtype == torch.int32 else 8)
-    bitmap_bytes = (flat.numel() + 7) // 8
-    if index_bytes <= bitmap_bytes:
-        indices = nz.nonzero().reshape(-1).to(index_dtype)
-        return "indices", {"indices": indices, "values": values}
-    return "bitmap", {"bitmap": pack_bits(nz), "values": values}
+    nnz, numel = values.numel(), flat.numel()
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    blocks = -(-numel // BLOCK16)
+    sizes = {
+        "block16": 2 * nnz + 4 * blocks,
+        "indices": nnz * (4 if index_dtype == torch.int32 else 8),
+        "bitmap": (numel + 7) // 8,
+    }
+    encoding = min(sizes, key=sizes.__getitem__)  # ties: the first listed
+    if encoding == "bitmap":
+        return "bitmap", {"bitmap": pack_bits(nz), "values": values}
+    positions = nz.nonzero().reshape(-1)
+    if encoding == "indices":
+        return "indices", {"indices": positions.to(index_dtype), "values": values}
+    low = (positions & (BLOCK16 - 1)).to(torch.int32)
+    offsets = torch.where(low >= BLOCK16 // 2, low - BLOCK16, low).to(torch.int16)  # the low 16 bits, two's complement
+    counts = torch.bincount(positions >> 16, minlength=blocks).to(torch.int32)
+    return "block16", {"offsets": offsets, "counts": counts, "values": values}
 
 
 def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None) -> torch.Tensor:
@@ -139,6 +155,12 @@ def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int
         out[parts["indices"].long()] = values
     elif encoding == "bitmap":
         out[unpack_bits(parts["bitmap"], (numel,))] = values
+    elif encoding == "block16":
+        counts = parts["counts"].long()
+        if counts.numel() != -(-numel // BLOCK16) or int(counts.sum()) != values.numel() or parts["offsets"].numel() != values.numel():
+            raise InputError(f"block16 parts do not fit a tensor of shape {list(shape)}")
+        block = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        out[block * BLOCK16 + (parts["offsets"].long() & (BLOCK16 - 1))] = values
     else:
         raise InputError(f"unknown sparse encoding {encoding!r}")
     return out.reshape(shape)
@@ -212,14 +234,13 @@ class Checkpoint:
         hidden: set[str] = set()
         for key, spec in self._sparse.items():
             enc = spec.get("encoding")
-            needed = ["bitmap"] if enc == "mask" else ["values", "bitmap" if enc == "bitmap" else "indices"]
-            if enc == "lowrank":
-                needed = list(LOWRANK_PARTS)
-            for part in needed:
+            if enc not in SPARSE_PARTS:
+                raise InputError(f"{self.path}: key {key!r}: unknown sparse encoding {enc!r}")
+            for part in SPARSE_PARTS[enc]:
                 if f"{key}{SEP}{part}" not in self._stored:
                     raise InputError(f"{self.path}: key {key!r}: sparse part {part!r} is missing")
                 hidden.add(f"{key}{SEP}{part}")
-            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}{needed[0]}"].dtype
+            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}{SPARSE_PARTS[enc][0]}"].dtype
             self._logical[key] = TensorInfo(tuple(spec["shape"]), dtype)
         for key, info in self._stored.items():
             if key not in hidden:
@@ -294,7 +315,7 @@ class Checkpoint:
         if key in self._sparse:
             spec = self._sparse[key]
             parts = {}
-            for part in ("values", "indices", "bitmap", *LOWRANK_PARTS):
+            for part in SPARSE_PARTS[spec["encoding"]]:
                 stored = f"{key}{SEP}{part}"
                 if stored in self._stored:
                     parts[part] = self._get_stored(stored)
@@ -540,8 +561,8 @@ class CheckpointWriter:
         self._fh.seek(8 + self._reserved)
 
     def _estimate_header(self, keys: list[str]) -> int:
-        # Worst case per key: a sparse tensor's two stored entries plus its manifest record.
-        per_key = sum(3 * len(k.encode()) + 320 for k in keys)
+        # Worst case per key: a sparse tensor's three stored entries (block16) plus its manifest record.
+        per_key = sum(4 * len(k.encode()) + 400 for k in keys)
         manifest = len(self.manifest.to_json().encode()) * 5 // 4 + 1024
         return ((per_key + manifest) + 7) // 8 * 8
 
