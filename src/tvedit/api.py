@@ -176,6 +176,11 @@ def _open_writer(
     )  # fmt: skip
 
 
+def chunk_numel() -> int:
+    """Entries per chunk for element-wise work on huge tensors ($TVEDIT_CHUNK_MIB of float32, default 16)."""
+    return max(1, int(float(os.environ.get("TVEDIT_CHUNK_MIB", "16")) * (1 << 20)) // 4)
+
+
 # --------------------------------------------------------------------------------------------
 # workspace: (N+2) buffers of the largest tensor, allocated once and reused for every key
 # --------------------------------------------------------------------------------------------
@@ -218,6 +223,17 @@ class Slot:
             raw = self.raw[:nbytes].view(info.dtype).view(info.shape)
             work.copy_(ckpt.get(key, out=raw))
         return work
+
+    def load_range(self, ckpt: Checkpoint, key: str, start: int, count: int) -> torch.Tensor:
+        """Entries start .. start+count of a dense-stored key, flattened, in the compute dtype."""
+        dtype = ckpt.info(key).dtype
+        work = self._work((count,))
+        if dtype == self.compute_dtype:
+            return ckpt.get_range(key, start, work)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if self.raw.numel() < nbytes:
+            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        return work.copy_(ckpt.get_range(key, start, self.raw[:nbytes].view(dtype)))
 
     def zeros(self, shape: Sequence[int]) -> torch.Tensor:
         return self._work(shape).zero_()
@@ -264,6 +280,30 @@ class VectorSources:
             t = slot.load(ckpt, key)
             if ckpt.kind == "checkpoint":
                 t.sub_(self.base(key))  # tau = theta* - theta0, in place
+            out.append(t)
+        return out
+
+    def chunked(self, key: str) -> bool:
+        """Whether ``key`` is big enough to go in chunks and stored dense in every input."""
+        n = _numel(self._shape(key))
+        return n > chunk_numel() and all(c is None or key not in c or not c.is_sparse(key) for c in [*self.inputs, self.base_ckpt])
+
+    def base_range(self, key: str, start: int, count: int) -> torch.Tensor:
+        assert self.base_ckpt is not None
+        return self._base_slot.load_range(self.base_ckpt, key, start, count)
+
+    def vector_ranges(self, key: str, start: int, count: int, base: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Entries start .. start+count of each input's task vector (the flattened tensor);
+        ``base``: the same range of theta0 when already loaded (``base_range``)."""
+        out = []
+        for slot, ckpt in zip(self._slots, self.inputs, strict=True):
+            if key not in ckpt:
+                out.append(slot.zeros((count,)))
+                continue
+            t = slot.load_range(ckpt, key, start, count)
+            if ckpt.kind == "checkpoint":
+                base = self.base_range(key, start, count) if base is None else base
+                t.sub_(base)
             out.append(t)
         return out
 
@@ -463,6 +503,14 @@ def add(
                 w.write(key, base_ckpt.get(key))
                 continue
             shape = sources._shape(key)
+            if merge.elementwise and emit == "checkpoint" and sources.chunked(key):
+                assert base_ckpt is not None
+                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
+                chunks = _merged_chunks(sources, key, merge, list(weights), method_options, state, alpha, dtype, out, opts, acc)
+                w.write_chunks(key, shape, dtype, chunks)
+                if progress:
+                    progress(i + 1, len(all_keys), key)
+                continue
             ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape))
             merged = merge.merge(sources.vectors(key), ctx)
             if isinstance(merged, Factors):  # a low-rank result (tsv lowrank=true)
@@ -492,6 +540,26 @@ def add(
         artifact = w.commit()
     consume_ephemeral(specs)
     return artifact
+
+
+def _merged_chunks(sources: VectorSources, key: str, merge: Any, weights: list[float], options: dict[str, Any], state: dict[str, Any],
+                   alpha: float, dtype: torch.dtype, out: Path, opts: ArithOptions, acc: Slot) -> Iterable[torch.Tensor]:
+    """theta0 + alpha * merge(tau_i) for one huge key, a chunk of entries at a time (element-wise
+    methods only): memory is set by the chunk size, not by the tensor."""
+    n, step = _numel(sources._shape(key)), chunk_numel()
+    result = torch.empty(0, dtype=dtype)
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        base = sources.base_range(key, start, count)
+        merged = merge.merge(sources.vector_ranges(key, start, count, base), MergeContext(key, weights, options, state, out=acc.buffer((count,))))
+        chunk = merged.mul_(alpha).add_(base)
+        _check_finite(chunk, out, key, opts)
+        if chunk.dtype == dtype:
+            yield chunk
+            continue
+        if result.numel() < count:
+            result = torch.empty(count, dtype=dtype)
+        yield result[:count].copy_(chunk)
 
 
 # --------------------------------------------------------------------------------------------

@@ -351,6 +351,16 @@ class HFDirWriter:
             self._dtypes.add(tensor.dtype)
         self._writer(self._shard_of[key]).write(key, tensor)
 
+    def write_chunks(self, key: str, shape: Sequence[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
+        """CheckpointWriter.write_chunks into the key's shard (huge tensors in bounded memory)."""
+        if key in self.drop:
+            return
+        if key not in self._shard_of:
+            raise ValueError(f"{key!r} was not announced to the writer")
+        if dtype.is_floating_point:
+            self._dtypes.add(dtype)
+        self._writer(self._shard_of[key]).write_chunks(key, shape, dtype, chunks)
+
     def commit(self) -> Artifact:
         try:
             writers = [self._writer(i) for i in range(len(self.shards))]  # empty shards too

@@ -49,6 +49,7 @@ class MergeMethod:
     summary: str
     options: tuple[str, ...] = ()  # option names this method reads (validated by the CLI)
     prepare: PrepareFn | None = None
+    elementwise: bool = False  # each output entry depends only on the same entry of each input: huge tensors go in chunks
 
 
 def _sum(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
@@ -70,8 +71,8 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
-register(MergeMethod("sum", _sum, "plain task arithmetic: sum_i w_i tau_i (the default)"))
-register(MergeMethod("mean", _mean, "weighted mean: sum_i w_i tau_i / sum_i w_i"))
+register(MergeMethod("sum", _sum, "plain task arithmetic: sum_i w_i tau_i (the default)", elementwise=True))
+register(MergeMethod("mean", _mean, "weighted mean: sum_i w_i tau_i / sum_i w_i", elementwise=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -229,6 +229,7 @@ class Checkpoint:
         self._sparse = dict(self.manifest.sparse) if self.manifest else {}
         self._sha256: str | None = self.manifest.sha256 if self.manifest else None
         self._digests: dict[str, bytes] | None = None  # per stored key, while hashing as we read
+        self._partial: dict[str, tuple[Any, int]] = {}  # key -> (sha256 so far, next byte) for range reads
         self._stamp: str | None = None
         self._logical: dict[str, TensorInfo] = {}
         hidden: set[str] = set()
@@ -282,6 +283,19 @@ class Checkpoint:
             self._files[f] = handle
         return handle
 
+    def _pread(self, key: str, loc: _Stored, view: memoryview, begin: int, nbytes: int) -> None:
+        """Positional reads of ``nbytes`` at byte ``begin`` of a stored tensor into ``view``."""
+        fh = self._handle(loc.file)
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.preadv(fh.fileno(), [view[done:nbytes]], loc.start + begin + done)
+                if n <= 0:
+                    raise InputError(f"{loc.file}: key {key!r}: file ended early (truncated while reading?)")
+                done += n
+        except OSError as exc:
+            raise InputError(f"{loc.file}: key {key!r}: cannot read: {exc.strerror or exc}") from None
+
     def _get_stored(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One positional read of the tensor's bytes into ``out`` (same dtype and size) or a new buffer."""
         info, loc = self._stored[key], self._loc[key]
@@ -292,18 +306,33 @@ class Checkpoint:
         if loc.nbytes == 0:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        fh = self._handle(loc.file)
-        done = 0
-        try:
-            while done < loc.nbytes:
-                n = os.preadv(fh.fileno(), [view[done:]], loc.start + done)
-                if n <= 0:
-                    raise InputError(f"{loc.file}: key {key!r}: file ended early (truncated while reading?)")
-                done += n
-        except OSError as exc:
-            raise InputError(f"{loc.file}: key {key!r}: cannot read: {exc.strerror or exc}") from None
+        self._pread(key, loc, view, 0, loc.nbytes)
         if self._digests is not None and key not in self._digests:  # hash while streaming
             self._digests[key] = _entry_digest(key, DTYPE_TO_ST[info.dtype], info.shape, hashlib.sha256(view[: loc.nbytes]).hexdigest())
+        return out
+
+    def get_range(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``start .. start + out.numel()`` of a dense-stored key's flattened tensor, read
+        into ``out`` (contiguous, the stored dtype): bounded memory for huge tensors. Consecutive
+        ranges from 0 on keep the streamed content hash going."""
+        info, loc = self._stored[key], self._loc[key]
+        if out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{key}: range buffer must be contiguous {info.dtype}")
+        item = out.element_size()
+        begin, nbytes = start * item, out.numel() * item
+        if begin < 0 or begin + nbytes > loc.nbytes:
+            raise ValueError(f"{key}: range {start}+{out.numel()} is outside the tensor")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._pread(key, loc, view, begin, nbytes)
+        if self._digests is not None and key not in self._digests:
+            h, at = self._partial.pop(key, (None, 0))
+            if at == begin:
+                h = h or hashlib.sha256()
+                h.update(view[:nbytes])
+                if begin + nbytes == loc.nbytes:
+                    self._digests[key] = _entry_digest(key, DTYPE_TO_ST[info.dtype], info.shape, h.hexdigest())
+                else:
+                    self._partial[key] = (h, begin + nbytes)
         return out
 
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -574,9 +603,15 @@ class CheckpointWriter:
         n = len(data)
         self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [self._offset, self._offset + n]}
         self._offset += n
+        self._submit(data, lambda d: self._sink(key, st, shape, d))
+
+    def _submit(self, data: memoryview, job: Any) -> None:
+        """Run ``job(bytes)`` (write + hash) in order: large data from a writer-owned copy in the
+        background thread, so the caller may reuse its buffer at once; small data right here."""
+        n = len(data)
         if n < self.ASYNC_MIN_BYTES:
             self._drain()
-            self._sink(key, st, shape, data)
+            job(data)
             return
         # this buffer's previous job was drained before the job now pending was submitted
         if len(self._bufs[self._turn]) < n:
@@ -587,7 +622,43 @@ class CheckpointWriter:
         self._drain()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvedit-writer")
-        self._pending = self._pool.submit(self._sink, key, st, shape, copy)
+        self._pending = self._pool.submit(job, copy)
+
+    def write_chunks(self, key: str, shape: Iterable[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
+        """Write one dense tensor given as consecutive pieces of its flattened entries (bounded
+        memory for huge tensors; the caller may reuse each piece's buffer at once). For files whose
+        tensors are stored dense anyway: checkpoints, or task vectors with layout "dense"."""
+        self._begin(key)
+        if self.manifest.kind != "checkpoint" and self.layout != "dense":
+            raise ValueError("write_chunks: only for dense layouts")
+        shape = list(shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        st = _st_dtype(dtype)
+        n = numel * torch.empty((), dtype=dtype).element_size()
+        self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
+        h = hashlib.sha256()
+
+        def job(data: memoryview) -> None:
+            self._fh.write(data)
+            h.update(data)
+
+        done = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"{key}: chunk dtype {chunk.dtype} is not {dtype}")
+            if dtype.is_floating_point and self.manifest.kind != "checkpoint":
+                self._nonzero += int(torch.count_nonzero(chunk))
+                self._float_numel += chunk.numel()
+            data = _tensor_bytes(chunk)
+            done += len(data)
+            self._submit(data, job)
+        if done != n:
+            raise ValueError(f"{key}: chunks hold {done} bytes, the shape needs {n}")
+        self._drain()
+        self._digests[key] = _entry_digest(key, st, shape, h.hexdigest())
 
     def _sink(self, key: str, st: str, shape: list[int], data: memoryview) -> None:
         self._fh.write(data)

@@ -1,0 +1,81 @@
+"""Element-wise work on huge tensors goes in bounded chunks, with byte-identical results."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tvedit import api
+from tvedit.manifest import Manifest
+from tvedit.tensorio import CheckpointWriter, content_hash, open_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _measure import measure  # noqa: E402
+
+
+def _files(tmp_path: Path, dtype: torch.dtype) -> dict[str, Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {"big": torch.randn(123, 457, generator=g).to(dtype), "small": torch.randn(7, generator=g).to(dtype), "ids": torch.arange(5)}
+    paths = {"base": tmp_path / "base.safetensors"}
+    save_file(base, str(paths["base"]))
+    for j in (1, 2):
+        paths[f"ft{j}"] = tmp_path / f"ft{j}.safetensors"
+        save_file({k: (v.float() + 0.1 * j * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v for k, v in base.items()},
+                  str(paths[f"ft{j}"]))  # fmt: skip
+    return paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("method", "vectors"), [("sum", False), ("mean", False), ("sum", True)])
+def test_chunked_add_is_byte_identical(tmp_path, monkeypatch, dtype, method, vectors):
+    p = _files(tmp_path, dtype)
+    inputs = [p["ft1"], p["ft2"]]
+    if vectors:  # task-vector inputs (one of them missing a key) instead of checkpoints
+        inputs = api.extract(inputs, p["base"], api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))
+        inputs = [a.path for a in inputs]
+    outs = {}
+    for name, mib in (("whole", "1024"), ("chunked", "0.01")):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        opts = api.ArithOptions(allow_missing=vectors)
+        outs[name] = api.add(inputs, tmp_path / f"{name}.safetensors", base=p["base"], alpha=0.7, weights=[1.0, 0.5], method=method, opts=opts)
+    assert outs["whole"].path.read_bytes() == outs["chunked"].path.read_bytes()
+    ckpt = open_checkpoint(outs["chunked"].path)
+    assert content_hash(ckpt) == ckpt.manifest.sha256
+    base, f1, f2 = (load_file(str(p[k])) for k in ("base", "ft1", "ft2"))
+    m = load_file(str(outs["chunked"].path))
+    if vectors:  # the vectors as stored (rounded to the dtype)
+        tau = [w * load_file(str(f))["big"].float() for w, f in zip((1.0, 0.5), inputs, strict=True)]
+    else:
+        tau = [f1["big"].float() - base["big"].float(), 0.5 * (f2["big"].float() - base["big"].float())]
+    merged = (tau[0] + tau[1]) / (1.5 if method == "mean" else 1.0)
+    torch.testing.assert_close(m["big"].float(), (base["big"].float() + 0.7 * merged).to(dtype).float(), atol=1e-6, rtol=0)
+
+
+def test_write_chunks_checks_the_byte_count(tmp_path):
+    with CheckpointWriter(tmp_path / "x.safetensors", Manifest(kind="checkpoint"), ["a"]) as w:
+        with pytest.raises(ValueError, match="the shape needs"):
+            w.write_chunks("a", [10], torch.float32, [torch.zeros(4), torch.zeros(4)])
+        w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_peak_rss_is_set_by_the_chunk_not_the_tensor(tmp_path):
+    """One 64 MiB tensor per file, 2 inputs + base: whole-tensor buffers would need (N+2+2) x 64 MiB."""
+    numel = 16 * 1024 * 1024
+    save_file({"w": torch.zeros(numel)}, str(tmp_path / "base.safetensors"))
+    for j in (1, 2):
+        save_file({"w": torch.full((numel,), float(j))}, str(tmp_path / f"ft{j}.safetensors"))
+    rss = {}
+    for name, mib in (("whole", "1024"), ("chunked", "4")):
+        cmd = [sys.executable, "-m", "tvedit", "add", str(tmp_path / "ft1.safetensors"), str(tmp_path / "ft2.safetensors"),
+               "--base", str(tmp_path / "base.safetensors"), "-o", str(tmp_path / f"{name}.safetensors")]  # fmt: skip
+        rss[name] = measure(cmd, dict(os.environ, TVEDIT_CHUNK_MIB=mib))["peak_rss_mib"]
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
+    rss["runtime"] = measure([sys.executable, "-c", "import torch, tvedit.api"])["peak_rss_mib"]
+    assert rss["chunked"] - rss["runtime"] < 64, rss  # less than one tensor above the torch runtime
+    assert rss["whole"] - rss["chunked"] > 96, rss  # whole-tensor buffers: several 64 MiB tensors
