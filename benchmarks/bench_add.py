@@ -9,6 +9,8 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
           with an empty hash cache: the inputs are plain safetensors files without a recorded hash, so
           tvedit reads each once more to hash it for the provenance (cached afterwards);
 * tvedit: the same command again, the input hashes cached (files tvedit wrote carry their hash);
+* tvedit whole tensors: the same with TVEDIT_CHUNK_MIB=65536, i.e. without splitting tensors larger
+          than the chunk (16 MiB by default) into chunks: what the chunked path saves;
 * floor + fsync: the same, then fsync the output and its directory as tvedit does before reporting
           success (docs/outputs.md); the difference is what durability costs;
 * startup: `python -c "import torch, tvedit.api"`, the fixed cost inside every tvedit figure;
@@ -129,12 +131,13 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
     naive_fits = (n_inputs + 3) * gib < total_ram_gib() / 2
     if naive_fits:
         plan.append(("naive", [sys.executable, "-c", NAIVE, *map(str, fts), str(base), str(out)]))
+    plan.append(("tvedit_whole_tensors", tvedit))
     for name, cmd in plan:
         if cold:
             drop_caches()
         if out.exists():
             out.unlink()
-        results[name] = measure(cmd, env)
+        results[name] = measure(cmd, dict(env, TVEDIT_CHUNK_MIB="65536") if name == "tvedit_whole_tensors" else env)
     floor = results["floor"]
     summary = {
         "model_gib": round(size / (1 << 30), 3),
@@ -176,14 +179,15 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print("\n| model | inputs | I/O floor s / MiB | tvedit s / MiB | tvedit first use s | naive s / MiB | tvedit / floor time | fsync s |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    print("\n| model | inputs | I/O floor s / MiB | tvedit s / MiB | tvedit first use s | whole tensors s / MiB | naive s / MiB | tvedit / floor time | fsync s |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         res = r["results"]
         naive = f"{res['naive']['wall_s']:.1f} / {res['naive']['peak_rss_mib']:.0f}" if "naive" in res else "skipped (would not fit)"
         print(
             f"| {r['model_gib']:.2f} GiB | {r['inputs']} | {res['floor']['wall_s']:.1f} / {res['floor']['peak_rss_mib']:.0f} "
             f"| {res['tvedit']['wall_s']:.1f} / {res['tvedit']['peak_rss_mib']:.0f} | {res['tvedit_first_use']['wall_s']:.1f} "
+            f"| {res['tvedit_whole_tensors']['wall_s']:.1f} / {res['tvedit_whole_tensors']['peak_rss_mib']:.0f} "
             f"| {naive} | {r['tvedit_over_floor_time']:.2f}x | {r['fsync_cost_s']:.2f} |",
             file=sys.stderr,
         )
