@@ -213,3 +213,19 @@ def test_finetune_sigterm_saves_resume_state_first(tmp_path, cli):
     params = [k for k in ref if k.startswith("param/")]
     assert params and all(torch.equal(resumed[k], ref[k]) for k in params)
     assert json.loads((tmp_path / "ft.resume" / "state.json").read_text())["step"] == step + 1
+
+
+def test_stale_directory_temporaries_are_removed_but_live_ones_kept(tmp_path):
+    """Hugging Face directory outputs are written to a temporary directory of the same name pattern."""
+    dead = tmp_path / f".model{safeio.TMP_MARK}999999999"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "w.safetensors").write_bytes(b"x" * 10)
+    live = safeio.temp_path(tmp_path / "other")
+    live.mkdir()
+    safeio.register(live)
+    try:
+        assert safeio.remove_stale(tmp_path, dry_run=True) == [(dead, 10)] and dead.exists()
+        assert safeio.remove_stale(tmp_path) == [(dead, 10)]
+        assert not dead.exists() and live.exists()
+    finally:
+        safeio.unregister(live)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tvedit import safeio
 from tvedit.errors import InputError, MismatchError, OutputError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.tensorio import (
@@ -324,9 +325,11 @@ class HFDirWriter:
         self._shard_of = {k: i for i, keys in enumerate(self.shards) for k in keys}
         self._all_keys = sorted(self._shard_of)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.tvedit-tmp-{os.getpid()}"
+        safeio.remove_stale(self.path.parent)  # left by killed runs
+        self._tmp = safeio.temp_path(self.path)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir()
+        safeio.register(self._tmp)
         self._writers: list[CheckpointWriter | None] = [None] * len(self.shards)
         self._done = False
         self._dtypes: set[torch.dtype] = set()
@@ -378,6 +381,7 @@ class HFDirWriter:
                 self._check_config_dtype()
             (self._tmp / "README.md").write_text(model_card(manifest, self.path.name, copied, missing_support_files(self._tmp, manifest.kind), self.drop, self.names))
             self._rename_into_place()
+            safeio.unregister(self._tmp)
         except BaseException:
             self.abort()
             raise
@@ -423,6 +427,7 @@ class HFDirWriter:
             if w is not None:
                 w.abort()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        safeio.unregister(self._tmp)
 
     def __enter__(self) -> HFDirWriter:
         return self

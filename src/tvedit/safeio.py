@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -92,9 +93,14 @@ def remove_stale(directory: Path, dry_run: bool = False) -> list[tuple[Path, int
     found = []
     for p in stale_temporaries(directory):
         try:
-            size = p.stat().st_size
-            if not dry_run:
-                p.unlink()
+            if p.is_dir() and not p.is_symlink():  # a Hugging Face directory being written
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                if not dry_run:
+                    shutil.rmtree(p)
+            else:
+                size = p.stat().st_size
+                if not dry_run:
+                    p.unlink()
         except OSError:
             continue
         found.append((p, size))
