@@ -12,7 +12,8 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
 * tvedit whole tensors: the same with TVEDIT_CHUNK_MIB=65536, i.e. without splitting tensors larger
           than the chunk (16 MiB by default) into chunks: what the chunked path saves;
 * floor + fsync: the same, then fsync the output and its directory as tvedit does before reporting
-          success (docs/outputs.md); the difference is what durability costs;
+          success (docs/outputs.md); the difference is what durability costs (the floor is run twice
+          around it and the faster run is kept: the first may pay for writing back the inputs);
 * startup: `python -c "import torch, tvedit.api"`, the fixed cost inside every tvedit figure;
 * naive:  safetensors.torch.load_file for every input, sum, save_file (skipped when it would need
           more than half of this machine's memory).
@@ -124,6 +125,7 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
     plan = [
         ("floor", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "-"]),
         ("floor_fsync", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "fsync"]),
+        ("floor_again", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "-"]),  # the first run may pay for writeback of the inputs
         ("startup", [sys.executable, "-c", "import torch, tvedit.api"]),  # fixed cost: interpreter + torch import
         ("tvedit_first_use", tvedit),
         ("tvedit", tvedit),
@@ -138,7 +140,8 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
         if out.exists():
             out.unlink()
         results[name] = measure(cmd, dict(env, TVEDIT_CHUNK_MIB="65536") if name == "tvedit_whole_tensors" else env)
-    floor = results["floor"]
+    floor = min(results.pop("floor"), results.pop("floor_again"), key=lambda r: r["wall_s"])
+    results["floor"] = floor
     summary = {
         "model_gib": round(size / (1 << 30), 3),
         "inputs": n_inputs,
