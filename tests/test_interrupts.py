@@ -229,3 +229,27 @@ def test_stale_directory_temporaries_are_removed_but_live_ones_kept(tmp_path):
         assert not dead.exists() and live.exists()
     finally:
         safeio.unregister(live)
+
+
+def _hf_writer(out: Path, force: bool = False):
+    from tvedit.hfdir import HFDirWriter, HFOutput
+
+    w = HFDirWriter(out, Manifest(kind="task-vector"), {"w": 16}, options=HFOutput(), force=force)
+    w.write("w", torch.ones(4))
+    return w
+
+
+def test_directory_output_appearing_during_the_write_is_not_replaced(tmp_path):
+    out = tmp_path / "model"
+    w = _hf_writer(out)
+    out.mkdir()
+    (out / "theirs.txt").write_text("someone else's")
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        w.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and _temps(tmp_path) == []
+    w = _hf_writer(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()  # an empty directory may be filled (as the up-front check allows)
+    art = w.commit()
+    assert (art.path / "model.safetensors").exists() and _temps(tmp_path) == []
+    art = _hf_writer(out, force=True).commit()  # --force replaces
+    assert not (out / "theirs.txt").exists() and (out / "model.safetensors").exists()

@@ -10,6 +10,7 @@ Semantics: docs/hf.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -314,6 +315,7 @@ class HFDirWriter:
         ``drop``: tied aliases left out of the files ({alias: source})."""
         self.path = Path(path)
         check_directory_output(self.path, force, inputs)
+        self.force = force
         self.manifest = manifest
         self.layout = layout
         self.source = source
@@ -410,11 +412,27 @@ class HFDirWriter:
         return Manifest.from_dict(data)
 
     def _rename_into_place(self) -> None:
+        """Durable (every file and the directories fsynced) and, without force, exclusive: rename(2)
+        replaces only an empty directory, so an output that appeared meanwhile is not replaced."""
+        for f in sorted(self._tmp.rglob("*")):
+            if f.is_file():
+                safeio.fsync_path(f)
+        safeio.fsync_dir(self._tmp)
+        if not self.force:
+            try:
+                os.rename(self._tmp, self.path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise OutputError(f"{self.path}: exists and is not empty (use --force to replace it)") from None
+                raise
+            safeio.fsync_dir(self.path.parent)
+            return
         old = None
         if self.path.exists() or self.path.is_symlink():
             old = self.path.parent / f".{self.path.name}.tvedit-old-{os.getpid()}"
             os.replace(self.path, old)
         os.replace(self._tmp, self.path)
+        safeio.fsync_dir(self.path.parent)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
