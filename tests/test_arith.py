@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from tvedit import arith
 from tvedit.api import ArithOptions, add, extract, negate, scale
 from tvedit.errors import MismatchError
+from tvedit.ops import arith
 
 from .conftest import make_state, perturb
 

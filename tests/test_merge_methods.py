@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit import sparsify
 from tvedit.api import ArithOptions, add, extract
 from tvedit.errors import UsageError
 from tvedit.merging import METHODS
+from tvedit.ops import sparsify
 from tvedit.tensorio import open_checkpoint
 
 from .conftest import make_state, perturb

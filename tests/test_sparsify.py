@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from tvedit import sparsify
 from tvedit.errors import UsageError
+from tvedit.ops import sparsify
 
 
 # --------------------------------------------------------------------------------------------

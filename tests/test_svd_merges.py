@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit import svd
 from tvedit.api import ArithOptions, add, extract
 from tvedit.cli.arith_cmds import _check_method_options, parse_options
 from tvedit.errors import UsageError
+from tvedit.ops import svd
 from tvedit.tensorio import open_checkpoint
 
 from .conftest import make_state, perturb
@@ -44,7 +44,7 @@ def merged(tvs: list[Path], out: Path, method: str, options: dict, weights: list
     return dense(out)
 
 
-# -- reference formulas (float64, independent of tvedit.svd) ---------------------------------
+# -- reference formulas (float64, independent of tvedit.ops.svd) ---------------------------------
 def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
     return u, s, vh.T

@@ -20,8 +20,8 @@ from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_ref
 from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
+from tvedit.ops.svd import Factors
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
-from tvedit.svd import Factors
 from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
 
 Progress = Callable[[int, int, str], None]

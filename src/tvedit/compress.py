@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from tvedit import svd
 from tvedit.api import ArithOptions, Progress, Slot, _input_record, _spec, _target
 from tvedit.errors import InputError, UsageError
 from tvedit.manifest import Manifest
+from tvedit.ops import svd
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
 from tvedit.tensorio import Artifact, CheckpointWriter, open_checkpoint
 

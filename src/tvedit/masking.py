@@ -2,7 +2,7 @@
 
 One table (``MASK_METHODS``) lists every method: what it reads (task vectors or masks), whether
 its inputs are processed jointly (TALL, consensus, intersect, union) or one by one, and a pure
-per-key function built on tvedit.sparsify. Like api.py, everything streams key by key in sorted
+per-key function built on tvedit.ops.sparsify. Like api.py, everything streams key by key in sorted
 order, and every check that the headers allow (method, option values, key filters, input kinds,
 keys and shapes of masks against vectors, output paths) is made before the first tensor is read,
 so bad input fails fast and leaves no output. Semantics: docs/methods.md.
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from tvedit import sparsify
 from tvedit.api import ArithOptions, Progress, _input_record, _spec, _target
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
+from tvedit.ops import sparsify
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
 from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, check_output, open_checkpoint
 

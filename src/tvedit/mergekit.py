@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from tvedit import sparsify
 from tvedit.errors import InputError, UsageError
 from tvedit.merging import MergeContext, MergeMethod
+from tvedit.ops import sparsify
 
 
 @dataclass(frozen=True)

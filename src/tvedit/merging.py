@@ -21,10 +21,10 @@ from tvedit.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from tvedit import arith, sparsify, svd
+    from tvedit.ops import arith, sparsify, svd
 else:  # `tvedit methods` reads the table without importing torch
-    torch, arith, sparsify = lazy("torch", globals()), lazy("tvedit.arith", globals()), lazy("tvedit.sparsify", globals())
-    svd = lazy("tvedit.svd", globals())
+    torch, arith, sparsify = lazy("torch", globals()), lazy("tvedit.ops.arith", globals()), lazy("tvedit.ops.sparsify", globals())
+    svd = lazy("tvedit.ops.svd", globals())
 
 
 @dataclass
@@ -212,7 +212,7 @@ register(MergeMethod(
 
 
 # --------------------------------------------------------------------------------------------
-# singular-value merges: TSV-M, Iso-C, Iso-CTS (math in tvedit/svd.py; docs/methods.md)
+# singular-value merges: TSV-M, Iso-C, Iso-CTS (math in tvedit/ops/svd.py; docs/methods.md)
 # --------------------------------------------------------------------------------------------
 # Every 2-D floating tensor selected by include/exclude goes through the SVD path, computed on the
 # weighted matrices w_i tau_i; every other tensor is merged by ``other`` (mean: sum_i w_i tau_i /
