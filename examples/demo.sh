@@ -73,7 +73,7 @@ PY
 stamp
 # The learning rates that the lr search chose (DEMO_LR_SEARCH=1, or `tvedit study examples/study.yaml`);
 # study.json records each regime's grid scores.
-lr_args=(--lr full=LR_FULL --lr attn=LR_ATTN --lr linearized=LR_LINEARIZED --lr sparse=LR_SPARSE)
+lr_args=(--lr full=3e-4 --lr attn=1e-3 --lr linearized=1e-4 --lr sparse=1e-2)
 [ "${DEMO_LR_SEARCH:-0}" = 1 ] && lr_args=()
 tvedit study "$here/study.yaml" -o "$out/study" --seeds "${seeds// /,}" --jobs "$jobs_max" "${lr_args[@]}"
 stamp
