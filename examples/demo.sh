@@ -75,7 +75,8 @@ stamp
 # study.json records each regime's grid scores.
 lr_args=(--lr full=3e-4 --lr attn=1e-3 --lr linearized=1e-4 --lr sparse=1e-2)
 [ "${DEMO_LR_SEARCH:-0}" = 1 ] && lr_args=()
-tvedit study "$here/study.yaml" -o "$out/study" --seeds "${seeds// /,}" --jobs "$jobs_max" "${lr_args[@]}"
+tvedit study "$here/study.yaml" -o "$out/study" --seeds "${seeds// /,}" --jobs "$jobs_max" "${lr_args[@]}" --json > /dev/null
+cat "$out/study/results.md"
 stamp
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ r = json.load(open(sys.argv[1]))
 out = Path(sys.argv[1]).parent
 row = r["rows"]["sparse"]
 alpha = row["seeds"][0]["addition"]["alpha"]
-print(alpha, " ".join(str(out / "runs" / "sparse" / f"lr{row['lr']:g}" / f"seed{sys.argv[2]}" / f"{t}.safetensors") for t in r["plan"]["tasks"]))
+print(alpha, " ".join(str(out / "runs" / "sparse" / f"lr{row['lr']:g}" / f"seed{sys.argv[2]}" / f"{t}.safetensors") for t in ("digits", "animals", "letters", "shapes")))
 PY
 )
 task_args=()
