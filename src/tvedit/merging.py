@@ -246,14 +246,16 @@ def _globs(options: dict[str, Any], name: str) -> None:
 
 
 def _device(options: dict[str, Any]) -> None:
+    """The SVD device: cpu, cuda or cuda:N, checked by the one device picker (models.base)."""
+    from tvedit.models.base import pick_device
+
     name = str(options["device"])
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--option device={name}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--option device={name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
+        device = pick_device(name) if name != "auto" else None
+    except UsageError as exc:
+        reason = "CUDA is not available on this machine" if "CUDA" in str(exc) else "expected cpu, cuda or cuda:N"
+        raise UsageError(f"--option device={name}: {reason}") from None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UsageError(f"--option device={name}: expected cpu, cuda or cuda:N")
     options["device"] = name
 
