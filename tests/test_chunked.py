@@ -56,6 +56,92 @@ def test_chunked_add_is_byte_identical(tmp_path, monkeypatch, dtype, method, vec
     torch.testing.assert_close(m["big"].float(), (base["big"].float() + 0.7 * merged).to(dtype).float(), atol=1e-6, rtol=0)
 
 
+def _sparse_files(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """base + 3 fine-tunes that change ~30% of the entries, with exact ties at the TIES cut."""
+    g = torch.Generator().manual_seed(1)
+    base = {"big": torch.randn(123, 457, generator=g), "small": torch.randn(7, generator=g), "ids": torch.arange(5)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    fts = []
+    for j in (1, 2, 3):
+        ft = {k: v + 0.1 * j * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3) if v.is_floating_point() else v
+              for k, v in base.items()}  # fmt: skip
+        ft["big"][0, :50] = base["big"][0, :50] + 0.5  # 50 equal magnitudes straddle the kept count
+        fts.append(tmp_path / f"ft{j}.safetensors")
+        save_file(ft, str(fts[-1]))
+    return tmp_path / "base.safetensors", fts
+
+
+def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run) -> bytes:
+    outs = []
+    for mib in ("1024", "0.01"):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        outs.append(run(tmp_path / f"{name}-{mib.replace('.', '_')}.safetensors").read_bytes())
+    assert outs[0] == outs[1], name
+    return outs[1]
+
+
+@pytest.mark.parametrize("emit", ["checkpoint", "vector"])
+@pytest.mark.parametrize(("method", "options"), [
+    ("ties", {}), ("ties", {"scope": "global"}), ("ties", {"density": 1.0}), ("ties", {"density": 0.0}),
+    ("dare-ties", {}), ("dare-ties", {"rescale": "l1"}), ("consensus", {}), ("sum", {}),
+])  # fmt: skip
+def test_chunked_merges_are_byte_identical(tmp_path, monkeypatch, method, options, emit):
+    """TIES (its cut found by a radix select over the chunks, ties at the cut by a running quota),
+    DARE-TIES (each input's generator drawn on chunk after chunk), consensus, and --emit vector
+    (the writer re-encodes a sparse vector from the dense bytes it wrote): the bytes do not depend
+    on the chunk size."""
+    base, fts = _sparse_files(tmp_path)
+    _whole_and_chunked(monkeypatch, tmp_path, f"{method}-{emit}",
+                       lambda out: api.add(fts, out, base=base, alpha=0.7, weights=[1.0, 0.5, -0.3], method=method,
+                                           method_options=dict(options), emit=emit).path)  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["auto", "dense", "sparse"])
+def test_chunked_extract_scale_negate_are_byte_identical(tmp_path, monkeypatch, layout):
+    base, fts = _sparse_files(tmp_path)
+    opts = api.ArithOptions(layout=layout)
+    data = _whole_and_chunked(monkeypatch, tmp_path, "extract", lambda out: api.extract(fts[:1], base, out, opts)[0].path)
+    tv = tmp_path / "tv.safetensors"
+    tv.write_bytes(data)
+    assert open_checkpoint(tv).encoding("big") == {"auto": "bitmap", "dense": "dense", "sparse": "bitmap"}[layout]  # 30% dense
+    expected = load_file(str(fts[0]))["big"] - load_file(str(base))["big"]
+    assert torch.equal(open_checkpoint(tv).get("big"), expected)
+    dense_tv = api.extract(fts[:1], base, tmp_path / "dense-tv.safetensors", api.ArithOptions(layout="dense"))[0].path
+    _whole_and_chunked(monkeypatch, tmp_path, "scale", lambda out: api.scale([dense_tv], 0.3, out, opts)[0].path)
+    _whole_and_chunked(monkeypatch, tmp_path, "negate", lambda out: api.negate([dense_tv], out, opts)[0].path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.0, 1e-5, 0.01, 0.3, 0.6, 1.0])
+def test_write_chunks_stores_what_write_stores(tmp_path, monkeypatch, dtype, density):
+    """Every encoding (index list, block16, bitmap, dense) comes out byte-identical whether the
+    tensor is written whole or in odd-sized chunks, re-encoded in pieces of one block16 block."""
+    import tvedit.tensorio as tio
+
+    monkeypatch.setattr(tio, "_CONVERT_NUMEL", 1)  # re-encode in pieces of 65,536 entries
+    g = torch.Generator().manual_seed(2)
+    n = 300_001
+    t = (torch.randn(n, generator=g) * (torch.rand(n, generator=g) < density)).to(dtype)
+    files = {}
+    for mode in ("whole", "chunks"):
+        path = tmp_path / f"{mode}.safetensors"
+        with CheckpointWriter(path, Manifest(kind="task-vector"), ["a", "b", "z"], layout="auto") as w:
+            w.write("a", torch.ones(100))
+            if mode == "whole":
+                w.write("b", t)
+            else:
+                w.write_chunks("b", [n], dtype, (t[i : i + 7777] for i in range(0, n, 7777)))
+            w.write("z", torch.zeros(100))
+            w.commit()
+        files[mode] = path.read_bytes()
+    assert files["whole"] == files["chunks"]
+    ckpt = open_checkpoint(tmp_path / "chunks.safetensors")
+    assert torch.equal(ckpt.get("b"), t)
+    assert content_hash(ckpt) == ckpt.manifest.sha256
+    expected = {0.0: "indices", 1e-5: "indices", 0.01: "block16", 0.3: "bitmap", 0.6: "dense", 1.0: "dense"}[density]
+    assert ckpt.encoding("b") == expected
+
+
 def test_write_chunks_checks_the_byte_count(tmp_path):
     with CheckpointWriter(tmp_path / "x.safetensors", Manifest(kind="checkpoint"), ["a"]) as w:
         with pytest.raises(ValueError, match="the shape needs"):

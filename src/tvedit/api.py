@@ -9,8 +9,8 @@ and leaves no output behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,7 @@ class VectorSources:
 
     def base_range(self, key: str, start: int, count: int) -> torch.Tensor:
         assert self.base_ckpt is not None
+        self._base_key = None  # the range goes into the buffer that holds the cached whole tensor
         return self._base_slot.load_range(self.base_ckpt, key, start, count)
 
     def vector_ranges(self, key: str, start: int, count: int, base: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -306,6 +307,16 @@ class VectorSources:
                 t.sub_(base)
             out.append(t)
         return out
+
+    def vector_chunks(self, key: str) -> Iterator[list[torch.Tensor]]:
+        """Each input's task vector for ``key``: whole, or in consecutive flattened chunks when the
+        key is huge (``chunked``); views valid until the next item."""
+        if not self.chunked(key):
+            yield self.vectors(key)
+            return
+        n, step = _numel(self._shape(key)), chunk_numel()
+        for start in range(0, n, step):
+            yield self.vector_ranges(key, start, min(step, n - start))
 
     def _shape(self, key: str) -> tuple[int, ...]:
         for c in [*self.inputs, self.base_ckpt]:
@@ -415,9 +426,13 @@ def extract(
         sources = VectorSources([ckpt], base_ckpt, opts, keys)
         with _open_writer(target, out, manifest_for(False), keys, inputs, opts, [base_ckpt, ckpt], base_ckpt) as w:
             for i, key in enumerate(keys):
-                (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
-                _check_finite(tau, out, key, opts)
-                w.write(key, tau.to(_out_dtype(opts, base_ckpt.info(key).dtype)))
+                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
+                if sources.chunked(key):
+                    _write_in_chunks(w, key, sources._shape(key), dtype, lambda s, c, k=key, src=sources: src.vector_ranges(k, s, c)[0], out, opts)
+                else:
+                    (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
+                    _check_finite(tau, out, key, opts)
+                    w.write(key, tau.to(dtype))
                 if progress:
                     progress(i + 1, len(keys), key)
             w.manifest = manifest_for(True)  # the input hashes, computed while streaming
@@ -503,35 +518,30 @@ def add(
                 w.write(key, base_ckpt.get(key))
                 continue
             shape = sources._shape(key)
-            if merge.elementwise and emit == "checkpoint" and sources.chunked(key):
-                assert base_ckpt is not None
-                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
-                chunks = _merged_chunks(sources, key, merge, list(weights), method_options, state, alpha, dtype, out, opts, acc)
-                w.write_chunks(key, shape, dtype, chunks)
+            ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
+            dtype = _out_dtype(opts, ref.info(key).dtype)
+            if merge.chunkable(method_options) and sources.chunked(key):
+                compute = _merge_ranges(sources, key, merge, MergeContext(key, list(weights), method_options, state), alpha, emit == "checkpoint", acc)
+                _write_in_chunks(w, key, shape, dtype, compute, out, opts)
                 if progress:
                     progress(i + 1, len(all_keys), key)
                 continue
-            ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape))
+            ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape), numel=_numel(shape))
             merged = merge.merge(sources.vectors(key), ctx)
             if isinstance(merged, Factors):  # a low-rank result (tsv lowrank=true)
                 if emit == "vector":
-                    ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
                     merged.S.mul_(alpha)
                     for part in (merged.U, merged.S, merged.V):
                         _check_finite(part, out, key, opts)
-                    w.write_lowrank(key, merged.to(_out_dtype(opts, ref.info(key).dtype)))
+                    w.write_lowrank(key, merged.to(dtype))
                     if progress:
                         progress(i + 1, len(all_keys), key)
                     continue
                 merged = merged.dense()
             if emit == "checkpoint":
-                assert base_ckpt is not None
                 result = merged.mul_(alpha).add_(sources.base(key))  # theta0 + alpha * merged, in place
-                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
             else:
                 result = merged.mul_(alpha)
-                ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
-                dtype = _out_dtype(opts, ref.info(key).dtype)
             _check_finite(result, out, key, opts)
             w.write(key, result.to(dtype))
             if progress:
@@ -542,24 +552,44 @@ def add(
     return artifact
 
 
-def _merged_chunks(sources: VectorSources, key: str, merge: Any, weights: list[float], options: dict[str, Any], state: dict[str, Any],
-                   alpha: float, dtype: torch.dtype, out: Path, opts: ArithOptions, acc: Slot) -> Iterable[torch.Tensor]:
-    """theta0 + alpha * merge(tau_i) for one huge key, a chunk of entries at a time (element-wise
-    methods only): memory is set by the chunk size, not by the tensor."""
-    n, step = _numel(sources._shape(key)), chunk_numel()
-    result = torch.empty(0, dtype=dtype)
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        base = sources.base_range(key, start, count)
-        merged = merge.merge(sources.vector_ranges(key, start, count, base), MergeContext(key, weights, options, state, out=acc.buffer((count,))))
-        chunk = merged.mul_(alpha).add_(base)
-        _check_finite(chunk, out, key, opts)
-        if chunk.dtype == dtype:
-            yield chunk
-            continue
-        if result.numel() < count:
-            result = torch.empty(count, dtype=dtype)
-        yield result[:count].copy_(chunk)
+def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: MergeContext, alpha: float, checkpoint: bool, acc: Slot) -> Callable[[int, int], torch.Tensor]:
+    """``(start, count) -> [theta0 +] alpha * merge(tau_i)`` over a range of one huge key, for a
+    method that works chunk by chunk (after its per-key pass, e.g. TIES's magnitude cuts)."""
+    ctx.numel = _numel(sources._shape(key))
+    if merge.key_pass is not None:
+        merge.key_pass(lambda: sources.vector_chunks(key), ctx)
+
+    def compute(start: int, count: int) -> torch.Tensor:
+        base = sources.base_range(key, start, count) if checkpoint else None
+        vectors = sources.vector_ranges(key, start, count, base)
+        merged = merge.merge(vectors, replace(ctx, out=acc.buffer((count,)), start=start)).mul_(alpha)
+        return merged.add_(base) if base is not None else merged
+
+    return compute
+
+
+def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: torch.dtype, compute: Callable[[int, int], torch.Tensor],
+                     out: Path, opts: ArithOptions) -> None:
+    """Write one huge tensor whose entries ``start .. start+count`` (flattened) ``compute`` returns
+    in the compute dtype (a buffer it may reuse): memory is set by the chunk size, not the tensor.
+    The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector)."""
+    n, step = _numel(shape), chunk_numel()
+    converted = torch.empty(0, dtype=dtype)
+
+    def chunks() -> Iterable[torch.Tensor]:
+        nonlocal converted
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            chunk = compute(start, count)
+            _check_finite(chunk, out, key, opts)
+            if chunk.dtype == dtype:
+                yield chunk
+                continue
+            if converted.numel() < count:
+                converted = torch.empty(count, dtype=dtype)
+            yield converted[:count].copy_(chunk)
+
+    w.write_chunks(key, shape, dtype, chunks())
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,10 +622,13 @@ def scale(
         slot = Slot(opts.compute_dtype)
         with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):
-                if ckpt.is_floating(key):
+                dtype = _out_dtype(opts, ckpt.info(key).dtype) if ckpt.is_floating(key) else None
+                if dtype is not None and _numel(ckpt.info(key).shape) > chunk_numel() and not ckpt.is_sparse(key):
+                    _write_in_chunks(w, key, ckpt.info(key).shape, dtype, lambda s, c, k=key, ck=ckpt, sl=slot: sl.load_range(ck, k, s, c).mul_(by), out, opts)
+                elif dtype is not None:
                     r = slot.load(ckpt, key).mul_(by)  # c * tau, in place, in the compute dtype
                     _check_finite(r, out, key, opts)
-                    w.write(key, r.to(_out_dtype(opts, ckpt.info(key).dtype)))
+                    w.write(key, r.to(dtype))
                 else:
                     w.write(key, ckpt.get(key))
                 if progress:

@@ -36,6 +36,9 @@ class MergeContext:
     options: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # filled by prepare()
     out: torch.Tensor | None = None  # an uninitialised scratch buffer of the key's shape a method may fill and return
+    numel: int = 0  # entries of the whole tensor
+    start: int = 0  # flat index of the first entry handed over: > 0 for the later chunks of a huge tensor
+    key_state: dict[str, Any] = field(default_factory=dict)  # one key's state, shared by its chunks (filled by key_pass or the first chunk)
 
 
 MergeFn = Callable[[Sequence["torch.Tensor"], MergeContext], "torch.Tensor"]
@@ -49,7 +52,16 @@ class MergeMethod:
     summary: str
     options: tuple[str, ...] = ()  # option names this method reads (validated by the CLI)
     prepare: PrepareFn | None = None
-    elementwise: bool = False  # each output entry depends only on the same entry of each input: huge tensors go in chunks
+    # Each output entry depends only on the same entry of each input (given what key_pass found):
+    # huge tensors go in chunks of consecutive flattened entries. A function of the options when
+    # that depends on them.
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    # Before the chunks of a huge key: key_pass(chunks, ctx), where chunks() iterates the inputs'
+    # chunks (lists of tensors) and may be called more than once; it fills ctx.key_state.
+    key_pass: Callable[[Callable[[], Any], MergeContext], None] | None = None
+
+    def chunkable(self, options: dict[str, Any]) -> bool:
+        return bool(self.elementwise(options) if callable(self.elementwise) else self.elementwise)
 
 
 def _sum(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
@@ -150,8 +162,9 @@ def _vector_stream(sources: Any) -> sparsify.Stream:
 
     def stream():
         for key in sources.keys:
-            for i, tau in enumerate(sources.vectors(key)):
-                yield i, key, tau
+            for vectors in sources.vector_chunks(key):
+                for i, tau in enumerate(vectors):
+                    yield i, key, tau
 
     return stream
 
@@ -163,12 +176,33 @@ def _prepare_ties(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
     return {"plans": sparsify.global_topk_plan(_vector_stream(sources), len(sources.inputs), options["density"])}
 
 
+def _ties_key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
+    """Each input's magnitude cut for one huge key: from the global plan, or by an exact radix
+    select over the key's chunks (two passes)."""
+    plans = ctx.state.get("plans")
+    if plans:
+        ctx.key_state["cuts"] = [sparsify.Cut.of_plan(p, ctx.key) for p in plans]
+        return
+
+    def stream():
+        for vectors in chunks():
+            for i, tau in enumerate(vectors):
+                yield i, ctx.key, tau
+
+    ks = [sparsify.keep_count(ctx.options["density"], ctx.numel)] * len(ctx.weights)
+    ctx.key_state["cuts"] = [sparsify.Cut.of_kth(r, k) for r, k in zip(sparsify.kth_largest_abs(stream, ks), ks, strict=True)]
+
+
 def _ties(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
     density = ctx.options["density"]
     plans = ctx.state.get("plans")
+    cuts = ctx.key_state.get("cuts")  # chunks of a huge key
     trimmed = []
     for i, tau in enumerate(vectors):
-        keep = plans[i].mask(ctx.key, tau) if plans else sparsify.topk_mask(tau, density)
+        if cuts is not None:
+            keep = cuts[i].take(tau)
+        else:
+            keep = plans[i].mask(ctx.key, tau) if plans else sparsify.topk_mask(tau, density)
         trimmed.append(sparsify.masked(tau, keep))
     return sparsify.ties_merge(trimmed, ctx.weights, weighted_election=ctx.options["weighted_election"], divisor=ctx.options["divisor"])
 
@@ -180,9 +214,10 @@ def _prepare_dare_ties(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 def _dare_ties(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
     o = ctx.options
+    if "generators" not in ctx.key_state:  # one per input, drawn on by every chunk of the key in turn
+        ctx.key_state["generators"] = [torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key)) for i in range(len(vectors))]
     dropped = []
-    for i, tau in enumerate(vectors):
-        gen = torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key))
+    for tau, gen in zip(vectors, ctx.key_state["generators"], strict=True):
         dropped.append(sparsify.dare(tau, o["density"], gen, o["rescale"])[0])
     return sparsify.ties_merge(dropped, ctx.weights, weighted_election=o["weighted_election"], divisor=o["divisor"])
 
@@ -199,15 +234,16 @@ def _consensus(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tens
 
 register(MergeMethod(
     "ties", _ties, "TIES: trim each tau_i to density (top-|tau|), elect sign(sum), disjoint mean",
-    options=tuple(OPTION_DEFAULTS["ties"]), prepare=_prepare_ties,
+    options=tuple(OPTION_DEFAULTS["ties"]), prepare=_prepare_ties, elementwise=True, key_pass=_ties_key_pass,
 ))  # fmt: skip
 register(MergeMethod(
     "dare-ties", _dare_ties, "DARE drop-and-rescale each tau_i (seeded), then TIES elect + disjoint mean",
     options=tuple(OPTION_DEFAULTS["dare-ties"]), prepare=_prepare_dare_ties,
+    elementwise=lambda o: o.get("rescale") == "inverse",  # l1 rescaling needs whole-tensor norms
 ))  # fmt: skip
 register(MergeMethod(
     "consensus", _consensus, "TALL consensus: sum_i w_i tau_i where >= min_agree TALL masks agree",
-    options=tuple(OPTION_DEFAULTS["consensus"]), prepare=_prepare_consensus,
+    options=tuple(OPTION_DEFAULTS["consensus"]), prepare=_prepare_consensus, elementwise=True,
 ))  # fmt: skip
 
 

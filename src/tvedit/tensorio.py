@@ -116,31 +116,45 @@ def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
 # Stored parts of each sparse encoding (docs/manifest.md); files of every encoding stay readable.
 SPARSE_PARTS = headers.ENCODING_PARTS  # indices, block16, bitmap, mask, lowrank
 BLOCK16 = 1 << 16  # block16: positions are (block of 2^16 entries, 16-bit offset in the block)
+_CONVERT_NUMEL = 1 << 22  # entries per piece when a chunk-written tensor is re-encoded sparse
+
+
+def choose_encoding(nnz: int, numel: int) -> tuple[str, torch.dtype]:
+    """The smallest of the index-list, block16 and bitmap encodings for ``nnz`` of ``numel``
+    entries (ties: the first listed), and the index dtype of the index-list encoding."""
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    sizes = {
+        "block16": 2 * nnz + 4 * -(-numel // BLOCK16),
+        "indices": nnz * (4 if index_dtype == torch.int32 else 8),
+        "bitmap": (numel + 7) // 8,
+    }
+    return min(sizes, key=sizes.__getitem__), index_dtype
+
+
+def encode_part(encoding: str, part: str, flat: torch.Tensor, start: int, numel: int, index_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """One stored part of ``encoding`` for the entries ``flat`` found at ``start`` of a flattened
+    tensor of ``numel`` entries. Parts of consecutive pieces concatenate to the whole tensor's part
+    (bitmap: pieces start at multiples of 8), except block16's ``counts``, which add up."""
+    nz = flat != 0
+    if part == "values":
+        return flat[nz]
+    if part == "bitmap":
+        return pack_bits(nz)
+    positions = nz.nonzero().reshape(-1) + start
+    if part == "indices":
+        return positions.to(index_dtype)
+    if part == "counts":
+        return torch.bincount(positions >> 16, minlength=-(-numel // BLOCK16)).to(torch.int32)
+    low = (positions & (BLOCK16 - 1)).to(torch.int32)
+    return torch.where(low >= BLOCK16 // 2, low - BLOCK16, low).to(torch.int16)  # offsets: the low 16 bits, two's complement
 
 
 def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
     """Pick the smallest of the index-list, block16 and bitmap encodings. Returns (encoding, parts)."""
     flat = tensor.reshape(-1)
-    nz = flat != 0
-    values = flat[nz]
-    nnz, numel = values.numel(), flat.numel()
-    index_dtype = torch.int32 if numel < 2**31 else torch.int64
-    blocks = -(-numel // BLOCK16)
-    sizes = {
-        "block16": 2 * nnz + 4 * blocks,
-        "indices": nnz * (4 if index_dtype == torch.int32 else 8),
-        "bitmap": (numel + 7) // 8,
-    }
-    encoding = min(sizes, key=sizes.__getitem__)  # ties: the first listed
-    if encoding == "bitmap":
-        return "bitmap", {"bitmap": pack_bits(nz), "values": values}
-    positions = nz.nonzero().reshape(-1)
-    if encoding == "indices":
-        return "indices", {"indices": positions.to(index_dtype), "values": values}
-    low = (positions & (BLOCK16 - 1)).to(torch.int32)
-    offsets = torch.where(low >= BLOCK16 // 2, low - BLOCK16, low).to(torch.int16)  # the low 16 bits, two's complement
-    counts = torch.bincount(positions >> 16, minlength=blocks).to(torch.int32)
-    return "block16", {"offsets": offsets, "counts": counts, "values": values}
+    numel = flat.numel()
+    encoding, index_dtype = choose_encoding(int(torch.count_nonzero(flat)), numel)
+    return encoding, {part: encode_part(encoding, part, flat, 0, numel, index_dtype) for part in SPARSE_PARTS[encoding]}
 
 
 def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None) -> torch.Tensor:
@@ -625,19 +639,19 @@ class CheckpointWriter:
         self._pending = self._pool.submit(job, copy)
 
     def write_chunks(self, key: str, shape: Iterable[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
-        """Write one dense tensor given as consecutive pieces of its flattened entries (bounded
-        memory for huge tensors; the caller may reuse each piece's buffer at once). For files whose
-        tensors are stored dense anyway: checkpoints, or task vectors with layout "dense"."""
+        """Write one tensor given as consecutive pieces of its flattened entries (bounded memory for
+        huge tensors; the caller may reuse each piece's buffer at once). The stored bytes are those
+        ``write`` would store for the whole tensor: a task-vector tensor that turns out sparse enough
+        for the layout is written dense first and re-encoded in place (``_encode_in_place``)."""
         self._begin(key)
-        if self.manifest.kind != "checkpoint" and self.layout != "dense":
-            raise ValueError("write_chunks: only for dense layouts")
         shape = list(shape)
         numel = 1
         for s in shape:
             numel *= s
         st = _st_dtype(dtype)
         n = numel * torch.empty((), dtype=dtype).element_size()
-        self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [self._offset, self._offset + n]}
+        start = self._offset
+        self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [start, start + n]}
         self._offset += n
         h = hashlib.sha256()
 
@@ -645,20 +659,102 @@ class CheckpointWriter:
             self._fh.write(data)
             h.update(data)
 
-        done = 0
+        done = nnz = 0
+        vector = dtype.is_floating_point and self.manifest.kind != "checkpoint"
         for chunk in chunks:
             if chunk.dtype != dtype:
                 raise ValueError(f"{key}: chunk dtype {chunk.dtype} is not {dtype}")
-            if dtype.is_floating_point and self.manifest.kind != "checkpoint":
-                self._nonzero += int(torch.count_nonzero(chunk))
-                self._float_numel += chunk.numel()
+            if vector:
+                nnz += int(torch.count_nonzero(chunk))
             data = _tensor_bytes(chunk)
             done += len(data)
             self._submit(data, job)
         if done != n:
             raise ValueError(f"{key}: chunks hold {done} bytes, the shape needs {n}")
         self._drain()
+        if vector:
+            self._nonzero += nnz
+            self._float_numel += numel
+            if self._store_sparse(nnz, numel):
+                self._encode_in_place(key, shape, dtype, start, nnz)
+                return
         self._digests[key] = _entry_digest(key, st, shape, h.hexdigest())
+
+    def _store_sparse(self, nnz: int, numel: int) -> bool:
+        """Whether a task-vector tensor with ``nnz`` non-zeros of ``numel`` is stored sparse."""
+        if self.manifest.kind == "checkpoint" or numel < MIN_SPARSE_NUMEL:
+            return False
+        return self.layout == "sparse" or (self.layout == "auto" and nnz / numel <= AUTO_SPARSE_DENSITY)
+
+    def _encode_in_place(self, key: str, shape: list[int], dtype: torch.dtype, start: int, nnz: int) -> None:
+        """Replace the dense bytes of ``key`` just written at data offset ``start`` by its sparse
+        parts, reading the dense bytes back a piece at a time: the parts are appended after the
+        dense bytes (each part one pass), then moved down over them and the file truncated."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        item = torch.empty((), dtype=dtype).element_size()
+        encoding, index_dtype = choose_encoding(nnz, numel)
+        step = max(BLOCK16, _CONVERT_NUMEL // BLOCK16 * BLOCK16)  # whole blocks: pieces start at multiples of 8
+        self._fh.flush()
+        fd = os.open(self._tmp, os.O_RDONLY)
+        data0 = 8 + self._reserved
+        piece = torch.empty(min(step, numel), dtype=dtype)
+
+        def pieces() -> Iterator[tuple[int, torch.Tensor]]:
+            for at in range(0, numel, step):
+                count = min(step, numel - at)
+                view = memoryview(piece[:count].view(torch.uint8).numpy())
+                got = os.preadv(fd, [view], data0 + start + at * item)
+                if got != count * item:
+                    raise OutputError(f"{self._tmp}: short read while re-encoding {key!r}")
+                yield at, piece[:count]
+
+        del self._header[key]
+        end = start + numel * item
+        parts: list[tuple[str, int, int]] = []  # (stored key, offset after the dense bytes, bytes)
+        try:
+            self._fh.seek(data0 + end)
+            at_out = 0
+            for part in sorted(SPARSE_PARTS[encoding]):
+                stored = f"{key}{SEP}{part}"
+                h, size = hashlib.sha256(), 0
+                if part == "counts":  # per-block counts add up over the pieces
+                    total = torch.zeros(-(-numel // BLOCK16), dtype=torch.int32)
+                    for at, flat in pieces():
+                        total += encode_part(encoding, part, flat, at, numel, index_dtype)
+                    outs: Iterable[torch.Tensor] = [total]
+                else:
+                    outs = (encode_part(encoding, part, flat, pos, numel, index_dtype) for pos, flat in pieces())
+                part_dtype = dtype
+                for t in outs:
+                    part_dtype = t.dtype
+                    data = _tensor_bytes(t)
+                    self._fh.write(data)
+                    h.update(data)
+                    size += len(data)
+                st = _st_dtype(part_dtype)
+                part_shape = [size // torch.empty((), dtype=part_dtype).element_size()]
+                self._digests[stored] = _entry_digest(stored, st, part_shape, h.hexdigest())
+                self._header[stored] = {"dtype": st, "shape": part_shape, "data_offsets": [start + at_out, start + at_out + size]}
+                parts.append((stored, at_out, size))
+                at_out += size
+            self._fh.flush()
+            moved, buf = 0, bytearray(16 << 20)
+            view = memoryview(buf)
+            while moved < at_out:  # the source lies at_out >= dense bytes ahead: never overwritten
+                count = min(len(buf), at_out - moved)
+                got = os.preadv(fd, [view[:count]], data0 + end + moved)
+                if got != count:
+                    raise OutputError(f"{self._tmp}: short read while re-encoding {key!r}")
+                os.pwrite(self._fh.fileno(), view[:count], data0 + start + moved)
+                moved += count
+        finally:
+            os.close(fd)
+        self._fh.seek(data0 + start + at_out)
+        self._fh.truncate()
+        self._offset = start + at_out
+        self._sparse[key] = {"shape": shape, "encoding": encoding}
 
     def _sink(self, key: str, st: str, shape: list[int], data: memoryview) -> None:
         self._fh.write(data)
@@ -716,9 +812,7 @@ class CheckpointWriter:
             nnz = int(torch.count_nonzero(tensor))
             self._nonzero += nnz
             self._float_numel += tensor.numel()
-            dense_enough = tensor.numel() == 0 or nnz / tensor.numel() > AUTO_SPARSE_DENSITY
-            sparse = (self.layout == "sparse" or (self.layout == "auto" and not dense_enough)) and tensor.numel() >= MIN_SPARSE_NUMEL
-            if sparse:
+            if self._store_sparse(nnz, tensor.numel()):
                 encoding, parts = encode_sparse(tensor)
                 for part in sorted(parts):
                     self._write_stored(f"{key}{SEP}{part}", parts[part])

@@ -168,6 +168,36 @@ class GlobalThreshold:
         return tie_limited_mask(_abs32(tau), self.value, quota)
 
 
+@dataclass
+class Cut:
+    """A magnitude cut applied to the consecutive pieces of one tensor in turn: keep |x| > value
+    and, of |x| == value, the first ``quota`` entries in row-major order (None: all of them);
+    ``value`` None keeps nothing. Over the pieces it keeps what topk_mask / GlobalThreshold.mask
+    keep on the whole tensor."""
+
+    value: float | None
+    quota: int | None = None
+
+    @classmethod
+    def of_kth(cls, kth: KthLargest | None, keep: int) -> Cut:
+        return cls(None) if kth is None else cls(kth.value, keep - kth.greater)
+
+    @classmethod
+    def of_plan(cls, plan: GlobalThreshold, key: str) -> Cut:
+        if plan.keep == 0:
+            return cls(None)
+        return cls(plan.value, None if plan.ties is None else plan.ties.get(key, 0))
+
+    def take(self, tau: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            return torch.zeros(tau.shape, dtype=torch.bool)
+        magnitude = _abs32(tau)
+        keep = tie_limited_mask(magnitude, self.value, self.quota)
+        if self.quota is not None:
+            self.quota -= min(self.quota, int((magnitude == self.value).sum()))
+        return keep
+
+
 def global_topk_plan(stream: Stream, n_streams: int, density: float) -> list[GlobalThreshold]:
     """Per stream, one threshold over all its tensors keeping keep_count(density, total numel).
 
