@@ -165,3 +165,16 @@ def test_peak_rss_is_set_by_the_chunk_not_the_tensor(tmp_path):
     rss["runtime"] = measure([sys.executable, "-c", "import torch, tvedit.api"])["peak_rss_mib"]
     assert rss["chunked"] - rss["runtime"] < 64, rss  # less than one tensor above the torch runtime
     assert rss["whole"] - rss["chunked"] > 96, rss  # whole-tensor buffers: several 64 MiB tensors
+
+
+@pytest.mark.parametrize("method", ["sum", "ties"])
+def test_first_use_of_chunked_inputs_records_their_content_hash(tmp_path, monkeypatch, method):
+    """Plain inputs read a chunk at a time (and one chunk ahead on the reader thread) get the same
+    content hash as a separate pass; TIES reads the huge key three times, restarting from 0."""
+    base, fts = _sparse_files(tmp_path)
+    monkeypatch.setenv("TVEDIT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TVEDIT_CHUNK_MIB", "0.01")
+    art = api.add(fts, tmp_path / "out.safetensors", base=base, method=method)
+    recorded = {Path(r["path"]).name: r["sha256"] for r in art.manifest.provenance[-1]["inputs"]}
+    for p in [*fts, base]:
+        assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name

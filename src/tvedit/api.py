@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -191,17 +192,34 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+_READER: ThreadPoolExecutor | None = None
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The one background thread that reads the next chunk ahead (Slot.load_range)."""
+    global _READER
+    if _READER is None:
+        _READER = ThreadPoolExecutor(1, thread_name_prefix="tvedit-read")
+    return _READER
+
+
 class Slot:
     """One reusable buffer: tensors are read straight into it and converted in place.
 
     Reusing memory matters: a fresh buffer per tensor costs a page fault per 4 KiB page, several
     times the cost of the copy itself. Views returned by ``load`` are valid until the next load.
+
+    Ranges of a huge tensor (``load_range``) are read one ahead: after serving a range, the next
+    range of the same size is read on a background thread into a second buffer, so reading overlaps
+    the caller's arithmetic and the writer's writing and hashing.
     """
 
     def __init__(self, compute_dtype: torch.dtype):
         self.compute_dtype = compute_dtype
         self.work = torch.empty(0, dtype=compute_dtype)
         self.raw = torch.empty(0, dtype=torch.uint8)
+        self.spare = torch.empty(0, dtype=torch.uint8)  # the read-ahead buffer
+        self._ahead: tuple[tuple[int, str, int, int], Future[Any]] | None = None
 
     def _work(self, shape: Sequence[int]) -> torch.Tensor:
         n = _numel(shape)
@@ -209,7 +227,21 @@ class Slot:
             self.work = torch.empty(n, dtype=self.compute_dtype)
         return self.work[:n].view(tuple(shape))
 
+    def _raw(self, nbytes: int) -> torch.Tensor:
+        if self.raw.numel() < nbytes:
+            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        return self.raw[:nbytes]
+
+    def _settle(self) -> tuple[int, str, int, int] | None:
+        """Wait for the read ahead (its errors surface here); returns what it read, if it succeeded."""
+        if self._ahead is None:
+            return None
+        (what, future), self._ahead = self._ahead, None
+        future.result()
+        return what
+
     def load(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
+        self._settle()
         info = ckpt.info(key)
         work = self._work(info.shape)
         if ckpt.is_sparse(key):
@@ -218,24 +250,33 @@ class Slot:
             ckpt.get(key, out=work)
         else:
             nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
-            if self.raw.numel() < nbytes:
-                self.raw = torch.empty(nbytes, dtype=torch.uint8)
-            raw = self.raw[:nbytes].view(info.dtype).view(info.shape)
+            raw = self._raw(nbytes).view(info.dtype).view(info.shape)
             work.copy_(ckpt.get(key, out=raw))
         return work
 
     def load_range(self, ckpt: Checkpoint, key: str, start: int, count: int) -> torch.Tensor:
         """Entries start .. start+count of a dense-stored key, flattened, in the compute dtype."""
-        dtype = ckpt.info(key).dtype
-        work = self._work((count,))
-        if dtype == self.compute_dtype:
-            return ckpt.get_range(key, start, work)
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        if self.raw.numel() < nbytes:
-            self.raw = torch.empty(nbytes, dtype=torch.uint8)
-        return work.copy_(ckpt.get_range(key, start, self.raw[:nbytes].view(dtype)))
+        info = ckpt.info(key)
+        item = torch.empty((), dtype=info.dtype).element_size()
+        nbytes = count * item
+        if self._settle() == (id(ckpt), key, start, count):
+            self.raw, self.spare = self.spare, self.raw
+            raw = self.raw[:nbytes].view(info.dtype)
+        else:
+            raw = ckpt.get_range(key, start, self._raw(nbytes).view(info.dtype))
+        total, after = _numel(info.shape), start + count
+        if after < total:  # read the next range of the same size ahead
+            n_next = min(count, total - after)
+            if self.spare.numel() < n_next * item:
+                self.spare = torch.empty(n_next * item, dtype=torch.uint8)
+            buf = self.spare[: n_next * item].view(info.dtype)
+            self._ahead = ((id(ckpt), key, after, n_next), _reader().submit(ckpt.get_range, key, after, buf))
+        if info.dtype == self.compute_dtype:
+            return raw  # the caller may modify it: the next read ahead goes into the other buffer
+        return self._work((count,)).copy_(raw)
 
     def zeros(self, shape: Sequence[int]) -> torch.Tensor:
+        self._settle()
         return self._work(shape).zero_()
 
     def buffer(self, shape: Sequence[int]) -> torch.Tensor:
