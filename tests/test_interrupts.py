@@ -90,6 +90,45 @@ def test_sigkill_leftover_is_removed_by_the_next_write_and_by_clean(ckpts, tmp_p
     assert not left.exists() and _temps(tmp_path) == []
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_clean_finds_cache_and_resume_state_temporaries(tmp_path, cli, monkeypatch):
+    """Small files written under safeio.replacing (hash and head caches, fine-tuning resume state)
+    leave recognisable temporaries when killed: clean lists them beside an output (its OUT.resume
+    directory) and in the caches."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TVEDIT_CACHE", str(cache))
+    pid = _dead_pid()
+    left = [
+        tmp_path / "run" / "ft.resume" / f".state.safetensors{safeio.TMP_MARK}{pid}",
+        cache / "hashes" / f".abc{safeio.TMP_MARK}{pid}",
+        cache / "heads" / f".def.safetensors{safeio.TMP_MARK}{pid}",
+    ]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"12345")
+    listed = cli("clean", "--dry-run", str(tmp_path / "run" / "ft.safetensors"), check=True)
+    assert sorted(json.loads(line)["path"] for line in listed.stdout.splitlines()) == sorted(map(str, left))
+    cli("clean", str(tmp_path / "run"), check=True)
+    assert not any(p.exists() for p in left)
+
+
+def test_replacing_removes_its_temporary_when_the_block_fails(tmp_path):
+    final = tmp_path / "state.json"
+    final.write_text("old")
+    with pytest.raises(RuntimeError), safeio.replacing(final) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert final.read_text() == "old" and _temps(tmp_path) == []
+    with safeio.replacing(final) as tmp:
+        tmp.write_text("new")
+    assert final.read_text() == "new" and _temps(tmp_path) == []
+
+
 def test_live_and_own_temporaries_are_not_stale(tmp_path):
     live = tmp_path / f".x.safetensors{safeio.TMP_MARK}{os.getppid()}"
     mine = safeio.temp_path(tmp_path / "y.safetensors")

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tvedit import safeio
 from tvedit.errors import InputError
 
 # bytes per element of each safetensors dtype tvedit reads
@@ -157,9 +158,8 @@ def store_hash(stamp: str, value: str) -> None:
     cache = cache_dir() / "hashes" / stamp
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(value)
-        os.replace(tmp, cache)
+        with safeio.replacing(cache) as tmp:
+            tmp.write_text(value)
     except OSError:
         pass
 

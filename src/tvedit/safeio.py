@@ -42,6 +42,24 @@ def temp_path(final: Path) -> Path:
     return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}"
 
 
+@contextmanager
+def replacing(final: Path) -> Iterator[Path]:
+    """Write a small file (a cache entry, resume state) under a temporary name that a later
+    ``remove_stale`` / ``tvedit clean`` recognises, then rename it over ``final`` (replacing it);
+    the temporary is removed if the block fails or is interrupted."""
+    tmp = temp_path(final)
+    register(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        unregister(tmp)
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def register(path: Path) -> None:
     _active.add(os.path.abspath(path))
 

@@ -159,15 +159,21 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only list what would be removed."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line per temporary."),
     ) -> None:
-        """Remove temporaries left by killed runs, in the scratch directory and beside PATHS."""
+        """Remove temporaries left by killed runs: in the scratch directory, the hash and head caches, and beside PATHS (with their OUT.resume directories)."""
+        from tvedit.headers import cache_dir
         from tvedit.pipeline import scratch_dir
         from tvedit.safeio import remove_stale
 
-        dirs = [scratch_dir()]
+        dirs = [scratch_dir(), cache_dir() / "hashes", cache_dir() / "heads"]
         for p in paths or []:
-            d = p if p.is_dir() else p.parent
-            if all(d.resolve() != x.resolve() for x in dirs):
-                dirs.append(d)
+            if p.is_dir():  # a directory, and the resume directories (OUT.resume) of outputs in it
+                found_dirs = [p, *sorted(c for c in p.glob("*.resume") if c.is_dir())]
+            else:  # beside an output, and its resume directory
+                stem = p.name.removesuffix(".safetensors")
+                found_dirs = [p.parent, p.with_name(f"{stem}.resume")]
+            for d in found_dirs:
+                if d.is_dir() and all(d.resolve() != x.resolve() for x in dirs):
+                    dirs.append(d)
         found = [item for d in dirs for item in remove_stale(d, dry_run=dry_run)]
         if json_mode(as_json):
             for path, size in found:

@@ -91,14 +91,13 @@ def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fin
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    tmp = directory / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / "state.safetensors")
+    with safeio.replacing(directory / "state.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     meta = {"step": step, "optimizer_steps": opt.step_count, "fingerprint": fingerprint}
     if early is not None:
         meta["early_stopping"] = early.meta()
-    (directory / "state.json.tmp").write_text(json.dumps(meta, sort_keys=True, indent=1))
-    os.replace(directory / "state.json.tmp", directory / "state.json")
+    with safeio.replacing(directory / "state.json") as tmp:
+        tmp.write_text(json.dumps(meta, sort_keys=True, indent=1))
 
 
 def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None) -> int:

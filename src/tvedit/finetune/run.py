@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tvedit import safeio
 from tvedit.data.images import ImageData, ImageDataset, load_image_data, resolve_templates
 from tvedit.data.splits import split_indices, stream_batches
 from tvedit.data.text import TextFinetuneTask, is_text_task, load_finetune_task
@@ -144,9 +144,8 @@ def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor
     head = theta0.adapter.make_head(model, {"classes": task.data.classes, "templates": task.templates})
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        save_file({"head": head.cpu().contiguous()}, str(tmp))
-        tmp.replace(cache)
+        with safeio.replacing(cache) as tmp:
+            save_file({"head": head.cpu().contiguous()}, str(tmp))
     except OSError:
         pass
     return head
@@ -302,7 +301,7 @@ def finetune(
     manifest = Manifest(kind=kind, model=adapter.model_info(), regime=regime.manifest_regime, base=theta0.ref(), task=the_task.record()).with_step("finetune", params, inputs)
     if emit == "vector":
         state = {k: (v.float() - theta0.state[k].float()).to(theta0.state[k].dtype) for k, v in state.items() if v.is_floating_point()}
-    artifacts.insert(0, save_tensors(output, state, manifest, force=True, layout="auto" if emit == "vector" else "dense", inputs=[theta0.path]))
+    artifacts.insert(0, save_tensors(output, state, manifest, force=force or resume, layout="auto" if emit == "vector" else "dense", inputs=[theta0.path]))
     import shutil
 
     shutil.rmtree(sibling(output, "resume"), ignore_errors=True)
