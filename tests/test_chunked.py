@@ -71,11 +71,17 @@ def _sparse_files(tmp_path: Path) -> tuple[Path, list[Path]]:
     return tmp_path / "base.safetensors", fts
 
 
-def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run) -> bytes:
+def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run, chunked: bool = True) -> bytes:
+    """The output's bytes with whole tensors and with chunks (asserting which path each run took)."""
+    calls = []
+    real = api._write_in_chunks
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
     outs = []
     for mib in ("1024", "0.01"):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        calls.clear()
         outs.append(run(tmp_path / f"{name}-{mib.replace('.', '_')}.safetensors").read_bytes())
+        assert calls == (["big"] if chunked and mib != "1024" else []), (name, mib, calls)
     assert outs[0] == outs[1], name
     return outs[1]
 
@@ -93,7 +99,8 @@ def test_chunked_merges_are_byte_identical(tmp_path, monkeypatch, method, option
     base, fts = _sparse_files(tmp_path)
     _whole_and_chunked(monkeypatch, tmp_path, f"{method}-{emit}",
                        lambda out: api.add(fts, out, base=base, alpha=0.7, weights=[1.0, 0.5, -0.3], method=method,
-                                           method_options=dict(options), emit=emit).path)  # fmt: skip
+                                           method_options=dict(options), emit=emit).path,
+                       chunked=options.get("rescale") != "l1")  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["auto", "dense", "sparse"])

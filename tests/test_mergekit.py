@@ -106,6 +106,27 @@ def test_task_arithmetic_with_weights_lambda_and_filters(models: dict[str, Path]
     assert torch.equal(out["position_ids"], base["position_ids"])
 
 
+def test_task_arithmetic_goes_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _recipe(tmp_path, "task_arithmetic", [
+        {"model": "m0.safetensors", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.7}]}},
+        {"model": "m1.safetensors", "parameters": {"weight": -0.5}},
+    ], parameters={"lambda": 1.5, "normalize": True})  # fmt: skip
+    from tvedit import api
+
+    calls: list[str] = []
+    real = api._write_in_chunks
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
+    outs = []
+    for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries (a.mlp.weight: 384, b.norm.weight: 300)
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        out = tmp_path / f"out-{mib}.safetensors"
+        code, _, stderr = run("add", recipe, "-o", out)
+        assert code == 0, stderr
+        outs.append(out.read_bytes())
+    assert calls == ["a.attn.weight", "a.mlp.weight", "b.norm.weight"]  # the three tensors over 131 entries, in the second run
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_deterministic_sparsifying_methods(method: str, models: dict[str, Path], tmp_path: Path) -> None:
     params = [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": [{"filter": "attn", "value": 0.3}, {"value": 0.8}]}, {"weight": 0.3, "density": 0.4}]

@@ -366,7 +366,10 @@ def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]
             raise UsageError(f"{recipe.path}: lambda {lam} is not finite")
         return gta_merge(out, weights, consensus=m.consensus, normalize=bool(recipe.param("normalize", key)), lam=lam)
 
-    return MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}"), zeroed
+    # without sparsification (task_arithmetic) every entry is merged on its own: huge tensors go in
+    # chunks; the sparsifying methods rank or l1-rescale whole tensors
+    elementwise = recipe.method.sparsify is None
+    return MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=elementwise), zeroed
 
 
 def provenance_options(recipe: Recipe, seed: int) -> dict[str, Any]:
