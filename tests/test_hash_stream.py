@@ -82,3 +82,25 @@ def test_a_file_changed_while_streamed_is_refused(plain):
     os.utime(plain["ft1"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     with pytest.raises(InputError, match="changed while it was being read"):
         _ = ckpt.sha256
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
+def test_a_first_use_base_is_checked_against_the_recorded_hash_without_a_second_read(plain, tmp_path, monkeypatch):
+    from tvedit.errors import MismatchError
+
+    tvs = [a.path for a in api.extract([plain["ft1"], plain["ft2"]], plain["base"], api.OutputTarget(out_dir=tmp_path / "tv"))]
+    copy = tmp_path / "base-copy.safetensors"  # the same tensors under a new name: not in the hash cache
+    shutil.copy(plain["base"], copy)
+    assert open_checkpoint(copy).known_sha256() is None
+    files = [*tvs, copy]
+    before = _rchar()
+    art = api.add(tvs, tmp_path / "m.safetensors", base=copy)
+    assert _rchar() - before < 1.1 * sum(f.stat().st_size for f in files)  # no separate pass over the base
+    assert art.manifest.base["sha256"] == content_hash(open_checkpoint(plain["base"]))
+
+    wrong = tmp_path / "wrong.safetensors"  # a different base seen for the first time
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in open_checkpoint(plain["base"]).items()}, str(wrong))
+    with pytest.raises(MismatchError, match="differs from the base"):
+        api.add(tvs, tmp_path / "bad.safetensors", base=wrong)
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if "tvedit-tmp" in p.name]

@@ -391,6 +391,20 @@ def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: Ar
     return keys
 
 
+def _check_base_hash(ckpt: Checkpoint, recorded: dict[str, tuple[str | None, Path]], path: Path) -> None:
+    h = ckpt.sha256
+    if h not in recorded:
+        want, (_, src) = next(iter(recorded.items()))
+        raise MismatchError(f"{path}: base hash {h[:12]} differs from the base {want[:12]} recorded in {src} (use --force)")
+
+
+def check_base(ckpt: Checkpoint | None) -> None:
+    """The deferred check of a first-use --base against the hash its task vectors record."""
+    if ckpt is not None and ckpt.expected is not None:
+        hashes, source = ckpt.expected
+        _check_base_hash(ckpt, {h: (None, source) for h in hashes}, ckpt.path)
+
+
 def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: Sequence[InputSpec], needed: bool, opts: ArithOptions) -> Checkpoint | None:
     """theta0 from --base or from the base recorded in the inputs; all must agree by hash."""
     recorded: dict[str, tuple[str | None, Path]] = {}
@@ -405,10 +419,12 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
     if base is not None:
         ckpt = open_checkpoint(base.path)
         if recorded and not opts.force_mix:
-            h = ckpt.sha256
-            if h not in recorded:
-                want, (_, src) = next(iter(recorded.items()))
-                raise MismatchError(f"{base.path}: base hash {h[:12]} differs from the base {want[:12]} recorded in {src} (use --force)")
+            if ckpt.known_sha256() is None and ckpt.hash_while_reading():
+                # a plain base seen for the first time: hashed as the operation reads it, checked
+                # before the output is committed (check_base), instead of one more pass up front
+                ckpt.expected = (frozenset(recorded), next(iter(recorded.values()))[1])
+                return ckpt
+            _check_base_hash(ckpt, recorded, base.path)
         return ckpt
     if not needed:
         return None
@@ -587,6 +603,7 @@ def add(
             w.write(key, result.to(dtype))
             if progress:
                 progress(i + 1, len(all_keys), key)
+        check_base(base_ckpt)  # before anything is committed
         w.manifest = manifest_for(True)  # the input hashes, computed while streaming
         artifact = w.commit()
     consume_ephemeral(specs)
