@@ -265,3 +265,24 @@ def test_export_hf_any_architecture(llama: dict[str, Path], tmp_path: Path) -> N
     t5 = write_tiny_t5(tmp_path / "t5")
     code, _, stderr = run("export-hf", tmp_path / "m.safetensors", "-o", tmp_path / "hf-t5", "--like", t5)
     assert code == 4 and len(stderr.strip().splitlines()) == 1 and not (tmp_path / "hf-t5").exists()
+
+
+@pytest.mark.parametrize("emit", ["checkpoint", "vector"])
+def test_sharded_directory_outputs_do_not_depend_on_the_chunk_size(llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emit: str) -> None:
+    """Huge tensors go in chunks into a sharded directory too (checkpoints, and task vectors that the
+    shard's writer may re-encode sparse): every file is byte-identical to the whole-tensor run."""
+    from tvedit import api
+
+    calls: list[str] = []
+    real = api._write_in_chunks
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
+    outs = []
+    for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        out = tmp_path / mib / "out"  # the model card names the directory
+        code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "--emit", emit, "--format", "hf", "-o", out,
+                              "--max-shard-size", "20KB", "--alpha", "0.4")  # fmt: skip
+        assert code == 0, stderr
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert len(calls) > 5, calls  # the second run chunked the larger matrices
+    assert outs[0] == outs[1]
