@@ -75,7 +75,7 @@ def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run, chunked: boo
     """The output's bytes with whole tensors and with chunks (asserting which path each run took)."""
     calls = []
     real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.01"):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
@@ -185,3 +185,19 @@ def test_first_use_of_chunked_inputs_records_their_content_hash(tmp_path, monkey
     recorded = {Path(r["path"]).name: r["sha256"] for r in art.manifest.provenance[-1]["inputs"]}
     for p in [*fts, base]:
         assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
+
+
+@pytest.mark.parametrize("layout", ["auto", "dense"])
+def test_chunked_mask_apply_is_byte_identical(tmp_path, monkeypatch, layout):
+    """mask apply reads the bit-packed mask a byte range at a time (chunks start at multiples of 8)."""
+    from tvedit.masking import mask
+
+    base, fts = _sparse_files(tmp_path)
+    tv = api.extract(fts[:1], base, tmp_path / "tv.safetensors", api.ArithOptions(layout="dense"))[0].path
+    saved = mask("topk", [tv], tmp_path / "topk.safetensors", options={"density": 0.3}, save_mask=tmp_path / "m.safetensors").masks[0].path
+    data = _whole_and_chunked(monkeypatch, tmp_path, "apply",
+                              lambda out: mask("apply", [tv], out, mask_file=saved, opts=api.ArithOptions(layout=layout)).outputs[0].path)  # fmt: skip
+    (tmp_path / "applied.safetensors").write_bytes(data)
+    keep = open_checkpoint(saved).get("big")
+    expected = torch.where(keep, open_checkpoint(tv).get("big"), torch.zeros(()))
+    assert torch.equal(open_checkpoint(tmp_path / "applied.safetensors").get("big"), expected)

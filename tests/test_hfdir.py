@@ -275,7 +275,7 @@ def test_sharded_directory_outputs_do_not_depend_on_the_chunk_size(llama: dict[s
 
     calls: list[str] = []
     real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)

@@ -115,7 +115,7 @@ def test_task_arithmetic_goes_in_chunks_with_the_same_bytes(models: dict[str, Pa
 
     calls: list[str] = []
     real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a: (calls.append(key), real(w, key, *a)))
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries (a.mlp.weight: 384, b.norm.weight: 300)
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)

@@ -178,8 +178,10 @@ def _open_writer(
 
 
 def chunk_numel() -> int:
-    """Entries per chunk for element-wise work on huge tensors ($TVEDIT_CHUNK_MIB of float32, default 16)."""
-    return max(1, int(float(os.environ.get("TVEDIT_CHUNK_MIB", "16")) * (1 << 20)) // 4)
+    """Entries per chunk for element-wise work on huge tensors ($TVEDIT_CHUNK_MIB of float32, default
+    16), a multiple of 8."""
+    n = int(float(os.environ.get("TVEDIT_CHUNK_MIB", "16")) * (1 << 20)) // 4
+    return max(8, n // 8 * 8)  # whole bytes of a bit-packed mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,7 +629,7 @@ def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: Mer
 
 
 def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: torch.dtype, compute: Callable[[int, int], torch.Tensor],
-                     out: Path, opts: ArithOptions) -> None:
+                     out: Path, opts: ArithOptions, check: bool = True) -> None:
     """Write one huge tensor whose entries ``start .. start+count`` (flattened) ``compute`` returns
     in the compute dtype (a buffer it may reuse): memory is set by the chunk size, not the tensor.
     The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector)."""
@@ -639,7 +641,8 @@ def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: torch.dtype,
         for start in range(0, n, step):
             count = min(step, n - start)
             chunk = compute(start, count)
-            _check_finite(chunk, out, key, opts)
+            if check:
+                _check_finite(chunk, out, key, opts)
             if chunk.dtype == dtype:
                 yield chunk
                 continue

@@ -20,7 +20,17 @@ from typing import Any
 
 import torch
 
-from tvedit.api import ArithOptions, Progress, _input_record, _spec, _target
+from tvedit import api
+from tvedit.api import (
+    ArithOptions,
+    Progress,
+    Slot,
+    _input_record,
+    _numel,
+    _spec,
+    _target,
+    chunk_numel,
+)
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.ops import sparsify
@@ -348,7 +358,16 @@ def mask(
                 for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
             ]  # fmt: skip
             for key in g_keys:
-                if key in g_selected:
+                if key in g_selected and m.name == "apply" and _huge_dense(g_ckpts[0], key) and mask_ckpt is not None:
+                    c = g_ckpts[0]  # apply: one input per group; tau * m a chunk at a time
+                    slot = Slot(opts.compute_dtype)
+
+                    def apply_range(start: int, count: int, c: Checkpoint = c, key: str = key, slot: Slot = slot) -> torch.Tensor:
+                        assert mask_ckpt is not None
+                        return sparsify.masked(slot.load_range(c, key, start, count), mask_ckpt.get_mask_range(key, start, count))
+
+                    api._write_in_chunks(writers[0], key, c.info(key).shape, opts.dtype or c.info(key).dtype, apply_range, out_paths[group[0]], opts, check=False)
+                elif key in g_selected:
                     tensors = [_load(c, key, m, opts) for c in g_ckpts]
                     ctx = KeyContext(key, group, resolved, state, mask_ckpt.get(key) if mask_ckpt is not None else None)
                     results, keeps = m.fn(tensors, ctx)
@@ -368,6 +387,12 @@ def mask(
             saved.extend(w.commit() for w in mask_writers)
     consume_ephemeral(specs + ([mask_spec] if mask_spec else []))
     return MaskResult(outputs, saved)
+
+
+def _huge_dense(ckpt: Checkpoint, key: str) -> bool:
+    """A dense-stored floating tensor larger than one chunk (api.chunk_numel)."""
+    info = ckpt.info(key)
+    return info.dtype.is_floating_point and not ckpt.is_sparse(key) and _numel(info.shape) > chunk_numel()
 
 
 def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:

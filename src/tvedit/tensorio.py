@@ -352,6 +352,16 @@ class Checkpoint:
                     self._partial[key] = (h, begin + nbytes)
         return out
 
+    def get_mask_range(self, key: str, start: int, count: int) -> torch.Tensor:
+        """Entries ``start .. start + count`` (``start`` a multiple of 8) of a mask key stored
+        bit-packed, as a flat bool tensor: a huge mask is read a range at a time."""
+        if self.encoding(key) != "mask" or start % 8:
+            raise ValueError(f"{key}: mask ranges need a bit-packed mask and a start that is a multiple of 8")
+        stored = f"{key}{SEP}bitmap"
+        first, last = start // 8, -(-(start + count) // 8)
+        packed = self.get_range(stored, first, torch.empty(last - first, dtype=torch.uint8))
+        return unpack_bits(packed, (count,))
+
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense tensor for a logical key (decoded if stored sparse).
 
