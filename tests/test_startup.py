@@ -71,3 +71,27 @@ def test_header_summary_matches_the_tensor_view(vector, tmp_path, cli):
     assert ckpt.is_sparse("a") and light["tensors"] == len(ckpt.keys()) == 3
     assert light["dtypes"] == {"float32": 2, "int64": 1} and light["parameters"] == 64 * 8 + 16 + 4
     assert light["verified"] and light["density"] == pytest.approx(full["density"]) and light["norm"] is None
+
+
+def test_hf_directory_outputs_import_no_model_library(tmp_path):
+    """A Hugging Face directory output with the default shard size: the default is read from
+    transformers' source, not by importing it (which costs seconds and ~185 MiB)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_hf import finetuned_copy, write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "base")
+    ft = finetuned_copy(base, tmp_path / "ft", seed=1)
+    result = _probe(["add", str(ft), "--base", str(base), "-o", str(tmp_path / "out") + "/"], ["torch", *MODEL_LIBS], tmp_path)
+    assert result == {"code": 0, "loaded": ["torch"]}
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_default_shard_size_is_transformers_default():
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    from tvedit.hfdir import default_max_shard_size, parse_size
+
+    default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+    assert default_max_shard_size() == parse_size(default)

@@ -170,16 +170,19 @@ def parse_size(text: str | int) -> int:
 
 
 def default_max_shard_size() -> int:
-    """The installed transformers' ``save_pretrained`` default (5GB before transformers 5)."""
+    """The installed transformers' ``save_pretrained`` default (5GB before transformers 5), read from
+    its source file: importing transformers' model code would cost seconds and ~185 MiB of memory."""
+    import importlib.metadata
+    import re
+
     try:
-        import inspect
-
-        from transformers import PreTrainedModel
-
-        default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
-        return parse_size(default)
-    except Exception:  # transformers missing or its signature changed: the long-standing default
-        return parse_size(FALLBACK_MAX_SHARD)
+        source = importlib.metadata.distribution("transformers").locate_file("transformers/modeling_utils.py")
+        found = re.findall(r"max_shard_size:[^=\n]*=\s*\"(\d+[KMGT]?B)\"", Path(str(source)).read_text())
+        if len(set(found)) == 1:
+            return parse_size(found[0])
+    except Exception:  # noqa: S110 - transformers missing or laid out differently: the fallback below
+        pass
+    return parse_size(FALLBACK_MAX_SHARD)
 
 
 @dataclass
