@@ -60,12 +60,13 @@ def _sparse_files(tmp_path: Path) -> tuple[Path, list[Path]]:
     """base + 3 fine-tunes that change ~30% of the entries, with exact ties at the TIES cut."""
     g = torch.Generator().manual_seed(1)
     base = {"big": torch.randn(123, 457, generator=g), "small": torch.randn(7, generator=g), "ids": torch.arange(5)}
+    base["big"][0, :50] = 0.0
     save_file(base, str(tmp_path / "base.safetensors"))
     fts = []
     for j in (1, 2, 3):
         ft = {k: v + 0.1 * j * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3) if v.is_floating_point() else v
               for k, v in base.items()}  # fmt: skip
-        ft["big"][0, :50] = base["big"][0, :50] + 0.5  # 50 equal magnitudes straddle the kept count
+        ft["big"][0, :50] = 5.0  # tau = 5 exactly, 50 times, the largest |tau|: density 0.0005 (28 kept) cuts through them
         fts.append(tmp_path / f"ft{j}.safetensors")
         save_file(ft, str(fts[-1]))
     return tmp_path / "base.safetensors", fts
@@ -89,6 +90,7 @@ def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run, chunked: boo
 @pytest.mark.parametrize("emit", ["checkpoint", "vector"])
 @pytest.mark.parametrize(("method", "options"), [
     ("ties", {}), ("ties", {"scope": "global"}), ("ties", {"density": 1.0}), ("ties", {"density": 0.0}),
+    ("ties", {"density": 0.0005}), ("ties", {"density": 0.0005, "scope": "global"}),
     ("dare-ties", {}), ("dare-ties", {"rescale": "l1"}), ("consensus", {}), ("sum", {}),
 ])  # fmt: skip
 def test_chunked_merges_are_byte_identical(tmp_path, monkeypatch, method, options, emit):

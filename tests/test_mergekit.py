@@ -106,10 +106,18 @@ def test_task_arithmetic_with_weights_lambda_and_filters(models: dict[str, Path]
     assert torch.equal(out["position_ids"], base["position_ids"])
 
 
-def test_task_arithmetic_goes_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recipe = _recipe(tmp_path, "task_arithmetic", [
-        {"model": "m0.safetensors", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.7}]}},
-        {"model": "m1.safetensors", "parameters": {"weight": -0.5}},
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_recipes_go_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """task_arithmetic, and ties (each input's cut by a radix select over the chunks; ties at the
+    cut by a running quota), give the same bytes with chunks of 131 entries as with whole tensors."""
+    files = {name: load_file(str(models[name])) for name in ("base", "m0", "m1")}
+    for name, value in (("base", 0.0), ("m0", 0.5), ("m1", 0.0)):  # tau = 0.5 exactly 12 times: ties straddle the cut
+        files[name]["a.mlp.weight"][0, :12] = value
+        save_file(files[name], str(models[name]))
+    recipe = _recipe(tmp_path, method, [
+        {"model": "m0.safetensors", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.7}],
+                                                   "density": [{"filter": "mlp", "value": 0.02}, {"value": 0.5}]}},
+        {"model": "m1.safetensors", "parameters": {"weight": -0.5, "density": [{"filter": "attn", "value": 1.0}, {"value": 0.4}]}},
     ], parameters={"lambda": 1.5, "normalize": True})  # fmt: skip
     from tvedit import api
 

@@ -579,7 +579,7 @@ def add(
             shape = sources._shape(key)
             ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
             dtype = _out_dtype(opts, ref.info(key).dtype)
-            if merge.chunkable(method_options) and sources.chunked(key):
+            if merge.chunkable(method_options, key) and sources.chunked(key):
                 compute = _merge_ranges(sources, key, merge, MergeContext(key, list(weights), method_options, state), alpha, emit == "checkpoint", acc)
                 _write_in_chunks(w, key, shape, dtype, compute, out, opts)
                 if progress:

@@ -12,7 +12,7 @@ generators instead of torch's global RNG.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,17 +246,26 @@ def _order(values: torch.Tensor, descending: bool) -> torch.Tensor:
     return torch.sort(values, descending=descending, stable=True).indices
 
 
-def magnitude(tau: torch.Tensor, density: float, rescale: bool, key: str) -> torch.Tensor:
-    """Keep the k = floor(density * n) largest |tau| (ties: lower flat index first)."""
-    if density >= 1:
-        return tau
-    n = tau.numel()
+def magnitude_count(density: float, n: int, key: str) -> int:
+    """Entries ``magnitude`` keeps: k = floor(density * n), refused when 0 (as mergekit)."""
     k = int(density * n)
     if k <= 0:
         raise UsageError(f"key {key!r}: density {density} keeps no entry of its {n} (mergekit refuses this too)")
-    mask = torch.zeros(n, dtype=tau.dtype)
-    mask[_order(tau.abs().reshape(-1), True)[:k]] = 1
-    return rescaled(tau, mask.view(tau.shape), rescale)
+    return k
+
+
+def magnitude(tau: torch.Tensor, density: float, rescale: bool, key: str) -> torch.Tensor:
+    """Keep the k = floor(density * n) largest |tau| (ties: lower flat index first), ranked by
+    float32 magnitudes: the k-th largest by kthvalue, every entry above it, and of the entries equal
+    to it the first ones in row-major order (the order of a stable descending sort, without one)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    k = magnitude_count(density, n, key)
+    mag = tau.detach().to(torch.float32).abs().reshape(-1)
+    threshold = float(torch.kthvalue(mag, n - k + 1).values)
+    keep = sparsify.tie_limited_mask(mag, threshold, k - int((mag > threshold).sum()))
+    return rescaled(tau, keep.to(tau.dtype).view(tau.shape), rescale)
 
 
 def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
@@ -343,12 +352,15 @@ def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]
         key = ctx.key
         m = recipe.method
         rescale = bool(recipe.param("rescale", key))
+        cuts = ctx.key_state.get("cuts")  # chunks of a huge key (magnitude without rescaling)
         out, weights = [], []
         for i, tau in enumerate(vectors):
             tau = tau.to(torch.float64 if tau.dtype == torch.float64 else torch.float32)
             weights.append(float(recipe.param("weight", key, i)))
             density = float(recipe.param("density", key, i))
-            if m.sparsify == "magnitude":
+            if cuts is not None:
+                tau = tau if cuts[i] is None else rescaled(tau, cuts[i].take(tau).to(tau.dtype), False)
+            elif m.sparsify == "magnitude":
                 tau = magnitude(tau, density, rescale, key)
             elif m.sparsify == "magnitude_outliers":
                 tau = magnitude_outliers(tau, density, float(recipe.param("gamma", key, i)), rescale)
@@ -366,10 +378,30 @@ def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]
             raise UsageError(f"{recipe.path}: lambda {lam} is not finite")
         return gta_merge(out, weights, consensus=m.consensus, normalize=bool(recipe.param("normalize", key)), lam=lam)
 
-    # without sparsification (task_arithmetic) every entry is merged on its own: huge tensors go in
-    # chunks; the sparsifying methods rank or l1-rescale whole tensors
-    elementwise = recipe.method.sparsify is None
-    return MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=elementwise), zeroed
+    def elementwise(_options: dict[str, Any], key: str) -> bool:
+        """Huge tensors go in chunks without sparsification (task_arithmetic), and for magnitude
+        (ties) without rescaling once key_pass found each input's cut; the other sparsifiers rank
+        rows or l1-rescale whole tensors."""
+        m = recipe.method
+        return m.sparsify is None or (m.sparsify == "magnitude" and not bool(recipe.param("rescale", key)))
+
+    def key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
+        """Each input's magnitude cut for one huge key, by an exact radix select over its chunks."""
+        if recipe.method.sparsify != "magnitude":
+            return
+        densities = [float(recipe.param("density", ctx.key, i)) for i in range(len(ctx.weights))]
+        ks = [0 if d >= 1 else magnitude_count(d, ctx.numel, ctx.key) for d in densities]
+
+        def stream() -> Iterator[tuple[int, str, torch.Tensor]]:
+            for vectors in chunks():
+                for i, tau in enumerate(vectors):
+                    yield i, ctx.key, tau
+
+        kth = sparsify.kth_largest_abs(stream, ks)
+        ctx.key_state["cuts"] = [None if d >= 1 else sparsify.Cut.of_kth(r, k) for d, r, k in zip(densities, kth, ks, strict=True)]
+
+    method = MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=elementwise, key_pass=key_pass)
+    return method, zeroed
 
 
 def provenance_options(recipe: Recipe, seed: int) -> dict[str, Any]:

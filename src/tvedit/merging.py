@@ -53,15 +53,15 @@ class MergeMethod:
     options: tuple[str, ...] = ()  # option names this method reads (validated by the CLI)
     prepare: PrepareFn | None = None
     # Each output entry depends only on the same entry of each input (given what key_pass found):
-    # huge tensors go in chunks of consecutive flattened entries. A function of the options when
+    # huge tensors go in chunks of consecutive flattened entries. A function of (options, key) when
     # that depends on them.
-    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    elementwise: bool | Callable[[dict[str, Any], str], bool] = False
     # Before the chunks of a huge key: key_pass(chunks, ctx), where chunks() iterates the inputs'
     # chunks (lists of tensors) and may be called more than once; it fills ctx.key_state.
     key_pass: Callable[[Callable[[], Any], MergeContext], None] | None = None
 
-    def chunkable(self, options: dict[str, Any]) -> bool:
-        return bool(self.elementwise(options) if callable(self.elementwise) else self.elementwise)
+    def chunkable(self, options: dict[str, Any], key: str) -> bool:
+        return bool(self.elementwise(options, key) if callable(self.elementwise) else self.elementwise)
 
 
 def _sum(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
@@ -239,7 +239,7 @@ register(MergeMethod(
 register(MergeMethod(
     "dare-ties", _dare_ties, "DARE drop-and-rescale each tau_i (seeded), then TIES elect + disjoint mean",
     options=tuple(OPTION_DEFAULTS["dare-ties"]), prepare=_prepare_dare_ties,
-    elementwise=lambda o: o.get("rescale") == "inverse",  # l1 rescaling needs whole-tensor norms
+    elementwise=lambda o, _key: o.get("rescale") == "inverse",  # l1 rescaling needs whole-tensor norms
 ))  # fmt: skip
 register(MergeMethod(
     "consensus", _consensus, "TALL consensus: sum_i w_i tau_i where >= min_agree TALL masks agree",
