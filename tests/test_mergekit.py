@@ -251,3 +251,30 @@ def test_mergekit_recipe_to_hf_directory(tmp_path: Path) -> None:
     expected = (b[k].float() + ref_combine(deltas, [1.0, 0.5], True, True, 1.0)).to(torch.bfloat16)
     assert torch.equal(model.state_dict()[k], expected)
     assert "ties" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gta_merge_has_the_bits_of_the_stacked_formula(consensus: bool, normalize: bool) -> None:
+    """The in-place merge (no stacked temporaries) gives the bits of mergekit's stack-and-sum
+    formula, signed zeros included (half the entries are +-0)."""
+    from tvedit.mergekit import gta_merge
+
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(300, 200, generator=g) * (torch.rand(300, 200, generator=g) < 0.5) for _ in range(4)]
+    w = [0.3, -0.7, 1.1, 0.25]
+    copies = [t.clone() for t in taus]
+    wd = [t * x for t, x in zip(taus, w, strict=True)]
+    total = torch.stack(wd).sum(dim=0)
+    if consensus:
+        maj = torch.where(total >= 0, 1.0, -1.0)
+        masks = [(torch.sign(x) == maj).float() for x in wd]
+        mixed = torch.stack([x * m for x, m in zip(wd, masks, strict=True)]).sum(dim=0)
+        div = torch.stack([m * x for m, x in zip(masks, w, strict=True)]).sum(dim=0)
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mixed, div = total, torch.tensor(sum(w))
+    expected = (mixed / div if normalize else mixed) * 1.3
+    out = gta_merge(taus, w, consensus=consensus, normalize=normalize, lam=1.3)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(copies, taus, strict=True))  # the inputs are not modified

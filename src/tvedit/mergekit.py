@@ -316,18 +316,32 @@ def _order_rows(mag: torch.Tensor) -> torch.Tensor:
     return torch.sort(mag, dim=1, descending=False, stable=True).indices
 
 
+def _running_sum(terms: Iterator[torch.Tensor]) -> torch.Tensor:
+    """0 + t_0 + t_1 + ... in this order, accumulated in place: the same bits as
+    torch.stack(terms).sum(0) (signed zeros included) without the stacked copy."""
+    first = next(terms)
+    total = torch.zeros_like(first).add_(first)
+    for t in terms:
+        total.add_(t)
+    return total
+
+
 def gta_merge(
     taus: Sequence[torch.Tensor], weights: Sequence[float], *, consensus: bool, normalize: bool, lam: float
 ) -> torch.Tensor:
     """Weighted deltas, optional TIES election (majority sign of the weighted sum, 0 -> +1; a zero
-    delta never agrees), sum, optional division by the (agreeing) weight sum, times lambda."""
+    delta never agrees), sum, optional division by the (agreeing) weight sum, times lambda.
+    In place on the weighted copies: one copy per input and the sums, no stacked temporaries."""
     wd = [t * float(w) for t, w in zip(taus, weights, strict=True)]
-    total = torch.stack(wd).sum(dim=0)
+    total = _running_sum(iter(wd))
     if consensus:
-        majority = torch.where(total >= 0, 1.0, -1.0)
+        majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
         masks = [(torch.sign(x) == majority).to(x.dtype) for x in wd]
-        mixed = torch.stack([x * m for x, m in zip(wd, masks, strict=True)]).sum(dim=0)
-        divisor = torch.stack([m * float(w) for m, w in zip(masks, weights, strict=True)]).sum(dim=0)
+        del majority
+        for x, m in zip(wd, masks, strict=True):
+            x.mul_(m)
+        mixed = _running_sum(iter(wd))
+        divisor = _running_sum(m.mul_(float(w)) for m, w in zip(masks, weights, strict=True))
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         mixed = total
