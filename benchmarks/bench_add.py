@@ -10,7 +10,7 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
           tvedit reads each once more to hash it for the provenance (cached afterwards);
 * tvedit: the same command again, the input hashes cached (files tvedit wrote carry their hash);
 * tvedit whole tensors: the same with TVEDIT_CHUNK_MIB=65536, i.e. without splitting tensors larger
-          than the chunk (16 MiB by default) into chunks: what the chunked path saves;
+          than the chunk (2 MiB by default) into chunks: what the chunked path saves;
 * floor + hash: the same, also computing the sha256 of the bytes written (tvedit records the
           output's content hash in its manifest: the least tvedit itself must do);
 * floor + fsync: the same, then fsync the output and its directory as tvedit does before reporting

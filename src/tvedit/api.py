@@ -179,8 +179,8 @@ def _open_writer(
 
 def chunk_numel() -> int:
     """Entries per chunk for element-wise work on huge tensors ($TVEDIT_CHUNK_MIB of float32, default
-    16), a multiple of 8."""
-    n = int(float(os.environ.get("TVEDIT_CHUNK_MIB", "16")) * (1 << 20)) // 4
+    2: small enough to stay in the CPU caches across the passes over a chunk), a multiple of 8."""
+    n = int(float(os.environ.get("TVEDIT_CHUNK_MIB", "2")) * (1 << 20)) // 4
     return max(8, n // 8 * 8)  # whole bytes of a bit-packed mask
 
 
