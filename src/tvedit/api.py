@@ -155,7 +155,7 @@ def _out_sizes(keys: Sequence[str], refs: Sequence[Checkpoint | None], opts: Ari
     for key in keys:
         info = next(c.info(key) for c in refs if c is not None and key in c)
         dtype = opts.dtype if (opts.dtype is not None and info.dtype.is_floating_point) else info.dtype
-        sizes[key] = _numel(info.shape) * torch.empty((), dtype=dtype).element_size()
+        sizes[key] = _numel(info.shape) * dtype.itemsize
     return sizes
 
 
@@ -251,7 +251,7 @@ class Slot:
         elif info.dtype == self.compute_dtype:
             ckpt.get(key, out=work)
         else:
-            nbytes = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+            nbytes = _numel(info.shape) * info.dtype.itemsize
             raw = self._raw(nbytes).view(info.dtype).view(info.shape)
             work.copy_(ckpt.get(key, out=raw))
         return work
@@ -259,7 +259,7 @@ class Slot:
     def load_range(self, ckpt: Checkpoint, key: str, start: int, count: int) -> torch.Tensor:
         """Entries start .. start+count of a dense-stored key, flattened, in the compute dtype."""
         info = ckpt.info(key)
-        item = torch.empty((), dtype=info.dtype).element_size()
+        item = info.dtype.itemsize
         nbytes = count * item
         if self._settle() == (id(ckpt), key, start, count):
             self.raw, self.spare = self.spare, self.raw

@@ -602,7 +602,7 @@ def export(
     for k in keys:
         info = ckpt.info(k)
         d = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
-        sizes[k] = torch.Size(info.shape).numel() * torch.empty((), dtype=d).element_size()
+        sizes[k] = torch.Size(info.shape).numel() * d.itemsize
     missing = missing_support_files(source, "checkpoint")
     if missing:
         warn(f"{source}: has no {', '.join(missing)}; the directory is written without it")

@@ -452,7 +452,7 @@ def _nbytes(info: TensorInfo) -> int:
     numel = 1
     for s in info.shape:
         numel *= s
-    return numel * torch.empty((), dtype=info.dtype).element_size()
+    return numel * info.dtype.itemsize
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,7 +662,7 @@ class CheckpointWriter:
         for s in shape:
             numel *= s
         st = _st_dtype(dtype)
-        n = numel * torch.empty((), dtype=dtype).element_size()
+        n = numel * dtype.itemsize
         start = self._offset
         self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [start, start + n]}
         self._offset += n
@@ -706,7 +706,7 @@ class CheckpointWriter:
         numel = 1
         for s in shape:
             numel *= s
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         encoding, index_dtype = choose_encoding(nnz, numel)
         step = max(BLOCK16, _CONVERT_NUMEL // BLOCK16 * BLOCK16)  # whole blocks: pieces start at multiples of 8
         self._fh.flush()
@@ -747,7 +747,7 @@ class CheckpointWriter:
                     h.update(data)
                     size += len(data)
                 st = _st_dtype(part_dtype)
-                part_shape = [size // torch.empty((), dtype=part_dtype).element_size()]
+                part_shape = [size // part_dtype.itemsize]
                 self._digests[stored] = _entry_digest(stored, st, part_shape, h.hexdigest())
                 self._header[stored] = {"dtype": st, "shape": part_shape, "data_offsets": [start + at_out, start + at_out + size]}
                 parts.append((stored, at_out, size))
