@@ -567,10 +567,11 @@ class CheckpointWriter:
     "auto" stores a floating tensor sparse when its density is at most AUTO_SPARSE_DENSITY (task
     vectors only). Masks (bool tensors in a ``kind: mask`` file) are always bit-packed.
 
-    Large tensors are copied into one of two writer-owned buffers and hashed + written by one
-    background thread, so the caller may reuse its buffer at once and the hashing overlaps the
-    caller's next reads and arithmetic (sha256 and file writes release the GIL). The single thread
-    keeps the bytes in call order; an error in it surfaces at the next write or at commit.
+    Large tensors are copied into one of two writer-owned buffers, written by one background
+    thread and hashed by another, so the caller may reuse its buffer at once and writing and
+    hashing overlap each other and the caller's next reads and arithmetic (sha256 and file writes
+    release the GIL). Each thread keeps call order; an error in either surfaces at the next write
+    or at commit.
     """
 
     ASYNC_MIN_BYTES = 1 << 20
@@ -608,8 +609,8 @@ class CheckpointWriter:
         self._nonzero = 0
         self._float_numel = 0
         self._done = False
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._pools: list[ThreadPoolExecutor] = []  # [writes, hashes]: one thread each, in call order
+        self._pending: list[Future[Any]] = []
         self._bufs = [bytearray(), bytearray()]
         self._turn = 0
         key_list = list(keys) if keys is not None else None
@@ -630,26 +631,28 @@ class CheckpointWriter:
         n = len(data)
         self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [self._offset, self._offset + n]}
         self._offset += n
-        self._submit(data, lambda d: self._sink(key, st, shape, d))
+        self._submit(data, lambda d: self._digest(key, st, shape, d))
 
-    def _submit(self, data: memoryview, job: Any) -> None:
-        """Run ``job(bytes)`` (write + hash) in order: large data from a writer-owned copy in the
-        background thread, so the caller may reuse its buffer at once; small data right here."""
+    def _submit(self, data: memoryview, hash_job: Any) -> None:
+        """Write ``data`` and run ``hash_job(data)``, in call order: large data from a writer-owned
+        copy, written by one background thread and hashed by another at the same time, so the
+        caller may reuse its buffer at once; small data right here."""
         n = len(data)
         if n < self.ASYNC_MIN_BYTES:
             self._drain()
-            job(data)
+            self._fh.write(data)
+            hash_job(data)
             return
-        # this buffer's previous job was drained before the job now pending was submitted
+        # this buffer's previous jobs were drained before the jobs now pending were submitted
         if len(self._bufs[self._turn]) < n:
             self._bufs[self._turn] = bytearray(n)
         copy = memoryview(self._bufs[self._turn])[:n]
         copy[:] = data
         self._turn ^= 1
         self._drain()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvedit-writer")
-        self._pending = self._pool.submit(job, copy)
+        if not self._pools:
+            self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"tvedit-{name}") for name in ("write", "hash")]
+        self._pending = [self._pools[0].submit(self._fh.write, copy), self._pools[1].submit(hash_job, copy)]
 
     def write_chunks(self, key: str, shape: Iterable[int], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
         """Write one tensor given as consecutive pieces of its flattened entries (bounded memory for
@@ -667,11 +670,6 @@ class CheckpointWriter:
         self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [start, start + n]}
         self._offset += n
         h = hashlib.sha256()
-
-        def job(data: memoryview) -> None:
-            self._fh.write(data)
-            h.update(data)
-
         done = nnz = 0
         vector = dtype.is_floating_point and self.manifest.kind != "checkpoint"
         for chunk in chunks:
@@ -681,7 +679,7 @@ class CheckpointWriter:
                 nnz += int(torch.count_nonzero(chunk))
             data = _tensor_bytes(chunk)
             done += len(data)
-            self._submit(data, job)
+            self._submit(data, h.update)
         if done != n:
             raise ValueError(f"{key}: chunks hold {done} bytes, the shape needs {n}")
         self._drain()
@@ -769,20 +767,19 @@ class CheckpointWriter:
         self._offset = start + at_out
         self._sparse[key] = {"shape": shape, "encoding": encoding}
 
-    def _sink(self, key: str, st: str, shape: list[int], data: memoryview) -> None:
-        self._fh.write(data)
+    def _digest(self, key: str, st: str, shape: list[int], data: memoryview) -> None:
         self._digests[key] = _entry_digest(key, st, shape, hashlib.sha256(data).hexdigest())
 
     def _drain(self) -> None:
-        """Wait for the background write in flight (re-raising its error)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Wait for the background write and hash in flight (re-raising an error of either)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def _stop_thread(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        self._pools = []
         self._bufs = [bytearray(), bytearray()]
 
     def _begin(self, key: str) -> None:
