@@ -3,7 +3,8 @@
 ViT-B-32 with random weights, batch 8, on CPU by default; the sparse mode's mask is calibrated as in
 bench_finetune.py (density 0.1, 4 random batches of 2). Prints which tensors the mask trains, the
 per-phase seconds (forward, backward, mask + clip, optimizer) of each step after one warm-up, and
-torch.profiler's operator table of one more step. Usage:
+torch.profiler's operator table of one more step. On CPU the phases are timed in process CPU time
+(run with OMP_NUM_THREADS=1; a shared machine's other work does not inflate it). Usage:
 
     python benchmarks/profile_finetune.py [--model ViT-B-32] [--batch 8] [--device cpu] [--modes full,sparse]
     python benchmarks/profile_finetune.py --modes full,linearized,linearized-reference --steps 2 --rounds 2
@@ -25,7 +26,6 @@ from tvedit.finetune.config import FinetuneConfig
 from tvedit.finetune.loop import Dist, train_step
 from tvedit.finetune.optim import MaskedAdamW
 from tvedit.finetune.regimes import make_regime
-from tvedit.models.base import linearized_reference
 from tvedit.models.open_clip import OpenClipAdapter
 
 
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--no-profiler", action="store_true", help="skip torch.profiler's operator tables")
     args = ap.parse_args()
     modes = args.modes.split(",")
+    clock = time.process_time if args.device == "cpu" else time.perf_counter
     torch.manual_seed(0)
     device = torch.device(args.device)
     adapter = OpenClipAdapter.from_name(args.model)
@@ -61,21 +62,23 @@ def main() -> None:
             cfg = FinetuneConfig(mode=mode, batch_size=args.batch, lr=1e-5)
             regime = make_regime(mode.split("-")[0], adapter, model, masks=masks if mode == "sparse" else None)
             if mode == "linearized-reference":  # f_lin by reverse over forward (the implementation before)
+                from tvedit.models.base import linearized_reference
+
                 regime.logits = lambda inputs, head, r=regime: linearized_reference(r.model, r.theta0, r.params, lambda m: r.adapter.scores(m, inputs, head))
             opt = MaskedAdamW(regime.params, regime.masks, weight_decay=cfg.weight_decay)
             model.train()
             for it in range(1 + args.steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 loss = adapter.loss(regime.logits(x, head).float(), y, 0.0) / args.batch
-                t1 = time.perf_counter()
+                t1 = clock()
                 loss.backward()
-                t2 = time.perf_counter()
+                t2 = clock()
                 regime.after_backward()
                 torch.nn.utils.clip_grad_norm_(list(regime.params.values()), 1.0)
-                t3 = time.perf_counter()
+                t3 = clock()
                 opt.step(1e-5)
                 opt.zero_grad()
-                t4 = time.perf_counter()
+                t4 = clock()
                 if it:
                     totals[mode].append(t4 - t0)
                     print(f"{mode}: forward {t1 - t0:.3f}  backward {t2 - t1:.3f}  mask+clip {t3 - t2:.3f}  optimizer {t4 - t3:.3f}  total {t4 - t0:.3f} s", flush=True)
