@@ -238,13 +238,18 @@ def test_masked_adamw_matches_torch_and_freezes_masked_entries():
     pm = nn.Parameter(p_ref.detach().clone())
     opt_m = MaskedAdamW({"p": pm}, {"p": mask}, weight_decay=0.1)
     start = pm.detach().clone()
+    kept_ref = nn.Parameter(start[mask].clone())  # torch's AdamW on the kept entries alone
+    ref_kept = torch.optim.AdamW([kept_ref], lr=0.1, weight_decay=0.1)
     for _ in range(3):
         grad = torch.randn(5, 4)
         p_ref.grad, p.grad, pm.grad = grad.clone(), grad.clone(), grad.clone()
+        kept_ref.grad = grad[mask].clone()
         ref.step()
+        ref_kept.step()
         opt.step(0.1)
         opt_m.step(0.1)
     torch.testing.assert_close(p, p_ref)
+    torch.testing.assert_close(pm[mask], kept_ref.detach())
     assert torch.equal(pm[~mask], start[~mask]) and not torch.equal(pm[mask], start[mask])
     assert opt_m.exp_avg["p"].numel() == int(mask.sum())  # state only for kept entries
     assert lr_at(0, 1.0, 4, 10) == 0.25 and lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(10, 1.0, 4, 10) == pytest.approx(0.0)

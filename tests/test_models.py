@@ -7,7 +7,7 @@ import torch
 
 from tests.tiny_clip import TINY_CONFIG
 from tvedit.errors import InputError, MismatchError, UsageError
-from tvedit.models.base import adapter_for, functional, linearized
+from tvedit.models.base import adapter_for, functional, linearized, linearized_reference
 from tvedit.models.open_clip import OpenClipAdapter
 
 
@@ -112,3 +112,53 @@ def test_linearized_is_differentiable_in_theta(tiny):
     theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
     linearized(model, theta0, theta, lambda m: adapter.scores(m, x, head)).sum().backward()
     assert all(theta[k].grad is not None and theta[k].grad.abs().sum() > 0 for k in keys)
+
+
+@pytest.mark.parametrize("mode", ["linearized", "attn"])
+def test_linearized_logits_and_gradients_match_the_reverse_over_forward_reference(tiny, mode):
+    """linearized() backpropagates through f at theta0 instead of through the jvp: same values,
+    same gradients in theta (float64, a point away from theta0, a non-linear loss)."""
+    adapter, model = tiny
+    model = adapter.build(adapter.state_dict(model)).double().train()
+    head = torch.randn(5, TINY_CONFIG["embed_dim"], dtype=torch.float64)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([0, 4, 2])
+    keys = adapter.trainable_keys(mode)
+    named = dict(model.named_parameters())
+    theta0 = {k: named[k].detach().clone() for k in keys}
+    g = torch.Generator().manual_seed(2)
+    grads = []
+    outs = []
+    for impl in (linearized, linearized_reference):
+        theta = {k: (theta0[k] + 0.05 * torch.randn(v.shape, generator=g.manual_seed(2), dtype=v.dtype)).requires_grad_(True) for k, v in theta0.items()}
+        out = impl(model, theta0, theta, lambda m: adapter.scores(m, x, head))
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+        grads.append({k: theta[k].grad for k in keys})
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    assert (outs[0] - adapter.scores(model, x, head).detach()).abs().max() > 1e-3  # theta is away from theta0
+    for k in keys:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-12)
+    assert sum(float(v.abs().sum()) for v in grads[0].values()) > 0
+
+
+def test_linearized_regime_trains_theta_and_keeps_theta0(tiny):
+    """Through the regime and the training step: the model's parameters hold theta, get the
+    reference gradient, and theta0 (the linearization point) does not move."""
+    from tvedit.finetune.regimes import make_regime
+
+    adapter, model = tiny
+    model = adapter.build(adapter.state_dict(model)).double().train()
+    regime = make_regime("linearized", adapter, model)
+    theta0 = {k: v.clone() for k, v in regime.theta0.items()}
+    with torch.no_grad():
+        for p in regime.params.values():
+            p.add_(torch.randn_like(p) * 0.01)
+    head = torch.randn(4, TINY_CONFIG["embed_dim"], dtype=torch.float64)
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3])
+    torch.nn.functional.cross_entropy(regime.logits(x, head), y).backward()
+    theta = {k: p.detach().clone().requires_grad_(True) for k, p in regime.params.items()}
+    torch.nn.functional.cross_entropy(linearized_reference(model, theta0, theta, lambda m: adapter.scores(m, x, head)), y).backward()
+    for k, p in regime.params.items():
+        torch.testing.assert_close(p.grad, theta[k].grad, rtol=1e-9, atol=1e-12)
+        assert torch.equal(regime.theta0[k], theta0[k])

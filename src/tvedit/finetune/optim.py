@@ -50,20 +50,21 @@ class MaskedAdamW:
                 continue
             idx = self.index[name]
             flat = p.view(-1)
-            g = p.grad.reshape(-1).float()
-            w = flat.float() if idx is None else flat[idx].float()
-            if idx is not None:
-                g = g[idx]
+            g = p.grad.reshape(-1)
+            if idx is None:  # float32 parameters are updated in place (.float() returns them)
+                w, g = flat.float(), g.float()
+            else:  # index_select / index_copy_: about 3x faster than flat[idx] / flat[idx] = w
+                w, g = flat.index_select(0, idx).float(), g.index_select(0, idx).float()
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             w.mul_(1 - lr * self.weight_decay)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v / c2).sqrt_().add_(self.eps)
             w.addcdiv_(m, denom, value=-lr / c1)
-            if idx is None:
+            if idx is not None:
+                flat.index_copy_(0, idx, w.to(flat.dtype))
+            elif w.data_ptr() != flat.data_ptr():
                 flat.copy_(w)
-            else:
-                flat[idx] = w.to(flat.dtype)
 
     def zero_grad(self) -> None:
         for p in self.params.values():

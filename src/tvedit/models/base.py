@@ -198,19 +198,67 @@ def functional(model: nn.Module, params: Mapping[str, Tensor], fn: Callable[[nn.
     return functional_call(_Call(model, fn), {f"model.{k}": v for k, v in params.items()}, ())
 
 
+class _AtTheta0(torch.autograd.Function):
+    """``theta0`` as the value, the identity as the derivative with respect to ``theta``: the point
+    at which f is evaluated is θ0, and the gradient reaching it is credited to θ."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, theta0: Tensor) -> Tensor:  # noqa: ARG004
+        return theta0.view_as(theta0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
 def linearized(
     model: nn.Module,
     theta0: Mapping[str, Tensor],
     theta: Mapping[str, Tensor],
     fn: Callable[[nn.Module], Tensor],
 ) -> Tensor:
-    """f_lin(theta) = f(theta0) + J_theta f(theta0) (theta - theta0), with ONE torch.func.jvp.
+    """f_lin(theta) = f(theta0) + J_theta f(theta0) (theta - theta0), in ONE forward-mode pass.
 
     ``fn(model)`` computes the output (e.g. ``lambda m: adapter.scores(m, x, head)``); ``theta0``
     and ``theta`` map the same parameter names (the linearized ones) to tensors; every other
-    parameter keeps the model's value. Differentiable with respect to ``theta`` (reverse over
-    forward), so it trains with an ordinary optimizer on ``theta``.
+    parameter keeps the model's value. Differentiable with respect to ``theta``, so it trains with
+    an ordinary optimizer on ``theta``.
+
+    How: one forward pass with dual tensors (torch.autograd.forward_ad) gives f(theta0) (primal)
+    and J (theta - theta0) (tangent) together. The gradient of f_lin with respect to theta is
+    J(theta0)^T g, the vector-Jacobian product of f at theta0 — an ordinary backward pass through
+    the PRIMAL computation. So the primal is evaluated at a point whose value is theta0 but whose
+    derivative is credited to theta (``_AtTheta0``), and the tangent joins the output detached:
+    value f0 + J delta, first derivative in theta J(theta0), exactly those of f_lin. Backpropagating
+    through the tangent computation instead (reverse over forward) gives the same gradient at about
+    twice the cost (docs/performance.md). First derivatives only: other inputs of ``fn`` that
+    require grad receive the gradient of f(theta0) without the J delta term, and second
+    derivatives in theta are not those of f_lin (which are zero).
     """
+    import torch.autograd.forward_ad as fwAD
+
+    names = sorted(theta0)
+    grad = torch.is_grad_enabled()
+    with forward_ad_safe(), fwAD.dual_level():
+        params = {}
+        for k in names:
+            base = theta0[k].detach()
+            point = _AtTheta0.apply(theta[k], base) if grad and theta[k].requires_grad else base
+            params[k] = fwAD.make_dual(point, (theta[k].detach() - base).to(base.dtype))
+        primal, tangent = fwAD.unpack_dual(functional(model, params, fn))
+        return primal if tangent is None else primal + tangent.detach()
+
+
+def linearized_reference(
+    model: nn.Module,
+    theta0: Mapping[str, Tensor],
+    theta: Mapping[str, Tensor],
+    fn: Callable[[nn.Module], Tensor],
+) -> Tensor:
+    """f_lin by its definition: one torch.func.jvp (primal theta0, tangent theta - theta0),
+    differentiable in theta by reverse over forward (backpropagating through the tangent
+    computation). The slower reference that the tests and benchmarks/profile_finetune.py compare
+    ``linearized`` against; exact in every input and to every order."""
     from torch.func import jvp
 
     names = sorted(theta0)
