@@ -6,6 +6,43 @@ import json
 import subprocess
 import sys
 
+# The I/O floor, run as `python -c FLOOR INPUT... OUT SIZE MODE`: read every input once (16 MiB
+# positional reads into one reused buffer; a directory stands for its *.safetensors files) and
+# write an output of SIZE bytes; MODE "fsync" also fsyncs the output and its directory, "hash"
+# also computes the sha256 of the bytes written, "-" neither. The least any implementation must do.
+FLOOR = r"""
+import glob, hashlib, os, sys
+paths, out, size, mode = sys.argv[1:-3], sys.argv[-3], int(sys.argv[-2]), sys.argv[-1]
+files = [f for p in paths for f in (sorted(glob.glob(os.path.join(p, "*.safetensors"))) if os.path.isdir(p) else [p])]
+buf = bytearray(16 << 20)
+view = memoryview(buf)
+h = hashlib.sha256()
+for p in files:
+    fd = os.open(p, os.O_RDONLY)
+    off = 0
+    while True:
+        n = os.preadv(fd, [view], off)
+        if n <= 0:
+            break
+        off += n
+    os.close(fd)
+with open(out, "wb") as f:
+    left = size
+    while left > 0:
+        n = min(left, len(buf))
+        f.write(view[:n])
+        if mode == "hash":
+            h.update(view[:n])
+        left -= n
+    if mode == "fsync":
+        f.flush()
+        os.fsync(f.fileno())
+if mode == "fsync":
+    fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+"""
+
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
     """Wall seconds and peak resident set size (MiB) of ``cmd``, run in a fresh wrapper process."""

@@ -41,39 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure  # noqa: E402
-
-FLOOR = r"""
-import hashlib, os, sys
-paths, out, size, sync, digest = sys.argv[1:-3], sys.argv[-3], int(sys.argv[-2]), sys.argv[-1] == "fsync", sys.argv[-1] == "hash"
-h = hashlib.sha256()
-buf = bytearray(16 << 20)
-view = memoryview(buf)
-for p in paths:
-    fd = os.open(p, os.O_RDONLY)
-    off = 0
-    while True:
-        n = os.preadv(fd, [view], off)
-        if n <= 0:
-            break
-        off += n
-    os.close(fd)
-with open(out, "wb") as f:
-    left = size
-    while left > 0:
-        n = min(left, len(buf))
-        f.write(view[:n])
-        if digest:
-            h.update(view[:n])
-        left -= n
-    if sync:
-        f.flush()
-        os.fsync(f.fileno())
-if sync:
-    fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-"""
+from _measure import FLOOR, measure  # noqa: E402
 
 NAIVE = r"""
 import sys, torch

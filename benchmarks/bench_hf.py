@@ -27,33 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure  # noqa: E402
+from _measure import FLOOR, measure  # noqa: E402
 
 LAYERS = 8
 VOCAB = 16000
-
-FLOOR = r"""
-import os, sys, glob
-dirs, out, size = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
-buf = bytearray(16 << 20)
-view = memoryview(buf)
-for d in dirs:
-    for p in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-        fd = os.open(p, os.O_RDONLY)
-        off = 0
-        while True:
-            n = os.preadv(fd, [view], off)
-            if n <= 0:
-                break
-            off += n
-        os.close(fd)
-with open(out, "wb") as f:
-    left = size
-    while left > 0:
-        n = min(left, len(buf))
-        f.write(view[:n])
-        left -= n
-"""
 
 NAIVE = r"""
 import glob, json, os, sys, torch
@@ -140,7 +117,7 @@ def main() -> None:
         out = root / "out"
         tv = [sys.executable, "-m", "tvedit", "add", *map(str, fts), "--base", str(root / "base"), "--alpha", "0.3",
               "-o", f"{out}/", "--max-shard-size", "100MB", "--force"]  # fmt: skip
-        floor = measure([sys.executable, "-c", FLOOR, *map(str, [root / "base", *fts]), str(root / "floor.bin"), str(nbytes)], env)
+        floor = measure([sys.executable, "-c", FLOOR, *map(str, [root / "base", *fts]), str(root / "floor.bin"), str(nbytes), "-"], env)
         shutil.rmtree(out, ignore_errors=True)
         first = measure(tv, env)
         cached = measure(tv, env)
