@@ -41,6 +41,17 @@ class Dist:
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
 
+    def close(self) -> None:
+        """Wait for every rank, then tear the process group down: a rank that exits with its gloo
+        group alive while another still works can abort at exit ("terminate called without an
+        active exception")."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
     def all_reduce_mean(self, tensors: list[Tensor]) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -290,6 +290,7 @@ def finetune(
         resume=resume, fingerprint=fingerprint, progress=progress, validate=_validation(the_task, adapter, regime, head, cfg, device),
     )  # fmt: skip
     if step < cfg.steps or dist.rank != 0:
+        dist.close()
         return artifacts
 
     state = adapter.state_dict(net)
@@ -305,4 +306,5 @@ def finetune(
     import shutil
 
     shutil.rmtree(sibling(output, "resume"), ignore_errors=True)
+    dist.close()
     return artifacts
