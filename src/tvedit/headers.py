@@ -167,16 +167,14 @@ def store_hash(stamp: str, value: str) -> None:
 # --------------------------------------------------------------------------------------------
 # A header-only summary (tvedit info without --tensors)
 # --------------------------------------------------------------------------------------------
-def summary(path: Path) -> dict[str, Any]:
-    """kind, manifest, logical tensor count, parameters, bytes, dtypes and the content hash of a
-    file, from its headers (the hash: the manifest's, the cached one, or one pass over the bytes)."""
-    from tvedit.manifest import METADATA_KEY, Manifest
-
-    files = resolve_files(path)
-    stored: dict[str, tuple[str, list[int]]] = {}
+def stored_entries(files: list[Path]) -> tuple[dict[str, str], list[tuple[Path, int, str, dict[str, Any]]]]:
+    """The metadata (of the only file, else of the first that has any) and every stored tensor of
+    ``files`` as (file, absolute offset of its data section, key, header entry); an unknown dtype
+    is an InputError naming the file and the key."""
     metadata: dict[str, str] = {}
+    entries = []
     for f in files:
-        header, _ = read_header(f)
+        header, data_start = read_header(f)
         for key, info in header.items():
             if key == "__metadata__":
                 if len(files) == 1 or not metadata:
@@ -184,7 +182,18 @@ def summary(path: Path) -> dict[str, Any]:
                 continue
             if info.get("dtype") not in ST_ITEMSIZE:
                 raise InputError(f"{f}: key {key!r}: unsupported dtype {info.get('dtype')!r}")
-            stored[key] = (info["dtype"], [int(s) for s in info["shape"]])
+            entries.append((f, data_start, key, info))
+    return metadata, entries
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """kind, manifest, logical tensor count, parameters, bytes, dtypes and the content hash of a
+    file, from its headers (the hash: the manifest's, the cached one, or one pass over the bytes)."""
+    from tvedit.manifest import METADATA_KEY, Manifest
+
+    files = resolve_files(path)
+    metadata, entries = stored_entries(files)
+    stored = {key: (info["dtype"], [int(s) for s in info["shape"]]) for _, _, key, info in entries}
     raw = metadata.get(METADATA_KEY)
     manifest = Manifest.from_json(raw, str(path)) if raw else None
     logical: dict[str, tuple[str, list[int]]] = {}

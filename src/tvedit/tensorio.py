@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -131,22 +132,26 @@ def choose_encoding(nnz: int, numel: int) -> tuple[str, torch.dtype]:
     return min(sizes, key=sizes.__getitem__), index_dtype
 
 
-def encode_part(encoding: str, part: str, flat: torch.Tensor, start: int, numel: int, index_dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """One stored part of ``encoding`` for the entries ``flat`` found at ``start`` of a flattened
+def encode_parts(encoding: str, parts: Iterable[str], flat: torch.Tensor, start: int, numel: int, index_dtype: torch.dtype = torch.int32) -> dict[str, torch.Tensor]:
+    """Stored ``parts`` of ``encoding`` for the entries ``flat`` found at ``start`` of a flattened
     tensor of ``numel`` entries. Parts of consecutive pieces concatenate to the whole tensor's part
     (bitmap: pieces start at multiples of 8), except block16's ``counts``, which add up."""
     nz = flat != 0
-    if part == "values":
-        return flat[nz]
-    if part == "bitmap":
-        return pack_bits(nz)
-    positions = nz.nonzero().reshape(-1) + start
-    if part == "indices":
-        return positions.to(index_dtype)
-    if part == "counts":
-        return torch.bincount(positions >> 16, minlength=-(-numel // BLOCK16)).to(torch.int32)
-    low = (positions & (BLOCK16 - 1)).to(torch.int32)
-    return torch.where(low >= BLOCK16 // 2, low - BLOCK16, low).to(torch.int16)  # offsets: the low 16 bits, two's complement
+    positions = nz.nonzero().reshape(-1) + start if encoding in ("indices", "block16") else None
+    out = {}
+    for part in parts:
+        if part == "values":
+            out[part] = flat[nz]
+        elif part == "bitmap":
+            out[part] = pack_bits(nz)
+        elif part == "indices":
+            out[part] = positions.to(index_dtype)
+        elif part == "counts":
+            out[part] = torch.bincount(positions >> 16, minlength=-(-numel // BLOCK16)).to(torch.int32)
+        else:  # offsets: the low 16 bits, two's complement
+            low = (positions & (BLOCK16 - 1)).to(torch.int32)
+            out[part] = torch.where(low >= BLOCK16 // 2, low - BLOCK16, low).to(torch.int16)
+    return out
 
 
 def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
@@ -154,7 +159,7 @@ def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
     flat = tensor.reshape(-1)
     numel = flat.numel()
     encoding, index_dtype = choose_encoding(int(torch.count_nonzero(flat)), numel)
-    return encoding, {part: encode_part(encoding, part, flat, 0, numel, index_dtype) for part in SPARSE_PARTS[encoding]}
+    return encoding, encode_parts(encoding, SPARSE_PARTS[encoding], flat, 0, numel, index_dtype)
 
 
 def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None) -> torch.Tensor:
@@ -193,7 +198,6 @@ def decode_lowrank(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-_read_header = headers.read_header
 
 
 @dataclass(frozen=True)
@@ -218,25 +222,18 @@ class Checkpoint:
         self._where: dict[str, Path] = {}  # stored key -> file
         self._stored: dict[str, TensorInfo] = {}
         self._loc: dict[str, _Stored] = {}
-        files = self._resolve_files(self.path)
-        metadata: dict[str, str] = {}
-        for f in files:
-            header, data_start = _read_header(f)
-            for key, info in header.items():
-                if key == "__metadata__":
-                    if len(files) == 1 or not metadata:
-                        metadata = dict(info or {})
-                    continue
-                dtype = ST_TO_DTYPE.get(info.get("dtype"))
-                if dtype is None:
-                    raise InputError(f"{f}: key {key!r}: unsupported dtype {info.get('dtype')!r}")
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-                self._stored[key] = TensorInfo(shape, dtype)
-                if end - begin != _nbytes(self._stored[key]):
-                    raise InputError(f"{f}: key {key!r}: {end - begin} bytes stored for shape {list(shape)} {info['dtype']}")
-                self._where[key] = f
-                self._loc[key] = _Stored(f, data_start + begin, end - begin)
+        metadata, entries = headers.stored_entries(self._resolve_files(self.path))
+        for f, data_start, key, info in entries:
+            dtype = ST_TO_DTYPE.get(info["dtype"])
+            if dtype is None:
+                raise InputError(f"{f}: key {key!r}: unsupported dtype {info['dtype']!r}")
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            self._stored[key] = TensorInfo(shape, dtype)
+            if end - begin != _nbytes(self._stored[key]):
+                raise InputError(f"{f}: key {key!r}: {end - begin} bytes stored for shape {list(shape)} {info['dtype']}")
+            self._where[key] = f
+            self._loc[key] = _Stored(f, data_start + begin, end - begin)
         self.metadata = metadata
         raw = metadata.get(METADATA_KEY)
         self.manifest: Manifest | None = Manifest.from_json(raw, str(self.path)) if raw else None
@@ -661,9 +658,7 @@ class CheckpointWriter:
         for the layout is written dense first and re-encoded in place (``_encode_in_place``)."""
         self._begin(key)
         shape = list(shape)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         st = _st_dtype(dtype)
         n = numel * dtype.itemsize
         start = self._offset
@@ -701,9 +696,7 @@ class CheckpointWriter:
         """Replace the dense bytes of ``key`` just written at data offset ``start`` by its sparse
         parts, reading the dense bytes back a piece at a time: the parts are appended after the
         dense bytes (each part one pass), then moved down over them and the file truncated."""
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         item = dtype.itemsize
         encoding, index_dtype = choose_encoding(nnz, numel)
         step = max(BLOCK16, _CONVERT_NUMEL // BLOCK16 * BLOCK16)  # whole blocks: pieces start at multiples of 8
@@ -723,7 +716,6 @@ class CheckpointWriter:
 
         del self._header[key]
         end = start + numel * item
-        parts: list[tuple[str, int, int]] = []  # (stored key, offset after the dense bytes, bytes)
         try:
             self._fh.seek(data0 + end)
             at_out = 0
@@ -733,10 +725,10 @@ class CheckpointWriter:
                 if part == "counts":  # per-block counts add up over the pieces
                     total = torch.zeros(-(-numel // BLOCK16), dtype=torch.int32)
                     for at, flat in pieces():
-                        total += encode_part(encoding, part, flat, at, numel, index_dtype)
+                        total += encode_parts(encoding, [part], flat, at, numel, index_dtype)[part]
                     outs: Iterable[torch.Tensor] = [total]
                 else:
-                    outs = (encode_part(encoding, part, flat, pos, numel, index_dtype) for pos, flat in pieces())
+                    outs = (encode_parts(encoding, [part], flat, pos, numel, index_dtype)[part] for pos, flat in pieces())
                 part_dtype = dtype
                 for t in outs:
                     part_dtype = t.dtype
@@ -748,7 +740,6 @@ class CheckpointWriter:
                 part_shape = [size // part_dtype.itemsize]
                 self._digests[stored] = _entry_digest(stored, st, part_shape, h.hexdigest())
                 self._header[stored] = {"dtype": st, "shape": part_shape, "data_offsets": [start + at_out, start + at_out + size]}
-                parts.append((stored, at_out, size))
                 at_out += size
             self._fh.flush()
             moved, buf = 0, bytearray(16 << 20)
