@@ -184,6 +184,12 @@ def chunk_numel() -> int:
     return max(8, n // 8 * 8)  # whole bytes of a bit-packed mask
 
 
+def goes_in_chunks(ckpt: Checkpoint, key: str) -> bool:
+    """A dense-stored tensor larger than one chunk: element-wise work on it goes a chunk at a time
+    (sparse and low-rank storage is decoded whole; it is small)."""
+    return _numel(ckpt.info(key).shape) > chunk_numel() and not ckpt.is_sparse(key)
+
+
 # --------------------------------------------------------------------------------------------
 # workspace: (N+2) buffers of the largest tensor, allocated once and reused for every key
 # --------------------------------------------------------------------------------------------
@@ -327,9 +333,8 @@ class VectorSources:
         return out
 
     def chunked(self, key: str) -> bool:
-        """Whether ``key`` is big enough to go in chunks and stored dense in every input."""
-        n = _numel(self._shape(key))
-        return n > chunk_numel() and all(c is None or key not in c or not c.is_sparse(key) for c in [*self.inputs, self.base_ckpt])
+        """Whether ``key`` goes in chunks: huge and stored dense in every input that has it."""
+        return all(goes_in_chunks(c, key) for c in [*self.inputs, self.base_ckpt] if c is not None and key in c)
 
     def base_range(self, key: str, start: int, count: int) -> torch.Tensor:
         assert self.base_ckpt is not None
@@ -393,18 +398,16 @@ def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: Ar
     return keys
 
 
-def _check_base_hash(ckpt: Checkpoint, recorded: dict[str, tuple[str | None, Path]], path: Path) -> None:
-    h = ckpt.sha256
-    if h not in recorded:
-        want, (_, src) = next(iter(recorded.items()))
-        raise MismatchError(f"{path}: base hash {h[:12]} differs from the base {want[:12]} recorded in {src} (use --force)")
+def _check_base_hash(ckpt: Checkpoint, want: str, source: Path) -> None:
+    """``ckpt`` (a --base) has the hash ``want`` that the task vector ``source`` records."""
+    if ckpt.sha256 != want:
+        raise MismatchError(f"{ckpt.path}: base hash {ckpt.sha256[:12]} differs from the base {want[:12]} recorded in {source} (use --force)")
 
 
 def check_base(ckpt: Checkpoint | None) -> None:
     """The deferred check of a first-use --base against the hash its task vectors record."""
     if ckpt is not None and ckpt.expected is not None:
-        hashes, source = ckpt.expected
-        _check_base_hash(ckpt, {h: (None, source) for h in hashes}, ckpt.path)
+        _check_base_hash(ckpt, *ckpt.expected)
 
 
 def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: Sequence[InputSpec], needed: bool, opts: ArithOptions) -> Checkpoint | None:
@@ -420,13 +423,14 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
         needed = True
     if base is not None:
         ckpt = open_checkpoint(base.path)
-        if recorded and not opts.force_mix:
+        if recorded and not opts.force_mix:  # one recorded base (more were refused above)
+            want, (_, source) = next(iter(recorded.items()))
             if ckpt.known_sha256() is None and ckpt.hash_while_reading():
                 # a plain base seen for the first time: hashed as the operation reads it, checked
                 # before the output is committed (check_base), instead of one more pass up front
-                ckpt.expected = (frozenset(recorded), next(iter(recorded.values()))[1])
+                ckpt.expected = (want, source)
                 return ckpt
-            _check_base_hash(ckpt, recorded, base.path)
+            _check_base_hash(ckpt, want, source)
         return ckpt
     if not needed:
         return None
@@ -684,7 +688,7 @@ def scale(
         with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):
                 dtype = _out_dtype(opts, ckpt.info(key).dtype) if ckpt.is_floating(key) else None
-                if dtype is not None and _numel(ckpt.info(key).shape) > chunk_numel() and not ckpt.is_sparse(key):
+                if dtype is not None and goes_in_chunks(ckpt, key):
                     _write_in_chunks(w, key, ckpt.info(key).shape, dtype, lambda s, c, k=key, ck=ckpt, sl=slot: sl.load_range(ck, k, s, c).mul_(by), out, opts)
                 elif dtype is not None:
                     r = slot.load(ckpt, key).mul_(by)  # c * tau, in place, in the compute dtype

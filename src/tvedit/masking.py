@@ -26,10 +26,8 @@ from tvedit.api import (
     Progress,
     Slot,
     _input_record,
-    _numel,
     _spec,
     _target,
-    chunk_numel,
 )
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
@@ -357,10 +355,10 @@ def mask(
                 stack.enter_context(CheckpointWriter(p, _mask_manifest(ckpts[i].manifest, step), sorted(g_selected), force=target.force, inputs=protect))
                 for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
             ]  # fmt: skip
+            slot = Slot(opts.compute_dtype)  # the chunks of mask apply
             for key in g_keys:
-                if key in g_selected and m.name == "apply" and _huge_dense(g_ckpts[0], key) and mask_ckpt is not None:
+                if key in g_selected and m.name == "apply" and g_ckpts[0].is_floating(key) and api.goes_in_chunks(g_ckpts[0], key) and mask_ckpt is not None:
                     c = g_ckpts[0]  # apply: one input per group; tau * m a chunk at a time
-                    slot = Slot(opts.compute_dtype)
 
                     def apply_range(start: int, count: int, c: Checkpoint = c, key: str = key, slot: Slot = slot) -> torch.Tensor:
                         assert mask_ckpt is not None
@@ -387,12 +385,6 @@ def mask(
             saved.extend(w.commit() for w in mask_writers)
     consume_ephemeral(specs + ([mask_spec] if mask_spec else []))
     return MaskResult(outputs, saved)
-
-
-def _huge_dense(ckpt: Checkpoint, key: str) -> bool:
-    """A dense-stored floating tensor larger than one chunk (api.chunk_numel)."""
-    info = ckpt.info(key)
-    return info.dtype.is_floating_point and not ckpt.is_sparse(key) and _numel(info.shape) > chunk_numel()
 
 
 def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:

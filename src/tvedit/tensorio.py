@@ -242,9 +242,9 @@ class Checkpoint:
         self._digests: dict[str, bytes] | None = None  # per stored key, while hashing as we read
         self._partial: dict[str, tuple[Any, int]] = {}  # key -> (sha256 so far, next byte) for range reads
         self._stamp: str | None = None
-        # hashes this file must have, and the file that records them: a first-use --base checked at
+        # the hash this file must have and the file that records it: a first-use --base checked at
         # commit (api.check_base) instead of hashed up front
-        self.expected: tuple[frozenset[str], Path] | None = None
+        self.expected: tuple[str, Path] | None = None
         self._logical: dict[str, TensorInfo] = {}
         hidden: set[str] = set()
         for key, spec in self._sparse.items():
