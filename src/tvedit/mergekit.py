@@ -262,9 +262,7 @@ def magnitude(tau: torch.Tensor, density: float, rescale: bool, key: str) -> tor
         return tau
     n = tau.numel()
     k = magnitude_count(density, n, key)
-    mag = tau.detach().to(torch.float32).abs().reshape(-1)
-    threshold = float(torch.kthvalue(mag, n - k + 1).values)
-    keep = sparsify.tie_limited_mask(mag, threshold, k - int((mag > threshold).sum()))
+    keep = sparsify.largest_mask(tau.detach().to(torch.float32).abs().reshape(-1), k)
     return rescaled(tau, keep.to(tau.dtype).view(tau.shape), rescale)
 
 
@@ -404,15 +402,8 @@ def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]
         if recipe.method.sparsify != "magnitude":
             return
         densities = [float(recipe.param("density", ctx.key, i)) for i in range(len(ctx.weights))]
-        ks = [0 if d >= 1 else magnitude_count(d, ctx.numel, ctx.key) for d in densities]
-
-        def stream() -> Iterator[tuple[int, str, torch.Tensor]]:
-            for vectors in chunks():
-                for i, tau in enumerate(vectors):
-                    yield i, ctx.key, tau
-
-        kth = sparsify.kth_largest_abs(stream, ks)
-        ctx.key_state["cuts"] = [None if d >= 1 else sparsify.Cut.of_kth(r, k) for d, r, k in zip(densities, kth, ks, strict=True)]
+        cuts = sparsify.chunk_cuts(chunks, [0 if d >= 1 else magnitude_count(d, ctx.numel, ctx.key) for d in densities])
+        ctx.key_state["cuts"] = [None if d >= 1 else cut for d, cut in zip(densities, cuts, strict=True)]
 
     method = MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=elementwise, key_pass=key_pass)
     return method, zeroed

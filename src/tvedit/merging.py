@@ -184,13 +184,7 @@ def _ties_key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
         ctx.key_state["cuts"] = [sparsify.Cut.of_plan(p, ctx.key) for p in plans]
         return
 
-    def stream():
-        for vectors in chunks():
-            for i, tau in enumerate(vectors):
-                yield i, ctx.key, tau
-
-    ks = [sparsify.keep_count(ctx.options["density"], ctx.numel)] * len(ctx.weights)
-    ctx.key_state["cuts"] = [sparsify.Cut.of_kth(r, k) for r, k in zip(sparsify.kth_largest_abs(stream, ks), ks, strict=True)]
+    ctx.key_state["cuts"] = sparsify.chunk_cuts(chunks, [sparsify.keep_count(ctx.options["density"], ctx.numel)] * len(ctx.weights))
 
 
 def _ties(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:

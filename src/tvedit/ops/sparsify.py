@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +81,19 @@ def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     m = 1 for the n_keep entries of largest |tau|; ties at the threshold go to the lower flat index.
     """
     a = _abs32(tau)
-    n = a.numel()
-    n_keep = keep_count(density, n)
-    if n_keep == 0:
-        return torch.zeros(a.shape, dtype=torch.bool)
-    if n_keep == n:
-        return torch.ones(a.shape, dtype=torch.bool)
-    flat = a.reshape(-1)
-    threshold = float(torch.kthvalue(flat, n - n_keep + 1).values)
-    greater = int((flat > threshold).sum())
-    return tie_limited_mask(a, threshold, n_keep - greater)
+    return largest_mask(a.reshape(-1), keep_count(density, a.numel())).reshape(a.shape)
+
+
+def largest_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """1 for the ``k`` largest entries of a flat ``magnitude``; ties at the threshold go to the
+    lower index (the order of a stable descending sort, without sorting)."""
+    n = magnitude.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    threshold = float(torch.kthvalue(magnitude, n - k + 1).values)
+    return tie_limited_mask(magnitude, threshold, k - int((magnitude > threshold).sum()))
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,19 @@ class Cut:
         if self.quota is not None:
             self.quota -= min(self.quota, int((magnitude == self.value).sum()))
         return keep
+
+
+def chunk_cuts(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]) -> list[Cut]:
+    """For input i, the cut keeping the ks[i] largest |x| of one huge tensor whose inputs come in
+    chunks (``chunks()`` iterates lists with one piece per input and can be called twice): an exact
+    radix select over the pieces (kth_largest_abs)."""
+
+    def stream() -> Iterator[tuple[int, str, torch.Tensor]]:
+        for pieces in chunks():
+            for i, piece in enumerate(pieces):
+                yield i, "", piece
+
+    return [Cut.of_kth(r, k) for r, k in zip(kth_largest_abs(stream, ks), ks, strict=True)]
 
 
 def global_topk_plan(stream: Stream, n_streams: int, density: float) -> list[GlobalThreshold]:
