@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,3 +204,14 @@ def test_chunked_mask_apply_is_byte_identical(tmp_path, monkeypatch, layout):
     keep = open_checkpoint(saved).get("big")
     expected = torch.where(keep, open_checkpoint(tv).get("big"), torch.zeros(()))
     assert torch.equal(open_checkpoint(tmp_path / "applied.safetensors").get("big"), expected)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan"])
+def test_a_bad_chunk_size_is_a_usage_error_before_any_output(tmp_path, value):
+    base, fts = _sparse_files(tmp_path)
+    env = dict(os.environ, TVEDIT_CHUNK_MIB=value)
+    proc = subprocess.run([sys.executable, "-m", "tvedit", "add", *map(str, fts), "--base", str(base), "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: TVEDIT_CHUNK_MIB={value!r}: must be a positive number of MiB"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o.", "o."))]

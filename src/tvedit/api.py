@@ -39,6 +39,9 @@ class ArithOptions:
     layout: str = "auto"  # task-vector storage: auto | dense | sparse
     force_mix: bool = False  # allow mixing regimes / bases / model families
 
+    def __post_init__(self) -> None:
+        chunk_numel()  # a bad $TVEDIT_CHUNK_MIB fails before any file is opened
+
     def params(self) -> dict[str, Any]:
         return {
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
@@ -180,8 +183,14 @@ def _open_writer(
 def chunk_numel() -> int:
     """Entries per chunk for element-wise work on huge tensors ($TVEDIT_CHUNK_MIB of float32, default
     2: small enough to stay in the CPU caches across the passes over a chunk), a multiple of 8."""
-    n = int(float(os.environ.get("TVEDIT_CHUNK_MIB", "2")) * (1 << 20)) // 4
-    return max(8, n // 8 * 8)  # whole bytes of a bit-packed mask
+    raw = os.environ.get("TVEDIT_CHUNK_MIB", "2")
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0 or mib == float("inf"):
+        raise UsageError(f"TVEDIT_CHUNK_MIB={raw!r}: must be a positive number of MiB")
+    return max(8, int(mib * (1 << 20)) // 4 // 8 * 8)  # whole bytes of a bit-packed mask
 
 
 def goes_in_chunks(ckpt: Checkpoint, key: str) -> bool:
