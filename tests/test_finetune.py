@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,20 @@ def test_config_file_and_flags(tmp_path):
     path.write_text("lr: 3.0e-4\nsteps: 50\nwarm-up: 5\n".replace("warm-up", "warmup"))
     cfg = FinetuneConfig.load(path, steps=7, lr=None)
     assert (cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay) == (3e-4, 7, 5, 0.1)
+
+
+def test_config_file_values_take_their_field_types(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("eps: 1e-8\nlr: 1e-3\nsteps: 5.0\nmicro_batch: null\n")  # YAML 1.1 reads 1e-8 as a string
+    cfg = FinetuneConfig.load(path)
+    assert (cfg.eps, cfg.lr, cfg.steps, cfg.micro_batch) == (1e-8, 1e-3, 5, None)
+    assert isinstance(cfg.eps, float) and isinstance(cfg.steps, int)
+    for bad, match in [("eps: abc", "--eps: 'abc' is not a number"), ("steps: 2.5", "--steps: 2.5 is not a whole number"),
+                       ("lr: .nan", "--lr: nan is not a finite number"), ("grad_checkpointing: 3", "--grad-checkpointing: expected true or false"),
+                       ("mode: [full]", "--mode: expected a string"), ("steps: true", "--steps: expected a number")]:  # fmt: skip
+        path.write_text(bad + "\n")
+        with pytest.raises(UsageError, match=re.escape(match)):
+            FinetuneConfig.load(path)
 
 
 # ------------------------------------------------------------------------------------------------

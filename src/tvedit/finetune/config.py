@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,36 @@ from tvedit.errors import UsageError
 from tvedit.models.base import MODES, pick_device
 
 FISHER_VARIANTS = ("sampled", "logit")  # log p(y_hat|x) with sampled y_hat (paper) | raw logit z_y_hat (authors' code)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """A config value as its field's type: YAML reads ``1e-8`` as a string, and a file may hold anything."""
+    kinds = [t.strip() for t in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    base = kinds[0]
+    flag = "--" + name.replace("_", "-")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{flag}: expected true or false, not {value!r}")
+    if base in ("int", "float"):
+        if isinstance(value, bool):
+            raise UsageError(f"{flag}: expected a number, not {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag}: {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{flag}: {value!r} is not a finite number")
+        if base == "int":
+            if number != int(number):
+                raise UsageError(f"{flag}: {value!r} is not a whole number")
+            return int(number)
+        return number
+    if not isinstance(value, str):
+        raise UsageError(f"{flag}: expected a string, not {value!r}")
+    return value
 
 
 @dataclass
@@ -105,7 +136,6 @@ class FinetuneConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"unknown fine-tuning option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**values).validate()
-        except TypeError as exc:  # pragma: no cover - defensive
-            raise UsageError(f"bad fine-tuning options: {exc}") from None
+        types = {f.name: f.type for f in fields(cls)}
+        values = {k: _coerce(k, v, str(types[k])) for k, v in values.items()}
+        return cls(**values).validate()
