@@ -137,7 +137,8 @@ def test_alpha_zero_is_theta0_and_edit_matches_materialised_model(tiny: dict[str
 
 
 def test_affine_flin_sweep_equals_per_alpha_jvp(tiny: dict[str, Path]) -> None:
-    """f0 + alpha J tau (computed once) == the shared f_lin helper evaluated afresh at each alpha."""
+    """normalise(g0 + alpha J tau) @ head (features computed once) == the shared f_lin helper
+    applied to the encoder afresh at each alpha, normalised afterwards (the training definition)."""
     from tvedit.models.base import linearized
 
     s = _session(tiny, linearize=True)
@@ -152,8 +153,33 @@ def test_affine_flin_sweep_equals_per_alpha_jvp(tiny: dict[str, Path]) -> None:
     for alpha in (-1.5, 0.0, 0.4, 2.0):
         theta = {k: theta0[k] + alpha * tau[k] for k in keys}
         with torch.no_grad():
-            naive = linearized(ev.model, theta0, theta, lambda m: ev.adapter.scores(m, x, head))
+            feats = linearized(ev.model, theta0, theta, lambda m: m.encode_image(x))
+            naive = (feats / feats.norm(dim=-1, keepdim=True)) @ head.T
         torch.testing.assert_close(terms.logits([alpha]), naive, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(terms.features([alpha]), feats, rtol=1e-4, atol=1e-4)
+
+
+def test_vectors_linearized_under_another_flin_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A linearized vector whose fine-tuning recorded no ``flin`` (the old definition, linearizing
+    the normalised scores) is refused (exit 4, one line); --force evaluates it with a warning;
+    one recording this tvedit's definition is accepted."""
+    from tvedit.errors import MismatchError
+    from tvedit.evaluate import open_session
+    from tvedit.tensorio import load_tensors
+
+    paths = {}
+    for tag, extra in (("old", {}), ("new", {"flin": "features"})):
+        for t in ("a", "b"):
+            state, m = load_tensors(tiny[f"tau_{t}"])
+            m = Manifest.from_dict({**m.to_dict(), "regime": "linearized"}).with_step("finetune", {"mode": "linearized", **extra}, [])
+            paths[tag, t] = tmp_path / f"{tag}_{t}.safetensors"
+            save_tensors(paths[tag, t], state, m)
+    tasks = {t: tiny[t] for t in ("a", "b")}
+    with pytest.raises(MismatchError, match="old_a.safetensors.*linearizing the scores.*features") as exc:
+        open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"])
+    assert "\n" not in str(exc.value) and exc.value.exit_code == 4
+    assert open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"], force=True).linear
+    assert open_session([paths["new", "a"], paths["new", "b"]], tasks, tiny["base"]).linear
 
 
 def test_flin_first_order_agrees_with_nonlinear_for_small_alpha(tiny: dict[str, Path]) -> None:

@@ -73,6 +73,7 @@ def test_linearized_mode_is_marked_and_emits_a_vector(env):
     arts = _ft(env, "lin.tv.safetensors", mode="linearized", steps=2, emit="vector")
     tau, manifest = load_tensors(arts[0].path)
     assert manifest.kind == "task-vector" and manifest.regime == "linearized"
+    assert manifest.provenance[-1]["params"]["flin"] == "features"  # the encoder, normalised afterwards
     assert any(tau[k].abs().sum() > 0 for k in tau if k.startswith("visual."))
     assert all(tau[k].abs().sum() == 0 for k in tau if not k.startswith("visual."))
 

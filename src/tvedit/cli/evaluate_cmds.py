@@ -212,7 +212,7 @@ def register(app: typer.Typer) -> None:
             None, "--report", help="Write the full results as JSON."
         ),
         force: bool = typer.Option(
-            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base."
+            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base, and linearized vectors trained under another f_lin definition (with a warning)."
         ),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:

@@ -18,6 +18,7 @@ Library use::
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +79,14 @@ def open_session(
             "inputs mix linearized and non-linear vectors; pass --linearize to evaluate all of them under f_lin"
         )
     linear = linearize or "linearized" in regimes
+    for v in vectors:
+        stale = v.flin - {adapter.flin}
+        if v.regime == "linearized" and stale:
+            msg = (f"{v.path}: was fine-tuned under f_lin linearizing the {'/'.join(sorted(stale))}, but this tvedit's "
+                   f"{adapter.family} f_lin linearizes the {adapter.flin} (docs/finetune.md): fine-tune it again")
+            if not force:
+                raise MismatchError(msg + " (or --force to evaluate it anyway)")
+            print(f"warning: {msg}; evaluated anyway (--force)", file=sys.stderr)
     records = {v.name: v.task for v in vectors if v.task}
     task_data = [
         load_task(adapter, name, Path(src), records.get(name), max_examples)

@@ -39,7 +39,11 @@ class Regime:
 
 
 class Linearized(Regime):
-    """f_lin(x; theta) = f(x; theta0) + J f(x; theta0)(theta - theta0); the parameters hold theta."""
+    """f_lin(x; theta) = h(g(x; theta0) + J g(x; theta0)(theta - theta0)); the parameters hold theta.
+
+    g is the adapter's ``features`` (CLIP: the image encoder's output before normalisation) and h
+    its ``head_logits`` (normalise, then the inner product with the text head): the encoder is
+    linearized, its output normalised afterwards (the tangent-space paper's appendix)."""
 
     manifest_regime = "linearized"
 
@@ -48,7 +52,8 @@ class Linearized(Regime):
         self.theta0 = {k: p.detach().clone() for k, p in self.params.items()}
 
     def logits(self, inputs: Any, head: Any) -> Tensor:
-        return linearized(self.model, self.theta0, self.params, lambda m: self.adapter.scores(m, inputs, head))
+        feats = linearized(self.model, self.theta0, self.params, lambda m: self.adapter.features(m, inputs, head))
+        return self.adapter.head_logits(feats, head)
 
 
 class Sparse(Regime):

@@ -281,7 +281,8 @@ def finetune(
     if cfg.grad_checkpointing:
         adapter.set_grad_checkpointing(net, True)
     regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks)
-    fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world,
+    flin = {"flin": adapter.flin} if cfg.mode == "linearized" else {}  # which f_lin trained it (evaluation checks)
+    fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world, **flin,
                    **{k: v for k, v in cfg.params().items() if k not in ("stop_after", "checkpoint_every", "num_workers", "log_every", "device")}}  # fmt: skip
     step = train_loop(
         regime, head,
@@ -294,7 +295,7 @@ def finetune(
         return artifacts
 
     state = adapter.state_dict(net)
-    params = {**cfg.params(), "emit": emit, "model": model, "pretrained": pretrained}
+    params = {**cfg.params(), "emit": emit, "model": model, "pretrained": pretrained, **flin}
     inputs = [theta0.record(), {"path": str(the_task.data.root), "sha256": the_task.data_sha256, "kind": "data"}]
     if mask_sha is not None:
         inputs.append({"path": str(mask or sibling(output, "mask.safetensors")), "sha256": mask_sha, "kind": "mask"})

@@ -145,10 +145,22 @@ class OpenClipAdapter(ModelAdapter):
         head = torch.stack(rows) * model.logit_scale.exp().float()
         return head.detach()
 
-    def scores(self, model: nn.Module, inputs: Tensor, head: Tensor) -> Tensor:
-        feats = model.encode_image(inputs)
-        feats = feats / feats.norm(dim=-1, keepdim=True)
+    # f_lin linearizes the image encoder and normalises its output afterwards (the tangent-space
+    # paper's appendix); vectors trained under the older definition (normalise, inner product,
+    # then linearize: "scores") are refused at evaluation.
+    flin = "features"
+
+    def features(self, model: nn.Module, inputs: Tensor, head: Tensor | None = None) -> Tensor:
+        """``[B, D]``: the image encoder's output (after ``proj``), before normalisation."""
+        return model.encode_image(inputs)
+
+    def head_logits(self, features: Tensor, head: Tensor) -> Tensor:
+        """L2-normalise the image features, then the inner product with the (scaled) text head."""
+        feats = features / features.norm(dim=-1, keepdim=True)
         return feats @ head.to(feats.dtype).T
+
+    def scores(self, model: nn.Module, inputs: Tensor, head: Tensor) -> Tensor:
+        return self.head_logits(self.features(model, inputs, head), head)
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
         model.visual.set_grad_checkpointing(enable)  # type: ignore[operator]
