@@ -336,3 +336,43 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_validation_split_is_the_one_the_vector_held_out(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The val split is rebuilt from the vector's manifest (fraction, seed, cap) and checked against
+    its heldout_sha256: never the defaults when the vector was trained with another split."""
+    import hashlib
+
+    from tvedit.data import load_image_data, split_indices
+    from tvedit.errors import DataError
+    from tvedit.evaluate.data import load_task
+    from tvedit.evaluate.runner import open_base
+
+    adapter, _, _ = open_base(tiny["base"])
+    n = len(load_image_data(tiny["a"] / "train"))
+    _, held = split_indices(n, 0.4, 7, 5000)
+    assert held != split_indices(n)[1]
+    rec = {"name": "a", "classes": CLASSES["a"], "templates": ["a photo of a {}."],
+           "split": {"seed": 7, "heldout_fraction": 0.4, "heldout_max": 5000,
+                     "heldout_sha256": hashlib.sha256(json.dumps(held).encode()).hexdigest()}}  # fmt: skip
+    task = load_task(adapter, "a", tiny["a"], rec)
+    data = load_image_data(tiny["a"] / "train")
+    assert task.split("val")[1].tolist() == [data.labels[i] for i in held]
+    assert len(task.split("val")[1]) == len(held) != len(split_indices(n)[1])
+    bad = {**rec, "split": {**rec["split"], "heldout_sha256": "0" * 64}}
+    with pytest.raises(DataError, match="heldout_sha256") as exc:
+        load_task(adapter, "a", tiny["a"], bad)
+    assert exc.value.exit_code == 8 and "\n" not in str(exc.value)
+
+
+def test_unknown_task_names_fall_back_with_one_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from tvedit.data import resolve_templates
+
+    imagenet = resolve_templates("ImageNet")
+    assert len(imagenet) == 80 and len(set(imagenet)) == 80 and all("{}" in t for t in imagenet)
+    assert "a bad photo of a {}." in imagenet and "a tattoo of the {}." in imagenet
+    assert capsys.readouterr().err == ""
+    assert resolve_templates("zzz-unknown-task") == ["a photo of a {}."]
+    assert resolve_templates("zzz-unknown-task") == ["a photo of a {}."]
+    err = capsys.readouterr().err
+    assert err.count("warning: task 'zzz-unknown-task' has no built-in prompt templates") == 1
