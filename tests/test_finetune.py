@@ -343,3 +343,25 @@ def test_lists_class_names_splits_and_templates(env, tmp_path):
     assert len(split_indices(100_000)[1]) == 5000
     assert len(resolve_templates("EuroSAT")) == 3 and len(resolve_templates("resisc45")) == 18 and len(resolve_templates("dtd")) == 8
     assert resolve_templates("something") == ["a photo of a {}."]
+
+
+def test_alpha_widening_reads_the_mask_files_density(env):
+    """A sparse run with --mask records the density of that mask (not --density), and a vector made
+    by ``mask apply`` records its mask's: evaluation widens the alpha grid by exactly that."""
+    from tvedit.evaluate.runner import _density
+    from tvedit.masking import mask as run_mask
+
+    cfg = FinetuneConfig(batch_size=8, density=0.05, rounds=2, calib_batches=2, calib_batch_size=4, seed=0)
+    m = run.calibrate(None, str(env["theta0"]), env["data"], env["root"] / "k05.mask.safetensors", cfg)[0]
+    mask_density = open_checkpoint(m.path).manifest.density
+    assert mask_density == pytest.approx(0.05, abs=1e-3)
+    arts = _ft(env, "k05.tv.safetensors", mode="sparse", mask=m.path, density=0.3, emit="vector")
+    assert _density(open_checkpoint(arts[0].path).manifest) == pytest.approx(mask_density, rel=1e-12)
+    full = _ft(env, "full-for-mask.tv.safetensors", mode="full", emit="vector")[0]
+    assert _density(open_checkpoint(full.path).manifest) is None
+    from tvedit.masking import KeyFilter
+
+    keys = KeyFilter(include=tuple(open_checkpoint(m.path).keys()), zero_unselected=True)
+    applied = run_mask("apply", [full.path], env["root"] / "applied.tv.safetensors", mask_file=m.path, keys_filter=keys)
+    out = applied.outputs[0].path
+    assert _density(open_checkpoint(out).manifest) == pytest.approx(mask_density, rel=1e-12)

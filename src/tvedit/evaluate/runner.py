@@ -418,12 +418,13 @@ def load_vector(
 
 def _density(m: Any) -> float | None:
     """The density a sparse vector was made at: the latest step that sparsified it (a ``sparse``
-    fine-tuning run, or a masking step with a ``density`` parameter). None: no widening. (The
+    fine-tuning run — the density of its mask, a ``--mask`` file's included —, a masking step with a
+    ``density`` parameter, or ``mask apply`` with the mask file's ``mask_density``). None: no widening. (The
     manifest's stored ``density`` is not used: a full fine-tuning vector is mostly zeros too,
     because the frozen text tower is part of it.)"""
     for step in reversed(m.provenance or []):
         params = step.get("params") or {}
-        d = params.get("density")
+        d = params.get("density", params.get("mask_density"))
         if step.get("op") == "finetune":
             return (
                 float(d) if params.get("mode") == "sparse" and isinstance(d, int | float) else None

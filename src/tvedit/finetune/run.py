@@ -296,6 +296,8 @@ def finetune(
 
     state = adapter.state_dict(net)
     params = {**cfg.params(), "emit": emit, "model": model, "pretrained": pretrained, **flin}
+    if masks is not None:  # the density actually trained (a --mask file's own, not --density): alpha widening reads it
+        params["density"] = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     inputs = [theta0.record(), {"path": str(the_task.data.root), "sha256": the_task.data_sha256, "kind": "data"}]
     if mask_sha is not None:
         inputs.append({"path": str(mask or sibling(output, "mask.safetensors")), "sha256": mask_sha, "kind": "mask"})
