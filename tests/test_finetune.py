@@ -254,6 +254,64 @@ def test_masked_adamw_matches_torch_and_freezes_masked_entries():
     assert torch.equal(pm[~mask], start[~mask]) and not torch.equal(pm[mask], start[mask])
     assert opt_m.exp_avg["p"].numel() == int(mask.sum())  # state only for kept entries
     assert lr_at(0, 1.0, 4, 10) == 0.25 and lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(10, 1.0, 4, 10) == pytest.approx(0.0)
+    # the constant-lr control: the same warm-up, then the base rate to the end
+    assert [lr_at(s, 1.0, 4, 10, "constant") for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+    with pytest.raises(UsageError, match="schedule"):
+        FinetuneConfig(schedule="linear").validate()
+
+
+@pytest.mark.parametrize("scope", ["full", "kept"])
+def test_sparse_clips_by_the_chosen_gradient_norm(scope):
+    """clip_scope full (the authors' code): the clip coefficient comes from the norm of the full
+    gradient of every mask tensor, pruned entries and tensors with no kept entry included; kept:
+    from the masked gradient. Either way only kept entries get a gradient."""
+    from tests.tiny_clip import TINY_CONFIG
+    from tvedit.finetune.loop import Dist, train_step
+    from tvedit.finetune.regimes import make_regime
+    from tvedit.models.open_clip import OpenClipAdapter
+
+    adapter = OpenClipAdapter("tiny", TINY_CONFIG)
+    torch.manual_seed(0)
+    state = adapter.state_dict(adapter.build())
+    g = torch.Generator().manual_seed(0)
+    keys = adapter.maskable_keys()
+    masks = {k: torch.rand(dict(adapter.param_shapes())[k], generator=g) < 0.3 for k in keys}
+    for k in keys[:3]:
+        masks[k][...] = False  # tensors without a kept entry
+    head = torch.randn(3, TINY_CONFIG["embed_dim"]) * 10
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    cfg = FinetuneConfig(grad_clip=1e-3, clip_scope=scope).validate()
+
+    ref_model = adapter.build(state)
+    named = dict(ref_model.named_parameters())
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    for k in keys:
+        named[k].requires_grad_(True)
+    (adapter.loss(adapter.scores(ref_model, x, head), y) / 4).backward()
+    full = {k: named[k].grad for k in keys}
+    masked = {k: full[k] * masks[k] for k in keys}
+    norm = torch.sqrt(sum((v.double() ** 2).sum() for v in (full if scope == "full" else masked).values()))
+    coef = min(1.0, cfg.grad_clip / (float(norm) + 1e-6))
+    assert coef < 0.1  # clipping is active
+
+    model = adapter.build(state)
+    regime = make_regime("sparse", adapter, model, masks=masks, clip_scope=scope)
+    assert not set(keys[:3]) & set(regime.params)
+    seen = {}
+
+    class Capture:
+        def step(self, lr):
+            seen.update({k: p.grad.clone() for k, p in regime.params.items()})
+
+        def zero_grad(self):
+            pass
+
+    train_step(regime, Capture(), head, x, y, 1.0, cfg, local_batch=4, micro=4, dist=Dist())  # type: ignore[arg-type]
+    for k, grad in seen.items():
+        torch.testing.assert_close(grad, masked[k] * coef, rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in regime.clip_extra.values())
+    assert bool(regime.clip_extra) == (scope == "full")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def finetune(
     head = zero_shot_head(theta0, net, the_task)
     if cfg.grad_checkpointing:
         adapter.set_grad_checkpointing(net, True)
-    regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks)
+    regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks, clip_scope=cfg.clip_scope)
     flin = {"flin": adapter.flin} if cfg.mode == "linearized" else {}  # which f_lin trained it (evaluation checks)
     fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world, **flin,
                    **{k: v for k, v in cfg.params().items() if k not in ("stop_after", "checkpoint_every", "num_workers", "log_every", "device")}}  # fmt: skip
