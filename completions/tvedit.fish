@@ -91,6 +91,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l linearize -d 'Ev
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l max-examples -r -d 'Cap each split at N examples (seeded subset)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l batch-size -r -d 'Evaluation batch size'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l device -r -d 'auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N'
+complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l bf16 -l no-bf16 -d 'On CUDA, run the forward passes under bf16 autocast (default; the jvps of f_lin stay float32)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l min-accuracy -r -d 'NAME=FRACTION: fail (exit 7) when a tasks accuracy is lower'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l gate -r -d 'YAML mapping NAME: FRACTION of --min-accuracy thresholds'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l mask-plot -r -d 'Plot where a masks kept entries sit, layer by layer (to -o); no evaluation'

@@ -250,6 +250,9 @@ def test_cli_evaluate_json_lines_report_and_gate(
     assert [(r["task"], r["alpha"]) for r in rows] == [("a", 0.0), ("a", 1.0)]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["results"] == rows
+    assert report["bf16"] is False  # the CPU never autocasts
+    off = cli(*args, "--no-bf16", "--report", str(tmp_path / "r2.json"), "--device", "cpu", check=True)
+    assert [json.loads(line) for line in off.stdout.splitlines()] == rows  # float32 either way on the CPU
     gate = tmp_path / "gate.yaml"
     gate.write_text("a: 1.0\n")
     assert min(r["accuracy"] for r in rows) < 1.0  # a random tiny model is not perfect
@@ -376,3 +379,13 @@ def test_unknown_task_names_fall_back_with_one_warning(capsys: pytest.CaptureFix
     assert resolve_templates("zzz-unknown-task") == ["a photo of a {}."]
     err = capsys.readouterr().err
     assert err.count("warning: task 'zzz-unknown-task' has no built-in prompt templates") == 1
+
+
+def test_bf16_autocast_is_a_switch(tiny: dict[str, Path]) -> None:
+    """open_session(bf16=...) reaches the Evaluator: autocast only when asked for and on CUDA."""
+    from tvedit.evaluate import open_session
+
+    on = open_session([tiny["tau_a"]], {"a": tiny["a"]}, tiny["base"], device="cpu")
+    off = open_session([tiny["tau_a"]], {"a": tiny["a"]}, tiny["base"], device="cpu", bf16=False)
+    assert on.ev.bf16 is True and off.ev.bf16 is False
+    assert on.ev.autocast is False and off.ev.autocast is False  # CPU: float32 whatever the switch

@@ -189,6 +189,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(
             "auto", "--device", help="auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N."
         ),
+        bf16: bool = typer.Option(
+            True,
+            "--bf16/--no-bf16",
+            help="On CUDA, run the forward passes under bf16 autocast (default; the jvps of f_lin stay float32). --no-bf16: float32 throughout.",
+        ),
         min_accuracy: list[str] = typer.Option(
             [],
             "--min-accuracy",
@@ -270,11 +275,12 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             force=force,
             device=device,
+            bf16=bf16,
         )
         as_json = json_mode(as_json)
         if protocol == "none":
             rows = studies.plain(session, alpha or [1.0])
-            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "results": rows}
+            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "bf16": session.ev.autocast, "results": rows}
             if as_json:
                 _lines(rows)
             else:
@@ -300,7 +306,7 @@ def register(app: typer.Typer) -> None:
                 "range": [lo, hi],
                 "xi_mean": sum(map(sum, xi)) / grid_size**2,
                 "xi_max": max(map(max, xi)),
-                "linear": session.linear,
+                "linear": session.linear, "bf16": session.ev.autocast,
             }
             if output is not None:
                 from tvedit.evaluate.plots import heatmap

@@ -41,13 +41,15 @@ def open_session(
     batch_size: int = 512,
     force: bool = False,
     device: str = "auto",
+    bf16: bool = True,
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
     ``inputs``: one checkpoint (evaluated as it is, when no ``base`` is given), or task vectors /
     fine-tuned checkpoints evaluated as edits of theta0 (``base``, else the base recorded in the
     vectors). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
-    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization).
+    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization). ``bf16``: bf16
+    autocast for the forward passes on CUDA (False: float32 throughout; no effect on the CPU).
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
@@ -92,7 +94,7 @@ def open_session(
         load_task(adapter, name, Path(src), records.get(name), max_examples)
         for name, src in tasks.items()
     ]
-    evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device)
+    evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device, bf16=bf16)
     return Session(evaluator, task_data, vectors, linear=linear)
 
 

@@ -136,6 +136,7 @@ class Evaluator:
         self.model: nn.Module = adapter.build(theta0).to(self.device)
         self.model.eval()
         self.batch_size = batch_size
+        self.bf16 = bf16  # asked for; ``autocast``: in effect (CUDA only)
         self.autocast = bf16 and self.device.type == "cuda"
         self.params: dict[str, Tensor] = {k: p.detach() for k, p in self.model.named_parameters()}
         self.buffers: dict[str, Tensor] = {k: b for k, b in self.model.named_buffers()}
