@@ -240,3 +240,14 @@ def test_flin_is_the_linearized_encoder_normalised_afterwards(tiny):
     # not the old definition (linearizing the normalised scores): the two differ away from theta0
     old = linearized_reference(model, theta0, {k: theta0[k] + delta[k] for k in names}, lambda m: adapter.scores(m, x, head))
     assert float((old.detach() - out.detach()).abs().max()) > 1e-3
+
+
+def test_attn_on_a_tower_without_attention_is_an_error():
+    """--mode attn on a ModifiedResNet image tower (no visual.transformer) is a one-line
+    MismatchError (exit 4), not a run that trains nothing."""
+    resnet = {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}}
+    adapter = OpenClipAdapter("tiny-rn", resnet)
+    assert adapter.trainable_keys("full")  # the tower itself is fine
+    with pytest.raises(MismatchError, match="--mode attn.*tiny-rn.*has none") as exc:
+        adapter.trainable_keys("attn")
+    assert exc.value.exit_code == 4 and "\n" not in str(exc.value)

@@ -83,6 +83,23 @@ def test_results_table_prints_the_json_numbers() -> None:
     assert "zero-shot θ0: 50.0" in table
 
 
+def test_study_xi_defaults_are_evaluates(tmp_path: Path) -> None:
+    """A plan without grid_size/points runs ξ on tvedit evaluate's own defaults (20 x 20, 2,048)."""
+    import click
+    import typer.main
+
+    from tvedit.cli.app import app
+    from tvedit.study import Study, load_plan
+
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", disentanglement={"tasks": ["a", "b"]}))
+    args = Study(plan, tmp_path / "out").xi_step("full", 1e-4, 0).args
+    command = typer.main.get_command(app)
+    ev = command.get_command(click.Context(command), "evaluate")
+    defaults = {p.name: p.default for p in ev.params}
+    assert (defaults["grid_size"], defaults["points"]) == (20, 2048)
+    assert args[args.index("--grid-size") + 1] == "20" and args[args.index("--points") + 1] == "2048"
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole study on a tiny model (a few steps per run)
 # ------------------------------------------------------------------------------------------------

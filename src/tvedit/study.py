@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tvedit.errors import DataError, TveditError, UsageError
+from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
 REGIMES = ("full", "attn", "linearized", "sparse")
 SELECT_BY = ("merged", "single")
@@ -317,8 +318,8 @@ class Study:
         lo, hi = dis.get("range", [-3, 3])
         vectors = [str(self.vector(regime, lr, seed, t)) for t in pair]
         args = ["evaluate", *vectors, *self._task_args(pair), "--protocol", "disentanglement",
-                "--grid-range", f"{lo}:{hi}", "--grid-size", str(dis.get("grid_size", 9)),
-                "--points", str(dis.get("points", 256)), *self._eval_common(), "--report", str(out),
+                "--grid-range", f"{lo}:{hi}", "--grid-size", str(dis.get("grid_size", XI_GRID_SIZE)),
+                "--points", str(dis.get("points", XI_POINTS)), *self._eval_common(), "--report", str(out),
                 "-o", str(out.with_suffix(".png"))]  # fmt: skip
         return Step(args, out, f"xi/{regime}/lr{_fmt(lr)}/seed{seed}")
 
@@ -555,7 +556,7 @@ def results_table(result: dict[str, Any]) -> str:
     xi_rows = [(n, r) for n, r in rows.items() if "disentanglement" in r]
     if xi_rows:
         d = result["plan"]["disentanglement"]
-        lines += ["", f"Weight disentanglement ξ ({' + '.join(d['tasks'])}, first seed, grid {d.get('grid_size', 9)}² over {d.get('range', [-3, 3])}; lower is better):", "",
+        lines += ["", f"Weight disentanglement ξ ({' + '.join(d['tasks'])}, first seed, grid {d.get('grid_size', XI_GRID_SIZE)}² over {d.get('range', [-3, 3])}; lower is better):", "",
                   "| regime | mean ξ | max ξ |", "|---|---|---|"]  # fmt: skip
         for name, r in xi_rows:
             x = r["disentanglement"]

@@ -11,6 +11,7 @@ import typer
 
 from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode
 from tvedit.errors import OutputError, UsageError
+from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
 PROTOCOLS = ("none", "addition", "negation", "disentanglement")
 
@@ -175,8 +176,8 @@ def register(app: typer.Typer) -> None:
         grid_range: str = typer.Option(
             "-3:3", "--grid-range", help="Disentanglement: LO:HI of both axes."
         ),
-        grid_size: int = typer.Option(20, "--grid-size", help="Disentanglement: points per axis."),
-        points: int = typer.Option(2048, "--points", help="Disentanglement: test points per task."),
+        grid_size: int = typer.Option(XI_GRID_SIZE, "--grid-size", help="Disentanglement: points per axis."),
+        points: int = typer.Option(XI_POINTS, "--points", help="Disentanglement: test points per task."),
         linearize: bool = typer.Option(
             False,
             "--linearize",

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike[str]
 
+# Weight disentanglement (ALGORITHMS.md section 5): a 20 x 20 grid, 2,048 test points per task —
+# the defaults of ``tvedit evaluate`` and of a study plan alike.
+XI_GRID_SIZE = 20
+XI_POINTS = 2048
+
 
 def open_session(
     inputs: Sequence[PathLike],

@@ -110,7 +110,10 @@ class OpenClipAdapter(ModelAdapter):
         if mode in ("full", "linearized"):
             return [k for k in names if k.startswith("visual.")]
         if mode == "attn":
-            return [k for k in names if _ATTN.match(k) or (attn_bias and _ATTN_BIAS.match(k))]
+            keys = [k for k in names if _ATTN.match(k) or (attn_bias and _ATTN_BIAS.match(k))]
+            if not keys:
+                raise MismatchError(f"--mode attn trains the attention projections of a ViT image tower (visual.transformer.resblocks.*.attn); {self.architecture}'s tower has none")
+            return keys
         if mode == "sparse":
             return self.maskable_keys()
         raise UsageError(f"unknown fine-tuning mode {mode!r}")
