@@ -83,6 +83,35 @@ def test_results_table_prints_the_json_numbers() -> None:
     assert "zero-shot θ0: 50.0" in table
 
 
+@pytest.mark.parametrize("select", ["merged", "single", "negation", "both"])
+def test_lr_selection_rules(tmp_path: Path, select: str) -> None:
+    """select: merged | single | negation (1 - mean target val accuracy after negation, the TaLoS
+    way) | both (the mean of the merged and negation scores), from the first seed's reports."""
+    from tvedit.study import Study, load_plan
+
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", select=select, negation={"control": "b"}))
+    study = Study(plan, tmp_path / "out")
+    # lr 1e-4: better merged, worse negation; lr 1e-3: the opposite
+    numbers = {1e-4: {"merged": 0.8, "single": [0.5, 0.7], "target": [0.6, 0.4]}, 1e-3: {"merged": 0.6, "single": [0.9, 0.9], "target": [0.1, 0.1]}}
+    for lr, n in numbers.items():
+        add = study.report("full", lr, 0, "addition")
+        add.parent.mkdir(parents=True, exist_ok=True)
+        add.write_text(json.dumps({"val": {"merged_mean": n["merged"], "single": dict(zip("ab", n["single"], strict=True))}}))
+        study.report("full", lr, 0, "negation").write_text(json.dumps({"targets": [{"target_val": t} for t in n["target"]]}))
+    expected = {
+        "merged": {1e-4: 0.8, 1e-3: 0.6},
+        "single": {1e-4: 0.6, 1e-3: 0.9},
+        "negation": {1e-4: 0.5, 1e-3: 0.9},
+        "both": {1e-4: (0.8 + 0.5) / 2, 1e-3: (0.6 + 0.9) / 2},
+    }[select]
+    choice = study.select_lr("full")
+    assert choice["scores"] == pytest.approx({f"{k:g}": v for k, v in expected.items()})
+    assert choice["lr"] == max(expected, key=lambda lr: expected[lr]) and choice["select"] == select
+    if select in ("negation", "both"):
+        with pytest.raises(UsageError, match="needs a negation section"):
+            load_plan(_write_plan(tmp_path / "bad.yaml", select=select))
+
+
 def test_study_xi_defaults_are_evaluates(tmp_path: Path) -> None:
     """A plan without grid_size/points runs ξ on tvedit evaluate's own defaults (20 x 20, 2,048)."""
     import click

@@ -36,7 +36,10 @@ from tvedit.errors import DataError, TveditError, UsageError
 from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
 REGIMES = ("full", "attn", "linearized", "sparse")
-SELECT_BY = ("merged", "single")
+# how each regime's lr is chosen on the first seed's validation splits: the merged model's mean
+# accuracy, the single tasks', negation (1 - the targets' mean accuracy after negation at their
+# chosen alpha: TaLoS selects by negation), or both (the mean of the merged and negation scores)
+SELECT_BY = ("merged", "single", "negation", "both")
 
 
 class StudyError(TveditError):
@@ -58,7 +61,9 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: [0])
     finetune: dict[str, Any] = field(default_factory=dict)  # options shared by every regime
     regimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # regime -> options (lr: a list = grid)
-    select: str = "merged"  # lr chosen by mean validation accuracy of the merged model, or of single tasks
+    select: str = "merged"  # lr chosen by validation: merged | single | negation | both (SELECT_BY)
+    label: str = ""  # a name for the plan's recipe, printed above its tables (e.g. "TaLoS recipe")
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # scale-sweep axes (tvedit.study.Sweep, docs/study.md)
     negation: dict[str, Any] = field(default_factory=dict)  # targets, control, threshold
     disentanglement: dict[str, Any] = field(default_factory=dict)  # tasks (2), grid_size, range, points
     merges: dict[str, Any] = field(default_factory=dict)  # vectors (a regime), methods {name: options}, grid
@@ -141,6 +146,8 @@ def check_plan(plan: Plan, path: Path | str = "plan") -> Plan:
         raise UsageError(f"{path}: seeds: a list of integers >= 0")
     if plan.select not in SELECT_BY:
         raise UsageError(f"{path}: select: one of {', '.join(SELECT_BY)}, not {plan.select!r}")
+    if plan.select in ("negation", "both") and not plan.negation:
+        raise UsageError(f"{path}: select: {plan.select} chooses the lr by task negation, which needs a negation section")
     if not isinstance(plan.jobs, int) or plan.jobs < 1:
         raise UsageError(f"{path}: jobs: an integer >= 1")
     neg = plan.negation
@@ -340,16 +347,24 @@ class Study:
 
     # -- the study ------------------------------------------------------------------------------
     def select_lr(self, regime: str) -> dict[str, Any]:
-        """The lr whose first-seed vectors give the best mean validation accuracy (merged model or
-        single tasks, ``plan.select``); ties: the smaller lr."""
+        """The lr whose first-seed vectors score best on validation (``plan.select``: the merged
+        model's mean accuracy, the single tasks', 1 - the negated targets' mean accuracy, or the
+        mean of the merged and negation scores); ties: the smaller lr."""
         seed = self.plan.seeds[0]
+        select = self.plan.select
         scores = {}
         for lr in self.plan.lrs(regime):
-            rep = read_json(self.report(regime, lr, seed, "addition"))
-            val = rep["val"]
-            scores[lr] = val["merged_mean"] if self.plan.select == "merged" else _mean(list(val["single"].values()))
+            val = read_json(self.report(regime, lr, seed, "addition"))["val"]
+            add = val["merged_mean"] if select in ("merged", "both") else _mean(list(val["single"].values()))
+            if select in ("negation", "both"):
+                neg = 1.0 - _mean([r["target_val"] for r in read_json(self.report(regime, lr, seed, "negation"))["targets"]])
+                scores[lr] = neg if select == "negation" else (add + neg) / 2
+            else:
+                scores[lr] = add
         best = max(sorted(scores), key=lambda lr: scores[lr])
-        return {"lr": best, "by": f"mean validation accuracy ({self.plan.select})", "scores": {_fmt(k): v for k, v in scores.items()}}
+        by = {"merged": "mean validation accuracy (merged)", "single": "mean validation accuracy (single)",
+              "negation": "negation: 1 - mean target validation accuracy", "both": "mean of merged validation accuracy and the negation score"}[select]  # fmt: skip
+        return {"lr": best, "by": by, "select": select, "scores": {_fmt(k): v for k, v in scores.items()}}
 
     def run(self) -> dict[str, Any]:
         plan = self.plan
@@ -359,7 +374,10 @@ class Study:
         tasks = list(plan.tasks)
         # 1. first seed at every learning rate of every regime; addition picks each regime's lr
         self.run_steps([self.finetune_step(r, lr, first, t) for r in plan.regimes for lr in plan.lrs(r) for t in tasks], "fine-tune (first seed, lr grid)")
-        self.run_steps([self.addition_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)], "task addition (first seed)")
+        first_evals = [self.addition_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)]
+        if plan.select in ("negation", "both"):  # the lr is chosen by negation too: every lr's first seed
+            first_evals += [self.negation_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)]
+        self.run_steps(first_evals, "task addition (first seed)")
         chosen = {r: self.select_lr(r) for r in plan.regimes}
         lr_of = {r: c["lr"] for r, c in chosen.items()}
         # 2. the other seeds at the chosen learning rates
@@ -525,7 +543,10 @@ def results_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     zero = result["zero_shot"] * 100
     seeds = len(result["plan"]["seeds"])
+    recipe = result["plan"].get("label") or ""
+    select = result["plan"].get("select", "merged")
     lines = [
+        *([f"**{recipe}** (lr chosen on validation by: {select})", ""] if recipe else [f"lr chosen on validation by: {select}", ""]),
         f"Task addition over {len(result['plan']['tasks'])} tasks, test accuracy in % (mean ± sd over {seeds} seed{'s' * (seeds > 1)}); zero-shot θ0: {zero:.1f}.",
         "",
         "Zero-shot θ0 per task: " + ", ".join(f"{t} {a * 100:.1f}" for t, a in result.get("zero_shot_per_task", {}).items()) + ".",
