@@ -218,6 +218,68 @@ def test_study_end_to_end_numbers_come_from_reports(tiny_study: dict[str, Path],
     assert json.loads((out / "study.json").read_text())["rows"] == result["rows"]
 
 
+@pytest.mark.slow
+def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path]) -> None:
+    """A tiny sweep (2 points of steps, 1 seed, constant lr along the axis), in-process: every
+    number in sweep.json is the one in its point's study.json; a second run reuses every point."""
+    from tvedit.study import Sweep, load_plan
+    from tvedit.tensorio import open_checkpoint
+
+    plan = yaml.safe_load(tiny_study["plan"].read_text())
+    plan.update(seeds=[0], regimes={"full": {"lr": 1e-3}, "sparse": {"lr": 1e-2, "density": 0.5, "calib_batches": 2, "rounds": 2}},
+                negation={"targets": ["a"], "control": "c"}, merges={}, disentanglement={},
+                sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}}])  # fmt: skip
+    path = tiny_study["root"] / "sweep.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    out = tiny_study["root"] / "sweep-out"
+    result = Sweep(load_plan(path), out).run()
+    assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(result))
+    (axis,) = result["axes"]
+    assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
+    checked = 0
+    for point in axis["points"]:
+        study = json.loads((out / point["study"]).read_text())
+        assert point["zero_shot"] == study["zero_shot"]
+        for regime, cell in point["rows"].items():
+            row = study["rows"][regime]
+            assert cell["merged"] == row["addition"]["merged"] and cell["normalized"] == row["addition"]["normalized"]
+            assert cell["negation_target"] == row["negation"]["target"] and cell["lr"] == row["lr"]
+            checked += 3
+            vec = open_checkpoint(out / point["study"].replace("study.json", f"runs/{regime}/lr{row['lr']:g}/seed0/a.safetensors"))
+            params = vec.manifest.provenance[-1]["params"]
+            assert params["steps"] == point["value"] and params["schedule"] == "constant"
+    assert checked == 12
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
+    assert Sweep(load_plan(path), out).run() == result
+    assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
+
+
+def test_sweep_plan_checks(tmp_path: Path) -> None:
+    from tvedit.study import load_plan, point_plan, sweep_axes
+
+    good = [{"vary": "steps", "values": [200, 600]}, {"name": "density", "vary": "density", "values": [0.05, 0.1], "regimes": ["sparse"]},
+            {"name": "width", "vary": "theta0", "values": ["a.safetensors", {"theta0": "wide.safetensors", "model": None}], "set": {"steps": 1500}}]  # fmt: skip
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", regimes={"full": {"lr": 1e-4}, "sparse": {"lr": 1e-3, "density": 0.2}}, sweep=good))
+    steps, density, width = sweep_axes(plan)
+    assert point_plan(plan, steps, 600).regimes == {"full": {"lr": 1e-4, "steps": 600}, "sparse": {"lr": 1e-3, "density": 0.2, "steps": 600}}
+    assert point_plan(plan, density, 0.05).regimes == {"sparse": {"lr": 1e-3, "density": 0.05}}
+    wide = point_plan(plan, width, {"theta0": "wide.safetensors", "model": None})
+    assert wide.theta0 == "wide.safetensors" and wide.model is None and wide.regimes["full"]["steps"] == 1500
+    assert not wide.sweep and not wide.merges
+    bad = [
+        ([{"vary": "stepz", "values": [1]}], "vary"),
+        ([{"vary": "steps", "values": []}], "values"),
+        ([{"vary": "steps", "values": [1], "regimes": ["attn"]}], "not a regime"),
+        ([{"vary": "density", "values": [2.0]}], "--density"),
+        ([{"vary": "steps", "values": [1], "set": {"schedule": "linear"}}], "schedule"),
+        ([{"vary": "steps", "values": [1]}, {"vary": "steps", "values": [2]}], "unique"),
+    ]
+    for sweep, message in bad:
+        with pytest.raises(UsageError, match=message):
+            load_plan(_write_plan(tmp_path / "bad.yaml", regimes={"full": {"lr": 1e-4}}, sweep=sweep))
+
+
 def test_study_bad_plan_is_a_usage_error_before_any_run(tmp_path: Path, cli) -> None:
     p = _write_plan(tmp_path / "p.yaml", regimes={"full": {"lr": 1e-3}, "lora": {}})
     proc = cli("study", str(p), "-o", str(tmp_path / "out"))

@@ -114,7 +114,10 @@ def load_plan(path: Path, seeds: Sequence[int] | None = None, lrs: dict[str, flo
         if regime not in plan.regimes:
             raise UsageError(f"--lr {regime}={lr}: the plan has no regime {regime!r}")
         plan.regimes[regime] = {**plan.regimes[regime], "lr": float(lr)}
-    return check_plan(plan, path)
+    check_plan(plan, path)
+    if plan.sweep:
+        sweep_axes(plan, path)
+    return plan
 
 
 def check_plan(plan: Plan, path: Path | str = "plan") -> Plan:
@@ -432,6 +435,145 @@ class Study:
             "rows": rows,
             "seconds": {k: round(v, 1) for k, v in self.timings.items()},
         }
+
+
+# ------------------------------------------------------------------------------------------------
+# the scale sweep: the study repeated along one variable at a time
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Axis:
+    """One swept variable: ``vary`` is ``theta0`` or a fine-tuning option (steps, density, ...),
+    set to each of ``values`` in turn for ``regimes``, with the fine-tuning options ``set`` fixed
+    along the axis (e.g. ``schedule: constant`` for the constant-lr control)."""
+
+    name: str
+    vary: str
+    values: list[Any]
+    regimes: list[str]
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+def sweep_axes(plan: Plan, path: Path | str = "plan") -> list[Axis]:
+    """The plan's ``sweep`` entries, checked (every point's plan is checked too)."""
+    from tvedit.finetune.config import FinetuneConfig
+
+    if not isinstance(plan.sweep, list):
+        raise UsageError(f"{path}: sweep: a list of axes (name, vary, values[, regimes, set])")
+    options = set(FinetuneConfig.__dataclass_fields__) - {"mode"}
+    axes, names = [], set()
+    for i, entry in enumerate(plan.sweep):
+        where = f"{path}: sweep[{i}]"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: a mapping (name, vary, values[, regimes, set])")
+        unknown = sorted(set(entry) - {"name", "vary", "values", "regimes", "set"})
+        if unknown:
+            raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: name, vary, values, regimes, set)")
+        vary = entry.get("vary")
+        if vary != "theta0" and vary not in options:
+            raise UsageError(f"{where}.vary: theta0 or a fine-tuning option (steps, density, ...), not {vary!r}")
+        values = entry.get("values")
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"{where}.values: a non-empty list")
+        name = str(entry.get("name") or vary)
+        if name in names or not name.replace("-", "").replace("_", "").isalnum():
+            raise UsageError(f"{where}.name: {name!r} must be unique and made of letters, digits, - and _")
+        names.add(name)
+        regimes = entry.get("regimes") or list(plan.regimes)
+        bad = [r for r in regimes if r not in plan.regimes]
+        if bad:
+            raise UsageError(f"{where}.regimes: {bad[0]!r} is not a regime of the plan")
+        fixed = entry.get("set") or {}
+        if not isinstance(fixed, dict) or sorted(set(fixed) - options):
+            raise UsageError(f"{where}.set: a mapping of fine-tuning options")
+        axis = Axis(name, vary, list(values), list(regimes), dict(fixed))
+        if len({point_label(axis, v) for v in axis.values}) < len(axis.values):
+            raise UsageError(f"{where}.values: two values share a name")
+        for v in axis.values:
+            try:
+                check_plan(point_plan(plan, axis, v), f"{where} ({vary}={point_label(axis, v)})")
+            except UsageError as exc:
+                raise UsageError(str(exc)) from None
+        axes.append(axis)
+    return axes
+
+
+def point_label(axis: Axis, value: Any) -> str:
+    """A value's name (its directory): a number as written, a theta0 by its file stem."""
+    if axis.vary == "theta0":
+        path = value.get("theta0") if isinstance(value, dict) else value
+        return Path(str(path)).name.removesuffix(".safetensors")
+    return _fmt(value) if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def point_plan(plan: Plan, axis: Axis, value: Any) -> Plan:
+    """The study at one sweep point: the axis's regimes only, ``vary`` = ``value`` (theta0: a path,
+    or a mapping theta0/model), the axis's fixed options; no merges, no disentanglement (the sweep
+    reports addition and negation), no further sweep."""
+    import copy
+
+    data = copy.deepcopy(asdict(plan))
+    data.update(sweep=[], merges={}, disentanglement={})
+    data["regimes"] = {r: dict(data["regimes"][r], **axis.set) for r in axis.regimes}
+    if axis.vary == "theta0":
+        if isinstance(value, dict):
+            data["theta0"], data["model"] = str(value.get("theta0")), value.get("model")
+        else:
+            data["theta0"] = str(value)
+    else:
+        for options in data["regimes"].values():
+            options[axis.vary] = value
+    return Plan(**data)
+
+
+class Sweep:
+    """Every point of every axis is a study in ``OUT/sweep/AXIS/VALUE/`` (resumable: outputs that
+    exist are reused); ``sweep.json`` gathers the headline numbers and ``sweep.png`` draws them."""
+
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None):
+        self.plan = plan
+        self.out = Path(out)
+        self.say = progress or (lambda msg: None)
+        self.axes = sweep_axes(plan)
+
+    def point_dir(self, axis: Axis, value: Any) -> Path:
+        return self.out / "sweep" / axis.name / point_label(axis, value)
+
+    def run(self) -> dict[str, Any]:
+        for axis in self.axes:
+            for value in axis.values:
+                self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
+                Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say).run()
+        result = self.collect()
+        write_sweep_outputs(result, self.out)
+        return result
+
+    def collect(self) -> dict[str, Any]:
+        """Every number from the points' study.json files."""
+        axes = []
+        for axis in self.axes:
+            points = []
+            for value in axis.values:
+                study = read_json(self.point_dir(axis, value) / "study.json")
+                rows = {}
+                for regime in axis.regimes:
+                    row = study["rows"][regime]
+                    rows[regime] = {"lr": row["lr"], "seeds": len(row["seeds"]), "merged": row["addition"]["merged"],
+                                    "normalized": row["addition"]["normalized"],
+                                    **({"negation_target": row["negation"]["target"]} if "negation" in row else {})}  # fmt: skip
+                points.append({"value": value, "label": point_label(axis, value), "zero_shot": study["zero_shot"],
+                               "study": str(self.point_dir(axis, value).relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
+            axes.append({**asdict(axis), "points": points})
+        return {"plan": asdict(self.plan), "axes": axes}
+
+
+def write_sweep_outputs(result: dict[str, Any], out: Path) -> None:
+    (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    try:
+        from tvedit.evaluate.plots import sweep_figure
+
+        sweep_figure(result, out / "sweep.png")
+    except (ImportError, UsageError):  # pragma: no cover - matplotlib is the [plot] extra
+        pass
 
 
 def _in_process(args: Sequence[str], log: Any) -> int:
