@@ -127,6 +127,9 @@ def test_study_xi_defaults_are_evaluates(tmp_path: Path) -> None:
     defaults = {p.name: p.default for p in ev.params}
     assert (defaults["grid_size"], defaults["points"]) == (20, 2048)
     assert args[args.index("--grid-size") + 1] == "20" and args[args.index("--points") + 1] == "2048"
+    assert "--no-bf16" not in args
+    plan.evaluate["bf16"] = False  # the evaluate switch, from the plan
+    assert "--no-bf16" in Study(plan, tmp_path / "out").xi_step("full", 1e-4, 0).args
 
 
 # ------------------------------------------------------------------------------------------------

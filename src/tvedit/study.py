@@ -67,7 +67,7 @@ class Plan:
     negation: dict[str, Any] = field(default_factory=dict)  # targets, control, threshold
     disentanglement: dict[str, Any] = field(default_factory=dict)  # tasks (2), grid_size, range, points
     merges: dict[str, Any] = field(default_factory=dict)  # vectors (a regime), methods {name: options}, grid
-    evaluate: dict[str, Any] = field(default_factory=dict)  # grid, widen, max_examples, batch_size
+    evaluate: dict[str, Any] = field(default_factory=dict)  # grid, widen, max_examples, batch_size, bf16
     jobs: int = 2
     device: str = "cpu"
 
@@ -275,6 +275,8 @@ class Study:
             args += ["--max-examples", str(int(ev["max_examples"]))]
         if ev.get("batch_size"):
             args += ["--batch-size", str(int(ev["batch_size"]))]
+        if ev.get("bf16") is False:  # bf16 autocast on CUDA is evaluate's default
+            args.append("--no-bf16")
         return args
 
     def init_step(self) -> Step:
