@@ -137,7 +137,8 @@ def test_alpha_zero_is_theta0_and_edit_matches_materialised_model(tiny: dict[str
 
 
 def test_affine_flin_sweep_equals_per_alpha_jvp(tiny: dict[str, Path]) -> None:
-    """f0 + alpha J tau (computed once) == the shared f_lin helper evaluated afresh at each alpha."""
+    """normalise(g0 + alpha J tau) @ head (features computed once) == the shared f_lin helper
+    applied to the encoder afresh at each alpha, normalised afterwards (the training definition)."""
     from tvedit.models.base import linearized
 
     s = _session(tiny, linearize=True)
@@ -152,8 +153,33 @@ def test_affine_flin_sweep_equals_per_alpha_jvp(tiny: dict[str, Path]) -> None:
     for alpha in (-1.5, 0.0, 0.4, 2.0):
         theta = {k: theta0[k] + alpha * tau[k] for k in keys}
         with torch.no_grad():
-            naive = linearized(ev.model, theta0, theta, lambda m: ev.adapter.scores(m, x, head))
+            feats = linearized(ev.model, theta0, theta, lambda m: m.encode_image(x))
+            naive = (feats / feats.norm(dim=-1, keepdim=True)) @ head.T
         torch.testing.assert_close(terms.logits([alpha]), naive, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(terms.features([alpha]), feats, rtol=1e-4, atol=1e-4)
+
+
+def test_vectors_linearized_under_another_flin_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A linearized vector whose fine-tuning recorded no ``flin`` (the old definition, linearizing
+    the normalised scores) is refused (exit 4, one line); --force evaluates it with a warning;
+    one recording this tvedit's definition is accepted."""
+    from tvedit.errors import MismatchError
+    from tvedit.evaluate import open_session
+    from tvedit.tensorio import load_tensors
+
+    paths = {}
+    for tag, extra in (("old", {}), ("new", {"flin": "features"})):
+        for t in ("a", "b"):
+            state, m = load_tensors(tiny[f"tau_{t}"])
+            m = Manifest.from_dict({**m.to_dict(), "regime": "linearized"}).with_step("finetune", {"mode": "linearized", **extra}, [])
+            paths[tag, t] = tmp_path / f"{tag}_{t}.safetensors"
+            save_tensors(paths[tag, t], state, m)
+    tasks = {t: tiny[t] for t in ("a", "b")}
+    with pytest.raises(MismatchError, match="old_a.safetensors.*linearizing the scores.*features") as exc:
+        open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"])
+    assert "\n" not in str(exc.value) and exc.value.exit_code == 4
+    assert open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"], force=True).linear
+    assert open_session([paths["new", "a"], paths["new", "b"]], tasks, tiny["base"]).linear
 
 
 def test_flin_first_order_agrees_with_nonlinear_for_small_alpha(tiny: dict[str, Path]) -> None:
@@ -224,6 +250,9 @@ def test_cli_evaluate_json_lines_report_and_gate(
     assert [(r["task"], r["alpha"]) for r in rows] == [("a", 0.0), ("a", 1.0)]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["results"] == rows
+    assert report["bf16"] is False  # the CPU never autocasts
+    off = cli(*args, "--no-bf16", "--report", str(tmp_path / "r2.json"), "--device", "cpu", check=True)
+    assert [json.loads(line) for line in off.stdout.splitlines()] == rows  # float32 either way on the CPU
     gate = tmp_path / "gate.yaml"
     gate.write_text("a: 1.0\n")
     assert min(r["accuracy"] for r in rows) < 1.0  # a random tiny model is not perfect
@@ -310,3 +339,53 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_validation_split_is_the_one_the_vector_held_out(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The val split is rebuilt from the vector's manifest (fraction, seed, cap) and checked against
+    its heldout_sha256: never the defaults when the vector was trained with another split."""
+    import hashlib
+
+    from tvedit.data import load_image_data, split_indices
+    from tvedit.errors import DataError
+    from tvedit.evaluate.data import load_task
+    from tvedit.evaluate.runner import open_base
+
+    adapter, _, _ = open_base(tiny["base"])
+    n = len(load_image_data(tiny["a"] / "train"))
+    _, held = split_indices(n, 0.4, 7, 5000)
+    assert held != split_indices(n)[1]
+    rec = {"name": "a", "classes": CLASSES["a"], "templates": ["a photo of a {}."],
+           "split": {"seed": 7, "heldout_fraction": 0.4, "heldout_max": 5000,
+                     "heldout_sha256": hashlib.sha256(json.dumps(held).encode()).hexdigest()}}  # fmt: skip
+    task = load_task(adapter, "a", tiny["a"], rec)
+    data = load_image_data(tiny["a"] / "train")
+    assert task.split("val")[1].tolist() == [data.labels[i] for i in held]
+    assert len(task.split("val")[1]) == len(held) != len(split_indices(n)[1])
+    bad = {**rec, "split": {**rec["split"], "heldout_sha256": "0" * 64}}
+    with pytest.raises(DataError, match="heldout_sha256") as exc:
+        load_task(adapter, "a", tiny["a"], bad)
+    assert exc.value.exit_code == 8 and "\n" not in str(exc.value)
+
+
+def test_unknown_task_names_fall_back_with_one_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from tvedit.data import resolve_templates
+
+    imagenet = resolve_templates("ImageNet")
+    assert len(imagenet) == 80 and len(set(imagenet)) == 80 and all("{}" in t for t in imagenet)
+    assert "a bad photo of a {}." in imagenet and "a tattoo of the {}." in imagenet
+    assert capsys.readouterr().err == ""
+    assert resolve_templates("zzz-unknown-task") == ["a photo of a {}."]
+    assert resolve_templates("zzz-unknown-task") == ["a photo of a {}."]
+    err = capsys.readouterr().err
+    assert err.count("warning: task 'zzz-unknown-task' has no built-in prompt templates") == 1
+
+
+def test_bf16_autocast_is_a_switch(tiny: dict[str, Path]) -> None:
+    """open_session(bf16=...) reaches the Evaluator: autocast only when asked for and on CUDA."""
+    from tvedit.evaluate import open_session
+
+    on = open_session([tiny["tau_a"]], {"a": tiny["a"]}, tiny["base"], device="cpu")
+    off = open_session([tiny["tau_a"]], {"a": tiny["a"]}, tiny["base"], device="cpu", bf16=False)
+    assert on.ev.bf16 is True and off.ev.bf16 is False
+    assert on.ev.autocast is False and off.ev.autocast is False  # CPU: float32 whatever the switch

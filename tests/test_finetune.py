@@ -74,6 +74,7 @@ def test_linearized_mode_is_marked_and_emits_a_vector(env):
     arts = _ft(env, "lin.tv.safetensors", mode="linearized", steps=2, emit="vector")
     tau, manifest = load_tensors(arts[0].path)
     assert manifest.kind == "task-vector" and manifest.regime == "linearized"
+    assert manifest.provenance[-1]["params"]["flin"] == "features"  # the encoder, normalised afterwards
     assert any(tau[k].abs().sum() > 0 for k in tau if k.startswith("visual."))
     assert all(tau[k].abs().sum() == 0 for k in tau if not k.startswith("visual."))
 
@@ -254,6 +255,64 @@ def test_masked_adamw_matches_torch_and_freezes_masked_entries():
     assert torch.equal(pm[~mask], start[~mask]) and not torch.equal(pm[mask], start[mask])
     assert opt_m.exp_avg["p"].numel() == int(mask.sum())  # state only for kept entries
     assert lr_at(0, 1.0, 4, 10) == 0.25 and lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(10, 1.0, 4, 10) == pytest.approx(0.0)
+    # the constant-lr control: the same warm-up, then the base rate to the end
+    assert [lr_at(s, 1.0, 4, 10, "constant") for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+    with pytest.raises(UsageError, match="schedule"):
+        FinetuneConfig(schedule="linear").validate()
+
+
+@pytest.mark.parametrize("scope", ["full", "kept"])
+def test_sparse_clips_by_the_chosen_gradient_norm(scope):
+    """clip_scope full (the authors' code): the clip coefficient comes from the norm of the full
+    gradient of every mask tensor, pruned entries and tensors with no kept entry included; kept:
+    from the masked gradient. Either way only kept entries get a gradient."""
+    from tests.tiny_clip import TINY_CONFIG
+    from tvedit.finetune.loop import Dist, train_step
+    from tvedit.finetune.regimes import make_regime
+    from tvedit.models.open_clip import OpenClipAdapter
+
+    adapter = OpenClipAdapter("tiny", TINY_CONFIG)
+    torch.manual_seed(0)
+    state = adapter.state_dict(adapter.build())
+    g = torch.Generator().manual_seed(0)
+    keys = adapter.maskable_keys()
+    masks = {k: torch.rand(dict(adapter.param_shapes())[k], generator=g) < 0.3 for k in keys}
+    for k in keys[:3]:
+        masks[k][...] = False  # tensors without a kept entry
+    head = torch.randn(3, TINY_CONFIG["embed_dim"]) * 10
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    cfg = FinetuneConfig(grad_clip=1e-3, clip_scope=scope).validate()
+
+    ref_model = adapter.build(state)
+    named = dict(ref_model.named_parameters())
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    for k in keys:
+        named[k].requires_grad_(True)
+    (adapter.loss(adapter.scores(ref_model, x, head), y) / 4).backward()
+    full = {k: named[k].grad for k in keys}
+    masked = {k: full[k] * masks[k] for k in keys}
+    norm = torch.sqrt(sum((v.double() ** 2).sum() for v in (full if scope == "full" else masked).values()))
+    coef = min(1.0, cfg.grad_clip / (float(norm) + 1e-6))
+    assert coef < 0.1  # clipping is active
+
+    model = adapter.build(state)
+    regime = make_regime("sparse", adapter, model, masks=masks, clip_scope=scope)
+    assert not set(keys[:3]) & set(regime.params)
+    seen = {}
+
+    class Capture:
+        def step(self, lr):
+            seen.update({k: p.grad.clone() for k, p in regime.params.items()})
+
+        def zero_grad(self):
+            pass
+
+    train_step(regime, Capture(), head, x, y, 1.0, cfg, local_batch=4, micro=4, dist=Dist())  # type: ignore[arg-type]
+    for k, grad in seen.items():
+        torch.testing.assert_close(grad, masked[k] * coef, rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in regime.clip_extra.values())
+    assert bool(regime.clip_extra) == (scope == "full")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,3 +416,25 @@ def test_lists_class_names_splits_and_templates(env, tmp_path):
     assert len(split_indices(100_000)[1]) == 5000
     assert len(resolve_templates("EuroSAT")) == 3 and len(resolve_templates("resisc45")) == 18 and len(resolve_templates("dtd")) == 8
     assert resolve_templates("something") == ["a photo of a {}."]
+
+
+def test_alpha_widening_reads_the_mask_files_density(env):
+    """A sparse run with --mask records the density of that mask (not --density), and a vector made
+    by ``mask apply`` records its mask's: evaluation widens the alpha grid by exactly that."""
+    from tvedit.evaluate.runner import _density
+    from tvedit.masking import mask as run_mask
+
+    cfg = FinetuneConfig(batch_size=8, density=0.05, rounds=2, calib_batches=2, calib_batch_size=4, seed=0)
+    m = run.calibrate(None, str(env["theta0"]), env["data"], env["root"] / "k05.mask.safetensors", cfg)[0]
+    mask_density = open_checkpoint(m.path).manifest.density
+    assert mask_density == pytest.approx(0.05, abs=1e-3)
+    arts = _ft(env, "k05.tv.safetensors", mode="sparse", mask=m.path, density=0.3, emit="vector")
+    assert _density(open_checkpoint(arts[0].path).manifest) == pytest.approx(mask_density, rel=1e-12)
+    full = _ft(env, "full-for-mask.tv.safetensors", mode="full", emit="vector")[0]
+    assert _density(open_checkpoint(full.path).manifest) is None
+    from tvedit.masking import KeyFilter
+
+    keys = KeyFilter(include=tuple(open_checkpoint(m.path).keys()), zero_unselected=True)
+    applied = run_mask("apply", [full.path], env["root"] / "applied.tv.safetensors", mask_file=m.path, keys_filter=keys)
+    out = applied.outputs[0].path
+    assert _density(open_checkpoint(out).manifest) == pytest.approx(mask_density, rel=1e-12)

@@ -158,7 +158,96 @@ def test_linearized_regime_trains_theta_and_keeps_theta0(tiny):
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3])
     torch.nn.functional.cross_entropy(regime.logits(x, head), y).backward()
     theta = {k: p.detach().clone().requires_grad_(True) for k, p in regime.params.items()}
-    torch.nn.functional.cross_entropy(linearized_reference(model, theta0, theta, lambda m: adapter.scores(m, x, head)), y).backward()
+    feats = linearized_reference(model, theta0, theta, lambda m: adapter.features(m, x, head))
+    torch.nn.functional.cross_entropy(adapter.head_logits(feats, head), y).backward()
     for k, p in regime.params.items():
         torch.testing.assert_close(p.grad, theta[k].grad, rtol=1e-9, atol=1e-12)
         assert torch.equal(regime.theta0[k], theta0[k])
+
+
+def test_scores_are_the_head_of_the_features(tiny):
+    """open_clip splits its forward: features = encode_image (not normalised), head_logits =
+    normalise then inner product; scores is their composition."""
+    adapter, model = tiny
+    head = torch.randn(3, TINY_CONFIG["embed_dim"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = adapter.features(model, x, head)
+        torch.testing.assert_close(feats, model.encode_image(x))
+        assert not torch.allclose(feats.norm(dim=-1), torch.ones(2))  # not normalised
+        ref = (feats / feats.norm(dim=-1, keepdim=True)) @ head.T
+        torch.testing.assert_close(adapter.scores(model, x, head), ref)
+        torch.testing.assert_close(adapter.head_logits(feats, head), ref)
+    assert adapter.flin == "features"
+
+
+def test_flin_is_the_linearized_encoder_normalised_afterwards(tiny):
+    """ALGORITHMS.md section 2 / the tangent-space paper's appendix: f_lin(x; theta) =
+    normalise(g(theta0) + J_g(theta0)(theta - theta0)) @ head.T with g the image encoder. The
+    training regime's logits and gradients against that formula written out here in float64 (the
+    encoder's jvp by torch.func, independently of tvedit's one-pass helper), and the jvp itself
+    against central finite differences with a tolerance from Richardson's estimate."""
+    from torch.func import jvp
+
+    from tvedit.finetune.regimes import make_regime
+
+    adapter, model = tiny
+    model = adapter.build(adapter.state_dict(model)).double().train()
+    regime = make_regime("linearized", adapter, model)
+    names = sorted(regime.theta0)
+    theta0 = {k: v.clone() for k, v in regime.theta0.items()}
+    g = torch.Generator().manual_seed(3)
+    delta = {k: 0.05 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in theta0.items()}
+    with torch.no_grad():
+        for k, p in regime.params.items():
+            p.add_(delta[k])
+    head = torch.randn(4, TINY_CONFIG["embed_dim"], dtype=torch.float64) * 10
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3, 0])
+
+    out = regime.logits(x, head)
+    torch.nn.functional.cross_entropy(out, y).backward()
+
+    def encoder(*values):
+        return functional(model, dict(zip(names, values, strict=True)), lambda m: m.encode_image(x))
+
+    theta = {k: (theta0[k] + delta[k]).requires_grad_(True) for k in names}
+    with torch.no_grad():  # the model's own parameters hold theta now: theta0 explicitly
+        g0 = encoder(*(theta0[k] for k in names))
+    from tvedit.models.base import forward_ad_safe
+
+    with forward_ad_safe():
+        _, jd = jvp(encoder, tuple(theta0[k] for k in names), tuple(theta[k] - theta0[k] for k in names))
+    lin = g0 + jd
+    ref = (lin / lin.norm(dim=-1, keepdim=True)) @ head.T
+    torch.nn.functional.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-10, atol=1e-10)
+    for k in names:
+        torch.testing.assert_close(regime.params[k].grad, theta[k].grad, rtol=1e-9, atol=1e-12)
+
+    # the jvp is J delta: central differences D(eps) err ~ c eps^2, so |D(eps) - D(eps/2)| * 4/3
+    # estimates the error of D(eps/2); allow twice that plus float64 rounding of the differences
+    with torch.no_grad():
+        def central(eps):
+            plus = encoder(*(theta0[k] + eps * delta[k] for k in names))
+            minus = encoder(*(theta0[k] - eps * delta[k] for k in names))
+            return (plus - minus) / (2 * eps)
+
+        d1, d2 = central(1e-3), central(5e-4)
+        tol = float((d1 - d2).abs().max()) * 8 / 3 + 1e-9 * float(g0.abs().max()) / 5e-4
+        assert float((jd.detach() - d2).abs().max()) <= tol
+        assert float(jd.abs().max()) > 100 * tol  # a non-trivial direction
+
+    # not the old definition (linearizing the normalised scores): the two differ away from theta0
+    old = linearized_reference(model, theta0, {k: theta0[k] + delta[k] for k in names}, lambda m: adapter.scores(m, x, head))
+    assert float((old.detach() - out.detach()).abs().max()) > 1e-3
+
+
+def test_attn_on_a_tower_without_attention_is_an_error():
+    """--mode attn on a ModifiedResNet image tower (no visual.transformer) is a one-line
+    MismatchError (exit 4), not a run that trains nothing."""
+    resnet = {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}}
+    adapter = OpenClipAdapter("tiny-rn", resnet)
+    assert adapter.trainable_keys("full")  # the tower itself is fine
+    with pytest.raises(MismatchError, match="--mode attn.*tiny-rn.*has none") as exc:
+        adapter.trainable_keys("attn")
+    assert exc.value.exit_code == 4 and "\n" not in str(exc.value)

@@ -83,6 +83,55 @@ def test_results_table_prints_the_json_numbers() -> None:
     assert "zero-shot θ0: 50.0" in table
 
 
+@pytest.mark.parametrize("select", ["merged", "single", "negation", "both"])
+def test_lr_selection_rules(tmp_path: Path, select: str) -> None:
+    """select: merged | single | negation (1 - mean target val accuracy after negation, the TaLoS
+    way) | both (the mean of the merged and negation scores), from the first seed's reports."""
+    from tvedit.study import Study, load_plan
+
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", select=select, negation={"control": "b"}))
+    study = Study(plan, tmp_path / "out")
+    # lr 1e-4: better merged, worse negation; lr 1e-3: the opposite
+    numbers = {1e-4: {"merged": 0.8, "single": [0.5, 0.7], "target": [0.6, 0.4]}, 1e-3: {"merged": 0.6, "single": [0.9, 0.9], "target": [0.1, 0.1]}}
+    for lr, n in numbers.items():
+        add = study.report("full", lr, 0, "addition")
+        add.parent.mkdir(parents=True, exist_ok=True)
+        add.write_text(json.dumps({"val": {"merged_mean": n["merged"], "single": dict(zip("ab", n["single"], strict=True))}}))
+        study.report("full", lr, 0, "negation").write_text(json.dumps({"targets": [{"target_val": t} for t in n["target"]]}))
+    expected = {
+        "merged": {1e-4: 0.8, 1e-3: 0.6},
+        "single": {1e-4: 0.6, 1e-3: 0.9},
+        "negation": {1e-4: 0.5, 1e-3: 0.9},
+        "both": {1e-4: (0.8 + 0.5) / 2, 1e-3: (0.6 + 0.9) / 2},
+    }[select]
+    choice = study.select_lr("full")
+    assert choice["scores"] == pytest.approx({f"{k:g}": v for k, v in expected.items()})
+    assert choice["lr"] == max(expected, key=lambda lr: expected[lr]) and choice["select"] == select
+    if select in ("negation", "both"):
+        with pytest.raises(UsageError, match="needs a negation section"):
+            load_plan(_write_plan(tmp_path / "bad.yaml", select=select))
+
+
+def test_study_xi_defaults_are_evaluates(tmp_path: Path) -> None:
+    """A plan without grid_size/points runs ξ on tvedit evaluate's own defaults (20 x 20, 2,048)."""
+    import click
+    import typer.main
+
+    from tvedit.cli.app import app
+    from tvedit.study import Study, load_plan
+
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", disentanglement={"tasks": ["a", "b"]}))
+    args = Study(plan, tmp_path / "out").xi_step("full", 1e-4, 0).args
+    command = typer.main.get_command(app)
+    ev = command.get_command(click.Context(command), "evaluate")
+    defaults = {p.name: p.default for p in ev.params}
+    assert (defaults["grid_size"], defaults["points"]) == (20, 2048)
+    assert args[args.index("--grid-size") + 1] == "20" and args[args.index("--points") + 1] == "2048"
+    assert "--no-bf16" not in args
+    plan.evaluate["bf16"] = False  # the evaluate switch, from the plan
+    assert "--no-bf16" in Study(plan, tmp_path / "out").xi_step("full", 1e-4, 0).args
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole study on a tiny model (a few steps per run)
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +219,68 @@ def test_study_end_to_end_numbers_come_from_reports(tiny_study: dict[str, Path],
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == before
     assert json.loads((out / "study.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.slow
+def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path]) -> None:
+    """A tiny sweep (2 points of steps, 1 seed, constant lr along the axis), in-process: every
+    number in sweep.json is the one in its point's study.json; a second run reuses every point."""
+    from tvedit.study import Sweep, load_plan
+    from tvedit.tensorio import open_checkpoint
+
+    plan = yaml.safe_load(tiny_study["plan"].read_text())
+    plan.update(seeds=[0], regimes={"full": {"lr": 1e-3}, "sparse": {"lr": 1e-2, "density": 0.5, "calib_batches": 2, "rounds": 2}},
+                negation={"targets": ["a"], "control": "c"}, merges={}, disentanglement={},
+                sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}}])  # fmt: skip
+    path = tiny_study["root"] / "sweep.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    out = tiny_study["root"] / "sweep-out"
+    result = Sweep(load_plan(path), out).run()
+    assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(result))
+    (axis,) = result["axes"]
+    assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
+    checked = 0
+    for point in axis["points"]:
+        study = json.loads((out / point["study"]).read_text())
+        assert point["zero_shot"] == study["zero_shot"]
+        for regime, cell in point["rows"].items():
+            row = study["rows"][regime]
+            assert cell["merged"] == row["addition"]["merged"] and cell["normalized"] == row["addition"]["normalized"]
+            assert cell["negation_target"] == row["negation"]["target"] and cell["lr"] == row["lr"]
+            checked += 3
+            vec = open_checkpoint(out / point["study"].replace("study.json", f"runs/{regime}/lr{row['lr']:g}/seed0/a.safetensors"))
+            params = vec.manifest.provenance[-1]["params"]
+            assert params["steps"] == point["value"] and params["schedule"] == "constant"
+    assert checked == 12
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
+    assert Sweep(load_plan(path), out).run() == result
+    assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
+
+
+def test_sweep_plan_checks(tmp_path: Path) -> None:
+    from tvedit.study import load_plan, point_plan, sweep_axes
+
+    good = [{"vary": "steps", "values": [200, 600]}, {"name": "density", "vary": "density", "values": [0.05, 0.1], "regimes": ["sparse"]},
+            {"name": "width", "vary": "theta0", "values": ["a.safetensors", {"theta0": "wide.safetensors", "model": None}], "set": {"steps": 1500}}]  # fmt: skip
+    plan = load_plan(_write_plan(tmp_path / "p.yaml", regimes={"full": {"lr": 1e-4}, "sparse": {"lr": 1e-3, "density": 0.2}}, sweep=good))
+    steps, density, width = sweep_axes(plan)
+    assert point_plan(plan, steps, 600).regimes == {"full": {"lr": 1e-4, "steps": 600}, "sparse": {"lr": 1e-3, "density": 0.2, "steps": 600}}
+    assert point_plan(plan, density, 0.05).regimes == {"sparse": {"lr": 1e-3, "density": 0.05}}
+    wide = point_plan(plan, width, {"theta0": "wide.safetensors", "model": None})
+    assert wide.theta0 == "wide.safetensors" and wide.model is None and wide.regimes["full"]["steps"] == 1500
+    assert not wide.sweep and not wide.merges
+    bad = [
+        ([{"vary": "stepz", "values": [1]}], "vary"),
+        ([{"vary": "steps", "values": []}], "values"),
+        ([{"vary": "steps", "values": [1], "regimes": ["attn"]}], "not a regime"),
+        ([{"vary": "density", "values": [2.0]}], "--density"),
+        ([{"vary": "steps", "values": [1], "set": {"schedule": "linear"}}], "schedule"),
+        ([{"vary": "steps", "values": [1]}, {"vary": "steps", "values": [2]}], "unique"),
+    ]
+    for sweep, message in bad:
+        with pytest.raises(UsageError, match=message):
+            load_plan(_write_plan(tmp_path / "bad.yaml", regimes={"full": {"lr": 1e-4}}, sweep=sweep))
 
 
 def test_study_bad_plan_is_a_usage_error_before_any_run(tmp_path: Path, cli) -> None:

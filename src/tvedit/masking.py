@@ -320,6 +320,8 @@ def mask(
 
     # provenance
     params = {"method": method, **resolved, **({} if m.takes == "mask" else keys_filter.params()), **opts.params()}
+    if mask_ckpt is not None and mask_ckpt.manifest is not None and mask_ckpt.manifest.density is not None:
+        params["mask_density"] = mask_ckpt.manifest.density  # the kept fraction: evaluate widens alpha by its inverse
     records = [_input_record(s, c, nested=m.joint) for s, c in zip(specs, ckpts, strict=True)]
     mask_record = [{**_input_record(mask_spec, mask_ckpt), "role": "mask"}] if mask_spec and mask_ckpt else []
 

@@ -33,9 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tvedit.errors import DataError, TveditError, UsageError
+from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
 REGIMES = ("full", "attn", "linearized", "sparse")
-SELECT_BY = ("merged", "single")
+# how each regime's lr is chosen on the first seed's validation splits: the merged model's mean
+# accuracy, the single tasks', negation (1 - the targets' mean accuracy after negation at their
+# chosen alpha: TaLoS selects by negation), or both (the mean of the merged and negation scores)
+SELECT_BY = ("merged", "single", "negation", "both")
 
 
 class StudyError(TveditError):
@@ -57,11 +61,13 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: [0])
     finetune: dict[str, Any] = field(default_factory=dict)  # options shared by every regime
     regimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # regime -> options (lr: a list = grid)
-    select: str = "merged"  # lr chosen by mean validation accuracy of the merged model, or of single tasks
+    select: str = "merged"  # lr chosen by validation: merged | single | negation | both (SELECT_BY)
+    label: str = ""  # a name for the plan's recipe, printed above its tables (e.g. "TaLoS recipe")
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # scale-sweep axes (tvedit.study.Sweep, docs/study.md)
     negation: dict[str, Any] = field(default_factory=dict)  # targets, control, threshold
     disentanglement: dict[str, Any] = field(default_factory=dict)  # tasks (2), grid_size, range, points
     merges: dict[str, Any] = field(default_factory=dict)  # vectors (a regime), methods {name: options}, grid
-    evaluate: dict[str, Any] = field(default_factory=dict)  # grid, widen, max_examples, batch_size
+    evaluate: dict[str, Any] = field(default_factory=dict)  # grid, widen, max_examples, batch_size, bf16
     jobs: int = 2
     device: str = "cpu"
 
@@ -108,7 +114,10 @@ def load_plan(path: Path, seeds: Sequence[int] | None = None, lrs: dict[str, flo
         if regime not in plan.regimes:
             raise UsageError(f"--lr {regime}={lr}: the plan has no regime {regime!r}")
         plan.regimes[regime] = {**plan.regimes[regime], "lr": float(lr)}
-    return check_plan(plan, path)
+    check_plan(plan, path)
+    if plan.sweep:
+        sweep_axes(plan, path)
+    return plan
 
 
 def check_plan(plan: Plan, path: Path | str = "plan") -> Plan:
@@ -140,6 +149,8 @@ def check_plan(plan: Plan, path: Path | str = "plan") -> Plan:
         raise UsageError(f"{path}: seeds: a list of integers >= 0")
     if plan.select not in SELECT_BY:
         raise UsageError(f"{path}: select: one of {', '.join(SELECT_BY)}, not {plan.select!r}")
+    if plan.select in ("negation", "both") and not plan.negation:
+        raise UsageError(f"{path}: select: {plan.select} chooses the lr by task negation, which needs a negation section")
     if not isinstance(plan.jobs, int) or plan.jobs < 1:
         raise UsageError(f"{path}: jobs: an integer >= 1")
     neg = plan.negation
@@ -264,6 +275,8 @@ class Study:
             args += ["--max-examples", str(int(ev["max_examples"]))]
         if ev.get("batch_size"):
             args += ["--batch-size", str(int(ev["batch_size"]))]
+        if ev.get("bf16") is False:  # bf16 autocast on CUDA is evaluate's default
+            args.append("--no-bf16")
         return args
 
     def init_step(self) -> Step:
@@ -317,8 +330,8 @@ class Study:
         lo, hi = dis.get("range", [-3, 3])
         vectors = [str(self.vector(regime, lr, seed, t)) for t in pair]
         args = ["evaluate", *vectors, *self._task_args(pair), "--protocol", "disentanglement",
-                "--grid-range", f"{lo}:{hi}", "--grid-size", str(dis.get("grid_size", 9)),
-                "--points", str(dis.get("points", 256)), *self._eval_common(), "--report", str(out),
+                "--grid-range", f"{lo}:{hi}", "--grid-size", str(dis.get("grid_size", XI_GRID_SIZE)),
+                "--points", str(dis.get("points", XI_POINTS)), *self._eval_common(), "--report", str(out),
                 "-o", str(out.with_suffix(".png"))]  # fmt: skip
         return Step(args, out, f"xi/{regime}/lr{_fmt(lr)}/seed{seed}")
 
@@ -339,16 +352,24 @@ class Study:
 
     # -- the study ------------------------------------------------------------------------------
     def select_lr(self, regime: str) -> dict[str, Any]:
-        """The lr whose first-seed vectors give the best mean validation accuracy (merged model or
-        single tasks, ``plan.select``); ties: the smaller lr."""
+        """The lr whose first-seed vectors score best on validation (``plan.select``: the merged
+        model's mean accuracy, the single tasks', 1 - the negated targets' mean accuracy, or the
+        mean of the merged and negation scores); ties: the smaller lr."""
         seed = self.plan.seeds[0]
+        select = self.plan.select
         scores = {}
         for lr in self.plan.lrs(regime):
-            rep = read_json(self.report(regime, lr, seed, "addition"))
-            val = rep["val"]
-            scores[lr] = val["merged_mean"] if self.plan.select == "merged" else _mean(list(val["single"].values()))
+            val = read_json(self.report(regime, lr, seed, "addition"))["val"]
+            add = val["merged_mean"] if select in ("merged", "both") else _mean(list(val["single"].values()))
+            if select in ("negation", "both"):
+                neg = 1.0 - _mean([r["target_val"] for r in read_json(self.report(regime, lr, seed, "negation"))["targets"]])
+                scores[lr] = neg if select == "negation" else (add + neg) / 2
+            else:
+                scores[lr] = add
         best = max(sorted(scores), key=lambda lr: scores[lr])
-        return {"lr": best, "by": f"mean validation accuracy ({self.plan.select})", "scores": {_fmt(k): v for k, v in scores.items()}}
+        by = {"merged": "mean validation accuracy (merged)", "single": "mean validation accuracy (single)",
+              "negation": "negation: 1 - mean target validation accuracy", "both": "mean of merged validation accuracy and the negation score"}[select]  # fmt: skip
+        return {"lr": best, "by": by, "select": select, "scores": {_fmt(k): v for k, v in scores.items()}}
 
     def run(self) -> dict[str, Any]:
         plan = self.plan
@@ -358,7 +379,10 @@ class Study:
         tasks = list(plan.tasks)
         # 1. first seed at every learning rate of every regime; addition picks each regime's lr
         self.run_steps([self.finetune_step(r, lr, first, t) for r in plan.regimes for lr in plan.lrs(r) for t in tasks], "fine-tune (first seed, lr grid)")
-        self.run_steps([self.addition_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)], "task addition (first seed)")
+        first_evals = [self.addition_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)]
+        if plan.select in ("negation", "both"):  # the lr is chosen by negation too: every lr's first seed
+            first_evals += [self.negation_step(r, lr, first) for r in plan.regimes for lr in plan.lrs(r)]
+        self.run_steps(first_evals, "task addition (first seed)")
         chosen = {r: self.select_lr(r) for r in plan.regimes}
         lr_of = {r: c["lr"] for r, c in chosen.items()}
         # 2. the other seeds at the chosen learning rates
@@ -413,6 +437,145 @@ class Study:
             "rows": rows,
             "seconds": {k: round(v, 1) for k, v in self.timings.items()},
         }
+
+
+# ------------------------------------------------------------------------------------------------
+# the scale sweep: the study repeated along one variable at a time
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Axis:
+    """One swept variable: ``vary`` is ``theta0`` or a fine-tuning option (steps, density, ...),
+    set to each of ``values`` in turn for ``regimes``, with the fine-tuning options ``set`` fixed
+    along the axis (e.g. ``schedule: constant`` for the constant-lr control)."""
+
+    name: str
+    vary: str
+    values: list[Any]
+    regimes: list[str]
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+def sweep_axes(plan: Plan, path: Path | str = "plan") -> list[Axis]:
+    """The plan's ``sweep`` entries, checked (every point's plan is checked too)."""
+    from tvedit.finetune.config import FinetuneConfig
+
+    if not isinstance(plan.sweep, list):
+        raise UsageError(f"{path}: sweep: a list of axes (name, vary, values[, regimes, set])")
+    options = set(FinetuneConfig.__dataclass_fields__) - {"mode"}
+    axes, names = [], set()
+    for i, entry in enumerate(plan.sweep):
+        where = f"{path}: sweep[{i}]"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: a mapping (name, vary, values[, regimes, set])")
+        unknown = sorted(set(entry) - {"name", "vary", "values", "regimes", "set"})
+        if unknown:
+            raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: name, vary, values, regimes, set)")
+        vary = entry.get("vary")
+        if vary != "theta0" and vary not in options:
+            raise UsageError(f"{where}.vary: theta0 or a fine-tuning option (steps, density, ...), not {vary!r}")
+        values = entry.get("values")
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"{where}.values: a non-empty list")
+        name = str(entry.get("name") or vary)
+        if name in names or not name.replace("-", "").replace("_", "").isalnum():
+            raise UsageError(f"{where}.name: {name!r} must be unique and made of letters, digits, - and _")
+        names.add(name)
+        regimes = entry.get("regimes") or list(plan.regimes)
+        bad = [r for r in regimes if r not in plan.regimes]
+        if bad:
+            raise UsageError(f"{where}.regimes: {bad[0]!r} is not a regime of the plan")
+        fixed = entry.get("set") or {}
+        if not isinstance(fixed, dict) or sorted(set(fixed) - options):
+            raise UsageError(f"{where}.set: a mapping of fine-tuning options")
+        axis = Axis(name, vary, list(values), list(regimes), dict(fixed))
+        if len({point_label(axis, v) for v in axis.values}) < len(axis.values):
+            raise UsageError(f"{where}.values: two values share a name")
+        for v in axis.values:
+            try:
+                check_plan(point_plan(plan, axis, v), f"{where} ({vary}={point_label(axis, v)})")
+            except UsageError as exc:
+                raise UsageError(str(exc)) from None
+        axes.append(axis)
+    return axes
+
+
+def point_label(axis: Axis, value: Any) -> str:
+    """A value's name (its directory): a number as written, a theta0 by its file stem."""
+    if axis.vary == "theta0":
+        path = value.get("theta0") if isinstance(value, dict) else value
+        return Path(str(path)).name.removesuffix(".safetensors")
+    return _fmt(value) if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def point_plan(plan: Plan, axis: Axis, value: Any) -> Plan:
+    """The study at one sweep point: the axis's regimes only, ``vary`` = ``value`` (theta0: a path,
+    or a mapping theta0/model), the axis's fixed options; no merges, no disentanglement (the sweep
+    reports addition and negation), no further sweep."""
+    import copy
+
+    data = copy.deepcopy(asdict(plan))
+    data.update(sweep=[], merges={}, disentanglement={})
+    data["regimes"] = {r: dict(data["regimes"][r], **axis.set) for r in axis.regimes}
+    if axis.vary == "theta0":
+        if isinstance(value, dict):
+            data["theta0"], data["model"] = str(value.get("theta0")), value.get("model")
+        else:
+            data["theta0"] = str(value)
+    else:
+        for options in data["regimes"].values():
+            options[axis.vary] = value
+    return Plan(**data)
+
+
+class Sweep:
+    """Every point of every axis is a study in ``OUT/sweep/AXIS/VALUE/`` (resumable: outputs that
+    exist are reused); ``sweep.json`` gathers the headline numbers and ``sweep.png`` draws them."""
+
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None):
+        self.plan = plan
+        self.out = Path(out)
+        self.say = progress or (lambda msg: None)
+        self.axes = sweep_axes(plan)
+
+    def point_dir(self, axis: Axis, value: Any) -> Path:
+        return self.out / "sweep" / axis.name / point_label(axis, value)
+
+    def run(self) -> dict[str, Any]:
+        for axis in self.axes:
+            for value in axis.values:
+                self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
+                Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say).run()
+        result = self.collect()
+        write_sweep_outputs(result, self.out)
+        return result
+
+    def collect(self) -> dict[str, Any]:
+        """Every number from the points' study.json files."""
+        axes = []
+        for axis in self.axes:
+            points = []
+            for value in axis.values:
+                study = read_json(self.point_dir(axis, value) / "study.json")
+                rows = {}
+                for regime in axis.regimes:
+                    row = study["rows"][regime]
+                    rows[regime] = {"lr": row["lr"], "seeds": len(row["seeds"]), "merged": row["addition"]["merged"],
+                                    "normalized": row["addition"]["normalized"],
+                                    **({"negation_target": row["negation"]["target"]} if "negation" in row else {})}  # fmt: skip
+                points.append({"value": value, "label": point_label(axis, value), "zero_shot": study["zero_shot"],
+                               "study": str(self.point_dir(axis, value).relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
+            axes.append({**asdict(axis), "points": points})
+        return {"plan": asdict(self.plan), "axes": axes}
+
+
+def write_sweep_outputs(result: dict[str, Any], out: Path) -> None:
+    (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    try:
+        from tvedit.evaluate.plots import sweep_figure
+
+        sweep_figure(result, out / "sweep.png")
+    except (ImportError, UsageError):  # pragma: no cover - matplotlib is the [plot] extra
+        pass
 
 
 def _in_process(args: Sequence[str], log: Any) -> int:
@@ -524,7 +687,10 @@ def results_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     zero = result["zero_shot"] * 100
     seeds = len(result["plan"]["seeds"])
+    recipe = result["plan"].get("label") or ""
+    select = result["plan"].get("select", "merged")
     lines = [
+        *([f"**{recipe}** (lr chosen on validation by: {select})", ""] if recipe else [f"lr chosen on validation by: {select}", ""]),
         f"Task addition over {len(result['plan']['tasks'])} tasks, test accuracy in % (mean ± sd over {seeds} seed{'s' * (seeds > 1)}); zero-shot θ0: {zero:.1f}.",
         "",
         "Zero-shot θ0 per task: " + ", ".join(f"{t} {a * 100:.1f}" for t, a in result.get("zero_shot_per_task", {}).items()) + ".",
@@ -555,7 +721,7 @@ def results_table(result: dict[str, Any]) -> str:
     xi_rows = [(n, r) for n, r in rows.items() if "disentanglement" in r]
     if xi_rows:
         d = result["plan"]["disentanglement"]
-        lines += ["", f"Weight disentanglement ξ ({' + '.join(d['tasks'])}, first seed, grid {d.get('grid_size', 9)}² over {d.get('range', [-3, 3])}; lower is better):", "",
+        lines += ["", f"Weight disentanglement ξ ({' + '.join(d['tasks'])}, first seed, grid {d.get('grid_size', XI_GRID_SIZE)}² over {d.get('range', [-3, 3])}; lower is better):", "",
                   "| regime | mean ξ | max ξ |", "|---|---|---|"]  # fmt: skip
         for name, r in xi_rows:
             x = r["disentanglement"]

@@ -11,6 +11,7 @@ import typer
 
 from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode
 from tvedit.errors import OutputError, UsageError
+from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
 PROTOCOLS = ("none", "addition", "negation", "disentanglement")
 
@@ -175,8 +176,8 @@ def register(app: typer.Typer) -> None:
         grid_range: str = typer.Option(
             "-3:3", "--grid-range", help="Disentanglement: LO:HI of both axes."
         ),
-        grid_size: int = typer.Option(20, "--grid-size", help="Disentanglement: points per axis."),
-        points: int = typer.Option(2048, "--points", help="Disentanglement: test points per task."),
+        grid_size: int = typer.Option(XI_GRID_SIZE, "--grid-size", help="Disentanglement: points per axis."),
+        points: int = typer.Option(XI_POINTS, "--points", help="Disentanglement: test points per task."),
         linearize: bool = typer.Option(
             False,
             "--linearize",
@@ -188,6 +189,11 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
         device: str = typer.Option(
             "auto", "--device", help="auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N."
+        ),
+        bf16: bool = typer.Option(
+            True,
+            "--bf16/--no-bf16",
+            help="On CUDA, run the forward passes under bf16 autocast (default; the jvps of f_lin stay float32). --no-bf16: float32 throughout.",
         ),
         min_accuracy: list[str] = typer.Option(
             [],
@@ -212,7 +218,7 @@ def register(app: typer.Typer) -> None:
             None, "--report", help="Write the full results as JSON."
         ),
         force: bool = typer.Option(
-            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base."
+            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base, and linearized vectors trained under another f_lin definition (with a warning)."
         ),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
@@ -270,11 +276,12 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             force=force,
             device=device,
+            bf16=bf16,
         )
         as_json = json_mode(as_json)
         if protocol == "none":
             rows = studies.plain(session, alpha or [1.0])
-            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "results": rows}
+            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "bf16": session.ev.autocast, "results": rows}
             if as_json:
                 _lines(rows)
             else:
@@ -300,7 +307,7 @@ def register(app: typer.Typer) -> None:
                 "range": [lo, hi],
                 "xi_mean": sum(map(sum, xi)) / grid_size**2,
                 "xi_max": max(map(max, xi)),
-                "linear": session.linear,
+                "linear": session.linear, "bf16": session.ev.autocast,
             }
             if output is not None:
                 from tvedit.evaluate.plots import heatmap

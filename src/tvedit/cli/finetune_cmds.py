@@ -99,7 +99,9 @@ def register(app: typer.Typer) -> None:
         micro_batch: int | None = typer.Option(None, "--micro-batch", help="Per-device forward batch (gradient accumulation)."),
         steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default 2000)."),
         warmup: int | None = typer.Option(None, "--warmup", help="Linear warm-up steps (default 200; the papers' code: 500)."),
+        schedule: str | None = typer.Option(None, "--schedule", help="cosine (default: decay to 0 at the last step) or constant (after the warm-up)."),
         grad_clip: float | None = typer.Option(None, "--grad-clip", help="Gradient-norm clip (default 1.0; 0 = off)."),
+        clip_scope: str | None = typer.Option(None, "--clip-scope", help="sparse: clip by the norm of the full gradient (default, the TaLoS authors' code) or of the kept entries (kept: cheaper)."),
         label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Default 0."),
         seed: int | None = typer.Option(None, "--seed", help="Seed (data order, augmentation, random init, mask calibration)."),
         attn_bias: bool = typer.Option(False, "--attn-bias", help="attn mode: also train the attention projection biases."),
@@ -124,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = _config(
             config, model, pretrained, mode=mode, lr=lr, weight_decay=weight_decay, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
-            warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None,
+            warmup=warmup, schedule=schedule, grad_clip=grad_clip, clip_scope=clip_scope, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None,
             density=density, rounds=rounds, calib_batches=calib_batches, soft_value=soft_value, fisher=fisher,
             num_workers=num_workers, grad_checkpointing=grad_checkpointing or None, checkpoint_every=checkpoint_every,
             stop_after=stop_after, device=device, eval_every=eval_every, patience=patience,

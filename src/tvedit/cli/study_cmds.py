@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @guard
     def study(
-        plan_path: Path = typer.Argument(..., metavar="PLAN", help="The study plan (YAML): theta0, tasks, seeds, regimes with lr grids, negation, disentanglement, merges (docs/study.md)."),
+        plan_path: Path = typer.Argument(..., metavar="PLAN", help="The study plan (YAML): theta0, tasks, seeds, regimes with lr grids, negation, disentanglement, merges; or a scale sweep (docs/study.md)."),
         output: Path = typer.Option(..., "--output", "-o", help="Output directory: study.json, results.md, study.png, runs/, reports/ (existing runs are reused)."),
         seeds: str | None = typer.Option(None, "--seeds", help="Fine-tuning seeds, e.g. 0,1,2 (overrides the plan's)."),
         lr: list[str] = typer.Option([], "--lr", help="REGIME=LR: fix a regime's learning rate (skips its grid search). Repeatable."),
@@ -62,7 +62,24 @@ def register(app: typer.Typer) -> None:
 
             pick_device(device)
         quiet = json_mode(as_json)
-        s = Study(plan, output, progress=lambda msg: err_console.print(msg, highlight=False))  # stderr: never mixed with JSON
+        say = lambda msg: err_console.print(msg, highlight=False)  # noqa: E731 - stderr: never mixed with JSON
+        if plan.sweep:
+            from tvedit.study import Sweep, point_label, point_plan
+
+            sweep = Sweep(plan, output, progress=say)
+            if dry_run:
+                for axis in sweep.axes:
+                    for value in axis.values:
+                        point = point_plan(plan, axis, value)
+                        sys.stdout.write(f"# {axis.name}: {axis.vary}={point_label(axis, value)} -> {sweep.point_dir(axis, value)} (regimes {', '.join(point.regimes)})\n")
+                return
+            result = sweep.run()
+            if quiet:
+                sys.stdout.write(json.dumps({"sweep": str(output / "sweep.json"), "axes": [a["name"] for a in result["axes"]]}) + "\n")
+            else:
+                err_console.print(f"sweep written to {output}/ (sweep.json, sweep.png; one study per point under sweep/)")
+            return
+        s = Study(plan, output, progress=say)
         if dry_run:
             first = plan.seeds[0]
             steps = [s.init_step()] + [s.finetune_step(r, x, first, t) for r in plan.regimes for x in plan.lrs(r) for t in plan.tasks]

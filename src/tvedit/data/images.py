@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -166,7 +167,8 @@ def builtin_templates() -> dict[str, list[str]]:
 
 def resolve_templates(task: str, templates_file: Path | None = None) -> list[str]:
     """--templates FILE (a JSON list or one template per line), else the built-in set of ``task``
-    (case-insensitive: mnist, svhn, eurosat, gtsrb, dtd, cars, sun397, resisc45), else the default."""
+    (case-insensitive: mnist, svhn, eurosat, gtsrb, dtd, cars, sun397, resisc45, imagenet), else the
+    default "a photo of a {}." with a warning on stderr (once per task name and process)."""
     if templates_file is not None:
         try:
             text = templates_file.read_text()
@@ -177,4 +179,14 @@ def resolve_templates(task: str, templates_file: Path | None = None) -> list[str
             raise UsageError(f"--templates {templates_file}: need a list of templates each with '{{}}'")
         return list(items)
     sets = builtin_templates()
-    return sets.get(task.lower().replace("-", ""), sets["default"])
+    key = task.lower().replace("-", "")
+    if key not in sets:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            known = ", ".join(k for k in sets if k != "default")
+            print(f"warning: task {task!r} has no built-in prompt templates ({known}); using {sets['default'][0]!r} (tvedit finetune --templates FILE chooses others)", file=sys.stderr)
+        return list(sets["default"])
+    return sets[key]
+
+
+_WARNED: set[str] = set()  # task names whose template fallback was already reported

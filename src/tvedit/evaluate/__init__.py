@@ -18,6 +18,7 @@ Library use::
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from tvedit.evaluate.runner import Session
 
 PathLike = str | os.PathLike[str]
+
+# Weight disentanglement (ALGORITHMS.md section 5): a 20 x 20 grid, 2,048 test points per task —
+# the defaults of ``tvedit evaluate`` and of a study plan alike.
+XI_GRID_SIZE = 20
+XI_POINTS = 2048
 
 
 def open_session(
@@ -40,13 +46,15 @@ def open_session(
     batch_size: int = 512,
     force: bool = False,
     device: str = "auto",
+    bf16: bool = True,
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
     ``inputs``: one checkpoint (evaluated as it is, when no ``base`` is given), or task vectors /
     fine-tuned checkpoints evaluated as edits of theta0 (``base``, else the base recorded in the
     vectors). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
-    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization).
+    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization). ``bf16``: bf16
+    autocast for the forward passes on CUDA (False: float32 throughout; no effect on the CPU).
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
@@ -78,12 +86,20 @@ def open_session(
             "inputs mix linearized and non-linear vectors; pass --linearize to evaluate all of them under f_lin"
         )
     linear = linearize or "linearized" in regimes
+    for v in vectors:
+        stale = v.flin - {adapter.flin}
+        if v.regime == "linearized" and stale:
+            msg = (f"{v.path}: was fine-tuned under f_lin linearizing the {'/'.join(sorted(stale))}, but this tvedit's "
+                   f"{adapter.family} f_lin linearizes the {adapter.flin} (docs/finetune.md): fine-tune it again")
+            if not force:
+                raise MismatchError(msg + " (or --force to evaluate it anyway)")
+            print(f"warning: {msg}; evaluated anyway (--force)", file=sys.stderr)
     records = {v.name: v.task for v in vectors if v.task}
     task_data = [
         load_task(adapter, name, Path(src), records.get(name), max_examples)
         for name, src in tasks.items()
     ]
-    evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device)
+    evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device, bf16=bf16)
     return Session(evaluator, task_data, vectors, linear=linear)
 
 

@@ -3,8 +3,10 @@
 A ``--task NAME=SOURCE`` names:
 
 * an image task directory with ``train/`` and ``test/`` image folders (one sub-folder per class):
-  ``val`` is the held-out 10% of ``train`` (``tvedit.data.split_indices``, seed 0: the very examples
-  fine-tuning held out), ``test`` is ``test/``. A ``val/`` (or ``validation/``) folder, when present,
+  ``val`` is the held-out split of ``train`` (``tvedit.data.split_indices`` with the fraction, seed
+  and cap recorded in the vector's manifest — checked against its ``heldout_sha256``, exit 8 on a
+  mismatch — so the very examples fine-tuning held out; the defaults, 10% seed 0, without a
+  record), ``test`` is ``test/``. A ``val/`` (or ``validation/``) folder, when present,
   is used as the validation split instead. A directory with neither is one image folder, used as
   the test split (there is then no validation split: the protocols need one);
 * a text task (``tvedit.data.text``: a spec, a directory of JSONL files or a JSONL file) for the
@@ -76,7 +78,7 @@ def load_task(
         raise UsageError(
             f"task {name}: {source} is an image task, but the model family {adapter.family} takes text"
         )
-    from tvedit.data import load_image_data, resolve_templates, split_indices
+    from tvedit.data import load_image_data, resolve_templates
 
     source = Path(source)
     if not source.is_dir():
@@ -95,8 +97,7 @@ def load_task(
             train = load_image_data(source / "train", verify=False)
             if train.classes != test.classes:
                 raise DataError(f"task {name}: train/ and test/ have different classes")
-            _, held = split_indices(len(train))
-            splits["val"] = _decode(adapter, train, held)
+            splits["val"] = _decode(adapter, train, _heldout(name, len(train), record))
     else:
         test = load_image_data(source, verify=False)
         classes = test.classes
@@ -106,6 +107,28 @@ def load_task(
         for split in list(task.splits):
             task.limit(split, max_examples)
     return task
+
+
+def _heldout(name: str, n: int, record: Mapping[str, Any] | None) -> list[int]:
+    """The held-out indices of ``train/``: those the vector's fine-tuning held out, rebuilt from its
+    manifest's ``task.split`` (fraction, seed, cap) and checked against its ``heldout_sha256``, so
+    that alpha is never chosen on training examples; the defaults without a record."""
+    import hashlib
+    import json
+
+    from tvedit.data import split_indices
+
+    split = (record or {}).get("split")
+    if not isinstance(split, Mapping):
+        return split_indices(n)[1]
+    try:
+        _, held = split_indices(n, float(split["heldout_fraction"]), int(split["seed"]), int(split["heldout_max"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"task {name}: the vector's manifest task.split is incomplete ({exc}); cannot rebuild its validation split") from None
+    want = split.get("heldout_sha256")
+    if want and hashlib.sha256(json.dumps(held).encode()).hexdigest() != want:
+        raise DataError(f"task {name}: the held-out split rebuilt from the vector's manifest (fraction {split['heldout_fraction']}, seed {split['seed']}, max {split['heldout_max']}) over {n} train examples does not match its heldout_sha256: is this the data it was fine-tuned on?")
+    return held
 
 
 def _record(

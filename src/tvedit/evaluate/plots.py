@@ -187,3 +187,41 @@ def study_figure(result: dict[str, Any], output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
     plt.close(fig)
+
+
+SWEEP_METRICS = (("merged", "task addition: merged (absolute)"), ("normalized", "task addition: normalised"),
+                 ("negation_target", "task negation: target ↓"))  # fmt: skip
+
+
+def sweep_figure(result: dict[str, Any], output: Path) -> None:
+    """The scale sweep in one PNG: a row per swept variable, a column per metric (merged absolute
+    and normalised accuracy, negation target accuracy), a line per regime against the variable,
+    error bars (sample sd over seeds) where there are several seeds. Numeric values are placed on
+    their scale (log when they span more than a factor 10); others (theta0 files) side by side."""
+    plt = _pyplot()
+    axes_data = result["axes"]
+    fig, grid = plt.subplots(len(axes_data), 3, figsize=(15, 3.8 * len(axes_data)), squeeze=False)
+    for row, axis in enumerate(axes_data):
+        points = axis["points"]
+        numeric = all(isinstance(p["value"], int | float) and not isinstance(p["value"], bool) for p in points)
+        xs = [float(p["value"]) if numeric else float(i) for i, p in enumerate(points)]
+        for col, (key, title) in enumerate(SWEEP_METRICS):
+            ax = grid[row][col]
+            for regime in axis["regimes"]:
+                cells = [p["rows"][regime].get(key) for p in points]
+                if not all(cells):
+                    continue
+                means = [c["mean"] * 100 for c in cells]
+                sds = [c["sd"] * 100 if p["rows"][regime]["seeds"] > 1 else 0.0 for c, p in zip(cells, points, strict=True)]
+                ax.errorbar(xs, means, yerr=sds if any(sds) else None, marker="o", capsize=3, label=regime)
+            if numeric and min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log")
+            ax.set_xticks(xs, [p["label"] for p in points], rotation=0 if numeric else 20)
+            ax.set_xlabel(f"{axis['name']} ({axis['vary']})")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)

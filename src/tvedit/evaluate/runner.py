@@ -6,9 +6,12 @@ What stays put across a sweep (ALGORITHMS.md section 5, "speed"):
   substituted with ``torch.func.functional_call`` (``models.base.functional``).
 * Each task's frozen zero-shot head is built once from theta0 and cached.
 * Each task's splits are decoded once into tensors (``TaskData``); batches are slices.
-* Under f_lin the logits are affine in the coefficients: f(x; theta0) + sum_i alpha_i J(theta0) tau_i.
-  ``LinearTerms`` computes f0 and every J tau_i once (one jvp per vector and batch); any alpha, any
-  grid of alphas, and the whole disentanglement grid then cost no forward pass at all.
+* Under f_lin the FEATURES are affine in the coefficients: g(x; theta0) + sum_i alpha_i J(theta0) tau_i,
+  where g is the adapter's ``features`` (CLIP: the image encoder's output before normalisation) and
+  the logits are ``head_logits`` of them (normalise, inner product with the head) — the encoder is
+  linearized and normalised afterwards, as in training. ``LinearTerms`` computes g0 and every
+  J tau_i once (one jvp per vector and batch); any alpha, any grid of alphas, and the whole
+  disentanglement grid then cost no forward pass of the encoder at all.
 """
 
 from __future__ import annotations
@@ -64,6 +67,22 @@ class LoadedVector:
     regime: str = "nonlinear"
     density: float | None = None  # fraction kept, for sparse (TaLoS / masked) vectors
     task: dict[str, Any] | None = None
+    flin: set[str] = field(default_factory=set)  # f_lin definitions its linearized training used
+
+
+def recorded_flin(provenance: Sequence[Mapping[str, Any]] | None) -> set[str]:
+    """The f_lin definitions (``ModelAdapter.flin``) of every linearized fine-tuning step in a
+    provenance, nested inputs included. A linearized ``finetune`` step without ``flin`` was
+    written before tvedit recorded it, when CLIP's f_lin linearized the scores: ``"scores"``."""
+    out: set[str] = set()
+    for step in provenance or []:
+        params = step.get("params") or {}
+        if step.get("op") == "finetune" and params.get("mode") == "linearized":
+            out.add(str(params.get("flin", "scores")))
+        for rec in step.get("inputs") or []:
+            if isinstance(rec, Mapping):
+                out |= recorded_flin(rec.get("provenance"))
+    return out
 
 
 def _slice(inputs: Any, start: int, stop: int) -> Any:
@@ -117,6 +136,7 @@ class Evaluator:
         self.model: nn.Module = adapter.build(theta0).to(self.device)
         self.model.eval()
         self.batch_size = batch_size
+        self.bf16 = bf16  # asked for; ``autocast``: in effect (CUDA only)
         self.autocast = bf16 and self.device.type == "cuda"
         self.params: dict[str, Tensor] = {k: p.detach() for k, p in self.model.named_parameters()}
         self.buffers: dict[str, Tensor] = {k: b for k, b in self.model.named_buffers()}
@@ -124,6 +144,7 @@ class Evaluator:
             p.requires_grad_(False)
         self._heads: dict[str, Any] = {}
         self._base_logits: dict[tuple[str, str], Tensor] = {}
+        self._base_features: dict[tuple[str, str], Tensor] = {}
 
     # -- heads -----------------------------------------------------------------------------------
     def head(self, task: TaskData) -> Any:
@@ -186,27 +207,43 @@ class Evaluator:
             out.append(logits.float().cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def base_features(self, task: TaskData, split: str) -> Tensor:
+        """[N, D] ``adapter.features`` of theta0 (cached; float32 on the CPU): what f_lin linearizes."""
+        key = (task.name, split)
+        if key not in self._base_features:
+            inputs, _ = task.split(split)
+            head = self.head(task)
+            out = []
+            for s, e in self._batches(inputs):
+                batch = _to_device(_slice(inputs, s, e), self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    out.append(self.adapter.features(self.model, batch, head).float().cpu())
+            self._base_features[key] = torch.cat(out)
+        return self._base_features[key]
+
     def _tensor(self, key: str) -> Tensor:
         t = self.params.get(key)
         return self.buffers[key] if t is None else t
 
-    def _scores_of(self, names: list[str], batch: Any, head: Any) -> Callable[..., Tensor]:
-        """values -> scores of ``batch`` with the tensors ``names`` replaced by ``values``."""
+    def _features_of(self, names: list[str], batch: Any, head: Any) -> Callable[..., Tensor]:
+        """values -> features of ``batch`` with the tensors ``names`` replaced by ``values``."""
 
         def fn(*values: Tensor) -> Tensor:
             return functional(
                 self.model,
                 dict(zip(names, values, strict=True)),
-                lambda m: self.adapter.scores(m, batch, head),
+                lambda m: self.adapter.features(m, batch, head),
             )
 
         return fn
 
     def linear_terms(self, task: TaskData, split: str, vectors: Sequence[Vector]) -> LinearTerms:
-        """f(x; theta0) and J(theta0) tau_i for every vector: one jvp per vector and batch."""
+        """g(x; theta0) and J(theta0) tau_i (g: the adapter's features) for every vector: one jvp
+        per vector and batch."""
         inputs, labels = task.split(split)
         head = self.head(task)
-        f0 = self.logits(task, split)
+        f0 = self.base_features(task, split)
         jts = []
         for vec in vectors:
             names = sorted(vec)
@@ -214,28 +251,39 @@ class Evaluator:
             tangents = tuple(vec[k].to(p.device, p.dtype) for k, p in zip(names, primals, strict=True))
             parts = []
             for s, e in self._batches(inputs):
-                fn = self._scores_of(names, _to_device(_slice(inputs, s, e), self.device), head)
+                fn = self._features_of(names, _to_device(_slice(inputs, s, e), self.device), head)
                 with forward_ad_safe(), torch.no_grad():
                     _, jt = torch.func.jvp(fn, primals, tangents)
                 parts.append(jt.float().cpu())
             jts.append(torch.cat(parts))
-        return LinearTerms(f0, jts, labels)
+        return LinearTerms(f0, jts, labels, self.head_fn(task))
+
+    def head_fn(self, task: TaskData) -> Callable[[Tensor], Tensor]:
+        """features [N, D] (CPU, float32) -> logits [N, C]: the adapter's ``head_logits``."""
+        head = self.head(task)
+        cpu_head = head.detach().float().cpu() if isinstance(head, Tensor) else head
+        return lambda feats: self.adapter.head_logits(feats, cpu_head).float()
 
 
 @dataclass
 class LinearTerms:
-    """f_lin(x; theta0 + sum_i alpha_i tau_i) = f0 + sum_i alpha_i J tau_i, for one task split."""
+    """f_lin(x; theta0 + sum_i alpha_i tau_i) = h(g0 + sum_i alpha_i J tau_i), for one task split:
+    the features g are affine in the coefficients, the head h (normalise, inner product) is not."""
 
-    f0: Tensor  # [N, C]
-    jvps: list[Tensor]  # one [N, C] per vector
+    f0: Tensor  # [N, D] features of theta0
+    jvps: list[Tensor]  # one [N, D] per vector
     labels: Tensor
+    head: Callable[[Tensor], Tensor]  # features -> logits [N, C]
 
-    def logits(self, alphas: Sequence[float]) -> Tensor:
+    def features(self, alphas: Sequence[float]) -> Tensor:
         out = self.f0.clone()
         for a, jt in zip(alphas, self.jvps, strict=True):
             if a:
                 out.add_(jt, alpha=float(a))
         return out
+
+    def logits(self, alphas: Sequence[float]) -> Tensor:
+        return self.head(self.features(alphas))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,8 +330,8 @@ class Session:
                         self.task(task), split, [self.vectors[i].tensors]
                     )
                 jvps.append(self._terms[single].jvps[0])
-            f0 = self.ev.logits(self.task(task), split)
-            self._terms[key] = LinearTerms(f0, jvps, self.task(task).split(split)[1])
+            t = self.task(task)
+            self._terms[key] = LinearTerms(self.ev.base_features(t, split), jvps, t.split(split)[1], self.ev.head_fn(t))
         return self._terms[key]
 
     def predictions(
@@ -365,17 +413,19 @@ def load_vector(
         regime=m.regime if m else "nonlinear",
         density=density,
         task=m.task if m else None,
+        flin=recorded_flin(m.provenance) if m else set(),
     )
 
 
 def _density(m: Any) -> float | None:
     """The density a sparse vector was made at: the latest step that sparsified it (a ``sparse``
-    fine-tuning run, or a masking step with a ``density`` parameter). None: no widening. (The
+    fine-tuning run — the density of its mask, a ``--mask`` file's included —, a masking step with a
+    ``density`` parameter, or ``mask apply`` with the mask file's ``mask_density``). None: no widening. (The
     manifest's stored ``density`` is not used: a full fine-tuning vector is mostly zeros too,
     because the frozen text tower is part of it.)"""
     for step in reversed(m.provenance or []):
         params = step.get("params") or {}
-        d = params.get("density")
+        d = params.get("density", params.get("mask_density"))
         if step.get("op") == "finetune":
             return (
                 float(d) if params.get("mode") == "sparse" and isinstance(d, int | float) else None

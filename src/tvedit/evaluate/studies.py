@@ -92,7 +92,7 @@ def addition(session: Session, grid: Sequence[float], merged: int | None = None)
     summary = P.addition_summary(choice, test, zero, single_test)
     return {
         "protocol": "addition",
-        "linear": session.linear,
+        "linear": session.linear, "bf16": session.ev.autocast,
         "grid": list(grid),
         "choice": choice.to_dict(),
         "merged_vector": None if merged is None else str(session.vectors[merged].path),
@@ -129,7 +129,7 @@ def negation(
         k: P.mean([r[k] for r in rows]) for k in ("target_zero_shot", "target_test", "control_test")
     }
     return {
-        "protocol": "negation", "linear": session.linear, "grid": list(grid), "control": control,
+        "protocol": "negation", "linear": session.linear, "bf16": session.ev.autocast, "grid": list(grid), "control": control,
         "threshold": threshold, "control_zero_shot": control_zero_test, "control_zero_shot_val": control_zero_val,
         "targets": rows, "mean": mean,
     }  # fmt: skip
@@ -157,6 +157,6 @@ def disentanglement(session: Session, grid: Sequence[float], points: int = 2048)
         )
     terms = P.disentanglement_terms(singles, joints)
     return {
-        "protocol": "disentanglement", "linear": session.linear, "tasks": owners, "grid": list(grid),
+        "protocol": "disentanglement", "linear": session.linear, "bf16": session.ev.autocast, "tasks": owners, "grid": list(grid),
         "points": [int(s.shape[-1]) for s in singles], "xi": terms.sum(dim=0).tolist(), "terms": terms.tolist(),
     }  # fmt: skip

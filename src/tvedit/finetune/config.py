@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from tvedit.errors import UsageError
+from tvedit.finetune.optim import SCHEDULES
 from tvedit.models.base import MODES, pick_device
 
+CLIP_SCOPES = ("full", "kept")  # sparse: clip norm over every maskable tensor's gradient (authors' code) | the kept entries only
 FISHER_VARIANTS = ("sampled", "logit")  # log p(y_hat|x) with sampled y_hat (paper) | raw logit z_y_hat (authors' code)
 
 
@@ -59,7 +61,9 @@ class FinetuneConfig:
     micro_batch: int | None = None  # per-device forward batch; None = the whole per-device share
     steps: int = 2000
     warmup: int = 200
+    schedule: str = "cosine"  # cosine (decay to 0 at steps) | constant (after the warm-up)
     grad_clip: float = 1.0
+    clip_scope: str = "full"  # sparse only: the norm of the full gradient (authors' code) | of the kept entries
     label_smoothing: float = 0.0
     seed: int = 0
     attn_bias: bool = False
@@ -97,6 +101,10 @@ class FinetuneConfig:
             raise UsageError(f"--density is the fraction KEPT and must be in (0, 1], not {self.density}")
         if not 0 <= self.soft_value < 1:
             raise UsageError(f"--soft-value must be in [0, 1), not {self.soft_value}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.clip_scope not in CLIP_SCOPES:
+            raise UsageError(f"clip_scope must be one of {', '.join(CLIP_SCOPES)}, not {self.clip_scope!r}")
         if self.fisher not in FISHER_VARIANTS:
             raise UsageError(f"--fisher must be one of {', '.join(FISHER_VARIANTS)}, not {self.fisher!r}")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.label_smoothing < 1:

@@ -176,9 +176,12 @@ def train_step(
         total = torch.tensor([loss_sum], device=inputs.device)
         dist.all_reduce_mean([total])
         loss_sum = float(total)
-    dist.all_reduce_mean([p.grad for p in params if p.grad is not None])
+    normed = params + list(regime.clip_extra.values())  # the tensors whose gradient the clip norm covers
+    dist.all_reduce_mean([p.grad for p in normed if p.grad is not None])
+    if cfg.grad_clip > 0 and regime.clip_before_mask:  # sparse, clip_scope full: the authors' order
+        torch.nn.utils.clip_grad_norm_(normed, cfg.grad_clip)
     regime.after_backward()
-    if cfg.grad_clip > 0:
+    if cfg.grad_clip > 0 and not regime.clip_before_mask:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step(lr)
     opt.zero_grad()
@@ -228,7 +231,7 @@ def train(
         guard.__enter__()
         stream = batches(start)
         for step in range(start, end):
-            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
             inputs, labels = next(stream)
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss_sum = train_step(regime, opt, head, inputs, labels, lr, cfg, local_batch=local_batch, micro=micro, dist=dist, autocast=autocast)

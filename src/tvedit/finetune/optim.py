@@ -8,11 +8,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+SCHEDULES = ("cosine", "constant")
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (step is 0-based)."""
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (step is 0-based);
+    ``constant``: the same warm-up, then ``base_lr`` to the end."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
     span = max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr
 

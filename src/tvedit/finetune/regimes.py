@@ -30,6 +30,10 @@ class Regime:
         for p in self.params.values():
             p.requires_grad_(True)
         self.masks: dict[str, Tensor] | None = None
+        # frozen tensors whose gradient still enters the clip norm, and whether clipping comes
+        # before after_backward (sparse with clip_scope full; see Sparse)
+        self.clip_extra: dict[str, nn.Parameter] = {}
+        self.clip_before_mask = False
 
     def logits(self, inputs: Any, head: Any) -> Tensor:
         return self.adapter.scores(self.model, inputs, head)
@@ -39,7 +43,11 @@ class Regime:
 
 
 class Linearized(Regime):
-    """f_lin(x; theta) = f(x; theta0) + J f(x; theta0)(theta - theta0); the parameters hold theta."""
+    """f_lin(x; theta) = h(g(x; theta0) + J g(x; theta0)(theta - theta0)); the parameters hold theta.
+
+    g is the adapter's ``features`` (CLIP: the image encoder's output before normalisation) and h
+    its ``head_logits`` (normalise, then the inner product with the text head): the encoder is
+    linearized, its output normalised afterwards (the tangent-space paper's appendix)."""
 
     manifest_regime = "linearized"
 
@@ -48,22 +56,37 @@ class Linearized(Regime):
         self.theta0 = {k: p.detach().clone() for k, p in self.params.items()}
 
     def logits(self, inputs: Any, head: Any) -> Tensor:
-        return linearized(self.model, self.theta0, self.params, lambda m: self.adapter.scores(m, inputs, head))
+        feats = linearized(self.model, self.theta0, self.params, lambda m: self.adapter.features(m, inputs, head))
+        return self.adapter.head_logits(feats, head)
 
 
 class Sparse(Regime):
-    """TaLoS: only the kept entries of the mask train. Tensors without a kept entry are frozen
-    (requires_grad False: their weight gradients are never computed)."""
+    """TaLoS: only the kept entries of the mask train.
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, masks: Mapping[str, Tensor]):
+    Gradient clipping (``clip_scope``): ``full`` (default, the authors' code) clips by the norm of
+    the FULL gradient of every tensor of the mask, pruned entries included, then masks it — tensors
+    without a kept entry still compute their weight gradient for that norm, and never move.
+    ``kept``: the gradient is masked first and the norm covers only the kept entries; tensors
+    without a kept entry are frozen (requires_grad False: their weight gradients are never
+    computed), which is cheaper."""
+
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, masks: Mapping[str, Tensor], clip_scope: str = "full"):
         keys = sorted(k for k, m in masks.items() if bool(m.any()))
         super().__init__(adapter, model, keys)
         self.masks = {k: masks[k].to(device=self.params[k].device, dtype=torch.bool) for k in keys}
+        if clip_scope == "full":
+            named = dict(model.named_parameters())
+            self.clip_extra = {k: named[k] for k in sorted(masks) if k not in self.params}
+            for p in self.clip_extra.values():
+                p.requires_grad_(True)
+            self.clip_before_mask = True
 
     def after_backward(self) -> None:
         for k, p in self.params.items():
             if p.grad is not None:
-                p.grad.mul_(self.masks[k])  # so that gradient clipping sees only kept entries
+                p.grad.mul_(self.masks[k])
+        for p in self.clip_extra.values():
+            p.grad = None  # only its norm was wanted
 
 
 def check_mask(adapter: ModelAdapter, masks: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
@@ -82,7 +105,7 @@ def check_mask(adapter: ModelAdapter, masks: Mapping[str, Tensor], where: str) -
     return out
 
 
-def make_regime(mode: str, adapter: ModelAdapter, model: nn.Module, *, attn_bias: bool = False, masks: Mapping[str, Tensor] | None = None) -> Regime:
+def make_regime(mode: str, adapter: ModelAdapter, model: nn.Module, *, attn_bias: bool = False, masks: Mapping[str, Tensor] | None = None, clip_scope: str = "full") -> Regime:
     if mode in ("full", "attn"):
         return Regime(adapter, model, adapter.trainable_keys(mode, attn_bias=attn_bias))
     if mode == "linearized":
@@ -90,5 +113,5 @@ def make_regime(mode: str, adapter: ModelAdapter, model: nn.Module, *, attn_bias
     if mode == "sparse":
         if masks is None:
             raise UsageError("sparse mode needs a mask (calibrate one, or pass --mask)")
-        return Sparse(adapter, model, masks)
+        return Sparse(adapter, model, masks, clip_scope)
     raise UsageError(f"unknown mode {mode!r}")

@@ -280,8 +280,9 @@ def finetune(
     head = zero_shot_head(theta0, net, the_task)
     if cfg.grad_checkpointing:
         adapter.set_grad_checkpointing(net, True)
-    regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks)
-    fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world,
+    regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks, clip_scope=cfg.clip_scope)
+    flin = {"flin": adapter.flin} if cfg.mode == "linearized" else {}  # which f_lin trained it (evaluation checks)
+    fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world, **flin,
                    **{k: v for k, v in cfg.params().items() if k not in ("stop_after", "checkpoint_every", "num_workers", "log_every", "device")}}  # fmt: skip
     step = train_loop(
         regime, head,
@@ -294,7 +295,9 @@ def finetune(
         return artifacts
 
     state = adapter.state_dict(net)
-    params = {**cfg.params(), "emit": emit, "model": model, "pretrained": pretrained}
+    params = {**cfg.params(), "emit": emit, "model": model, "pretrained": pretrained, **flin}
+    if masks is not None:  # the density actually trained (a --mask file's own, not --density): alpha widening reads it
+        params["density"] = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     inputs = [theta0.record(), {"path": str(the_task.data.root), "sha256": the_task.data_sha256, "kind": "data"}]
     if mask_sha is not None:
         inputs.append({"path": str(mask or sibling(output, "mask.safetensors")), "sha256": mask_sha, "kind": "mask"})

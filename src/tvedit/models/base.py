@@ -69,7 +69,24 @@ class ModelAdapter(ABC):
     @abstractmethod
     def scores(self, model: nn.Module, inputs: Any, head: Any) -> Tensor:
         """Logits ``[B, n_classes]`` for a batch of inputs. Must be a pure function of the model's
-        parameters so that it works under ``torch.func.functional_call`` / ``jvp`` / ``vmap``."""
+        parameters so that it works under ``torch.func.functional_call`` / ``jvp`` / ``vmap``.
+        Equal to ``head_logits(features(model, inputs, head), head)``."""
+
+    def features(self, model: nn.Module, inputs: Any, head: Any) -> Tensor:
+        """The part of the forward that f_lin linearizes (ALGORITHMS.md section 2): f_lin is
+        ``head_logits(features(theta0) + J features(theta0) (theta - theta0), head)``. Default:
+        the scores themselves (``head_logits`` the identity). CLIP overrides it with the image
+        encoder's output before normalisation, as the tangent-space paper linearizes it."""
+        return self.scores(model, inputs, head)
+
+    def head_logits(self, features: Tensor, head: Any) -> Tensor:
+        """The logits from :meth:`features` (not linearized). Default: the identity."""
+        return features
+
+    # The definition of f_lin this adapter trains and evaluates, recorded in the manifests of
+    # linearized vectors (``finetune`` params ``flin``): a vector trained under another definition
+    # is refused at evaluation. "scores": the whole scores are linearized.
+    flin: ClassVar[str] = "scores"
 
     def loss(self, scores: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """The training loss of a batch, SUMMED over its examples (the loop divides by the batch).

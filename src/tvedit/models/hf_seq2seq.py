@@ -60,6 +60,11 @@ class HFSeq2SeqAdapter(ModelAdapter):
     """An ``AutoModelForSeq2SeqLM`` architecture, its tokenizer, and the text recipe's limits."""
 
     family = FAMILY
+    # f_lin linearizes the whole scores (each choice's log-likelihood), the base class's default
+    # ``features``/``head_logits`` split: a rank-classification score has no encoder output that is
+    # normalised before a head (the papers' T5 experiments fine-tune non-linearly; there is no
+    # published definition to follow), and the log-likelihood is what the loss consumes.
+    flin = "scores"
 
     def __init__(self, config: Mapping[str, Any], tokenizer: Mapping[str, Any], max_length: int = DEFAULT_MAX_LENGTH):
         if "model_type" not in config:

@@ -110,7 +110,10 @@ class OpenClipAdapter(ModelAdapter):
         if mode in ("full", "linearized"):
             return [k for k in names if k.startswith("visual.")]
         if mode == "attn":
-            return [k for k in names if _ATTN.match(k) or (attn_bias and _ATTN_BIAS.match(k))]
+            keys = [k for k in names if _ATTN.match(k) or (attn_bias and _ATTN_BIAS.match(k))]
+            if not keys:
+                raise MismatchError(f"--mode attn trains the attention projections of a ViT image tower (visual.transformer.resblocks.*.attn); {self.architecture}'s tower has none")
+            return keys
         if mode == "sparse":
             return self.maskable_keys()
         raise UsageError(f"unknown fine-tuning mode {mode!r}")
@@ -145,10 +148,22 @@ class OpenClipAdapter(ModelAdapter):
         head = torch.stack(rows) * model.logit_scale.exp().float()
         return head.detach()
 
-    def scores(self, model: nn.Module, inputs: Tensor, head: Tensor) -> Tensor:
-        feats = model.encode_image(inputs)
-        feats = feats / feats.norm(dim=-1, keepdim=True)
+    # f_lin linearizes the image encoder and normalises its output afterwards (the tangent-space
+    # paper's appendix); vectors trained under the older definition (normalise, inner product,
+    # then linearize: "scores") are refused at evaluation.
+    flin = "features"
+
+    def features(self, model: nn.Module, inputs: Tensor, head: Tensor | None = None) -> Tensor:
+        """``[B, D]``: the image encoder's output (after ``proj``), before normalisation."""
+        return model.encode_image(inputs)
+
+    def head_logits(self, features: Tensor, head: Tensor) -> Tensor:
+        """L2-normalise the image features, then the inner product with the (scaled) text head."""
+        feats = features / features.norm(dim=-1, keepdim=True)
         return feats @ head.to(feats.dtype).T
+
+    def scores(self, model: nn.Module, inputs: Tensor, head: Tensor) -> Tensor:
+        return self.head_logits(self.features(model, inputs, head), head)
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
         model.visual.set_grad_checkpointing(enable)  # type: ignore[operator]
