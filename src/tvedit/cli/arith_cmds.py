@@ -10,6 +10,7 @@ import typer
 from tvedit.cli.common import (
     FORCE_HELP,
     JSON_HELP,
+    MISMATCH_HELP,
     OUT_DIR_HELP,
     OUT_HELP,
     guard,
@@ -31,10 +32,10 @@ SHARD_HELP = "Largest weights file of a Hugging Face directory output, e.g. 5GB,
 LIKE_HELP = "Copy config and tokenizer files from this Hugging Face directory (default: the base's directory)."
 
 
-def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, force_mix: bool = False):
+def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None):
     import torch
 
-    from tvedit.api import ArithOptions
+    from tvedit.api import ArithOptions, parse_mismatch
 
     if compute not in ("float32", "float64"):
         raise UsageError(f"--compute-dtype must be float32 or float64, not {compute!r}")
@@ -46,7 +47,7 @@ def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite:
         allow_missing=allow_missing,
         allow_nonfinite=allow_nonfinite,
         layout=layout,
-        force_mix=force_mix,
+        allow_mismatch=parse_mismatch(allow_mismatch),
     )
 
 
@@ -93,6 +94,7 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
+        allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
@@ -100,7 +102,7 @@ def register(app: typer.Typer) -> None:
         from tvedit import api
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout)
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch)
         inputs = _inputs(finetuned)
         target = _target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar("extract") as bar:
@@ -128,14 +130,15 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP + " (with --emit vector)"),
         allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
-        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP + " Also allows mixing regimes, bases and families."),
+        allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
         from tvedit import api
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch)
         recipe = _mergekit_recipe(inputs)
         if recipe is not None:
             given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]

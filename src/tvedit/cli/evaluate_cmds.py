@@ -211,13 +211,23 @@ def register(app: typer.Typer) -> None:
         report_path: Path | None = typer.Option(
             None, "--report", help="Write the full results as JSON."
         ),
-        force: bool = typer.Option(
-            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base."
+        allow_mismatch: str | None = typer.Option(
+            None,
+            "--allow-mismatch",
+            help="base: accept task vectors extracted from another base than the one evaluated"
+            " (recorded in --report). --force does not do this.",
         ),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Accuracy of a checkpoint or of theta0 + alpha * sum(vectors) on each task's test split, and the
         task-addition, task-negation and weight-disentanglement protocols (docs/evaluate.md)."""
+        from tvedit.api import parse_mismatch
+
+        allowed = parse_mismatch(allow_mismatch)
+        if allowed - {"base"}:
+            raise UsageError(f"--allow-mismatch: evaluate checks only base, not {sorted(allowed - {'base'})[0]!r}")
+        recorded = {"allow_mismatch": sorted(allowed)} if allowed else {}
         if mask_plot is not None:
             return _mask_plot(mask_plot, output, report_path, force, json_mode(as_json))
         if protocol not in PROTOCOLS:
@@ -268,7 +278,7 @@ def register(app: typer.Typer) -> None:
             linearize=linearize,
             max_examples=max_examples,
             batch_size=batch_size,
-            force=force,
+            allow_base_mismatch="base" in allowed,
             device=device,
         )
         as_json = json_mode(as_json)
@@ -283,7 +293,7 @@ def register(app: typer.Typer) -> None:
                     ["task", "alpha", "accuracy", "n"],
                     [[r["task"], f"{r['alpha']:g}", r["accuracy"], r["n"]] for r in rows],
                 )
-            _write_report(report_path, report, force)
+            _write_report(report_path, {**report, **recorded}, force)
             worst: dict[str, float] = {}
             for r in rows:  # a task passes only if it passes at every alpha
                 worst[r["task"]] = min(worst.get(r["task"], 1.0), r["accuracy"])
@@ -328,7 +338,7 @@ def register(app: typer.Typer) -> None:
                         ]
                     ],
                 )
-            _write_report(report_path, report, force)
+            _write_report(report_path, {**report, **recorded}, force)
             return
         start, stop, step = _grid(grid, "--grid")
         widen = 1.0 if no_widen or merged is not None else studies.widen(session)
@@ -344,7 +354,7 @@ def register(app: typer.Typer) -> None:
             _lines(recs)
         else:
             _table(title, cols, rows)
-        _write_report(report_path, report, force)
+        _write_report(report_path, {**report, **recorded}, force)
         if protocol == "addition":
             P.check_gates(report["merged"], thresholds)
 

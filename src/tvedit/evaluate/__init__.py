@@ -38,14 +38,14 @@ def open_session(
     linearize: bool = False,
     max_examples: int | None = None,
     batch_size: int = 512,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
     device: str = "auto",
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
     ``inputs``: one checkpoint (evaluated as it is, when no ``base`` is given), or task vectors /
     fine-tuned checkpoints evaluated as edits of theta0 (``base``, else the base recorded in the
-    vectors). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
+    vectors; ``allow_base_mismatch`` accepts task vectors extracted from another base). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
     ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization).
     """
     from tvedit.evaluate.data import load_task
@@ -71,7 +71,7 @@ def open_session(
     else:
         base_path = _recorded_base(paths)
     adapter, theta0, base_sha = open_base(base_path)
-    vectors = [] if as_model else [load_vector(p, base_sha, theta0, force=force) for p in paths]
+    vectors = [] if as_model else [load_vector(p, base_sha, theta0, allow_base_mismatch=allow_base_mismatch) for p in paths]
     regimes = {v.regime for v in vectors}
     if len(regimes) > 1 and not linearize:
         raise MismatchError(

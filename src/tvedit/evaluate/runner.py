@@ -328,7 +328,7 @@ def load_vector(
     path: Path,
     base_sha: str | None,
     base_tensors: Mapping[str, Tensor] | None = None,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> LoadedVector:
     """Read a task vector (or a fine-tuned checkpoint, extracted against ``base_tensors``) as float32."""
     from tvedit.tensorio import open_checkpoint
@@ -340,9 +340,9 @@ def load_vector(
             f"{path}: is a mask, not a task vector (apply it first: tvedit mask --apply)"
         )
     if ckpt.kind == "task-vector":
-        if m and m.base and base_sha and m.base.get("sha256") != base_sha and not force:
+        if m and m.base and base_sha and m.base.get("sha256") != base_sha and not allow_base_mismatch:
             raise MismatchError(
-                f"{path}: was extracted from base {str(m.base.get('sha256'))[:12]}, not the base {base_sha[:12]} given (use --force)"
+                f"{path}: was extracted from base {str(m.base.get('sha256'))[:12]}, not the base {base_sha[:12]} given (use --allow-mismatch base to evaluate it anyway)"
             )
         tensors = {k: t.float() for k, t in ckpt.items() if t.is_floating_point()}
     else:
