@@ -19,7 +19,7 @@ import torch
 
 from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
-from tvedit.manifest import Manifest, base_ref
+from tvedit.manifest import Manifest, base_candidates, base_ref
 from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
 from tvedit.ops.svd import Factors
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
@@ -38,6 +38,7 @@ class ArithOptions:
     allow_nonfinite: bool = False
     layout: str = "auto"  # task-vector storage: auto | dense | sparse
     allow_mismatch: frozenset[str] = frozenset()  # what inputs may disagree on: MISMATCHES
+    verify_inputs: bool = False  # hash each input as it is read; a mismatch with its recorded hash fails
 
     def __post_init__(self) -> None:
         chunk_numel()  # a bad $TVEDIT_CHUNK_MIB fails before any file is opened
@@ -433,6 +434,21 @@ def _check_base_hash(ckpt: Checkpoint, want: str, source: Path) -> None:
         raise MismatchError(f"{ckpt.path}: base hash {ckpt.sha256[:12]} differs from the base {want[:12]} recorded in {source} (use --allow-mismatch base to use it anyway)")
 
 
+def _verify_start(ckpts: Iterable[Checkpoint | None], opts: ArithOptions) -> None:
+    """With --verify-inputs: hash each input with a recorded hash while the operation reads it."""
+    if opts.verify_inputs:
+        for c in ckpts:
+            if c is not None:
+                c.verify_while_reading()
+
+
+def _verify_end(ckpts: Iterable[Checkpoint | None]) -> None:
+    """Before a commit: every input being verified hashes to its recorded hash (else InputError)."""
+    for c in ckpts:
+        if c is not None:
+            c.verify_streamed()
+
+
 def check_base(ckpt: Checkpoint | None) -> None:
     """The deferred check of a first-use --base against the hash its task vectors record."""
     if ckpt is not None and ckpt.expected is not None:
@@ -466,12 +482,15 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
     if not recorded:
         raise UsageError("no base: pass --base BASE (the inputs record none)")
     want, (path, src) = next(iter(recorded.items()))
-    if not path or not Path(path).exists():
-        raise InputError(f"{src}: its recorded base {path!r} is not there; pass --base BASE")
-    ckpt = open_checkpoint(path)
-    if ckpt.sha256 != want:
-        raise MismatchError(f"{path}: base recorded in {src} has changed (hash {ckpt.sha256[:12]} != {want[:12]}); pass --base")
-    return ckpt
+    found = base_candidates(path, src)
+    if not found:
+        raise InputError(f"{src}: its recorded base {path!r} is not there (nor beside {src.name}); pass --base BASE")
+    for candidate in found:
+        ckpt = open_checkpoint(candidate)
+        if ckpt.sha256 == want:
+            return ckpt
+    got = open_checkpoint(found[0]).sha256
+    raise MismatchError(f"{found[0]}: base recorded in {src} has changed (hash {got[:12]} != {want[:12]}); pass --base")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +519,7 @@ def extract(
     hfdir.check_inputs(base_ckpt, ckpts)
     keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
     paths = [target.path_for(s, "tv", len(specs)) for s in specs]
+    _verify_start([base_ckpt, *ckpts], opts)
     artifacts = []
     for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths, strict=True):
         src = ckpt.manifest or Manifest()
@@ -527,6 +547,7 @@ def extract(
                     w.write(key, tau.to(dtype))
                 if progress:
                     progress(i + 1, len(keys), key)
+            _verify_end([base_ckpt, ckpt])
             w.manifest = manifest_for(True)  # the input hashes, computed while streaming
             artifacts.append(w.commit())
     consume_ephemeral(specs + [base_spec])
@@ -578,6 +599,7 @@ def add(
     regime = _regime(ckpts, opts)
     keys = _vector_keys(ckpts, base_ckpt, opts)
     out = target.path_for(None, "merged" if emit == "checkpoint" else "sum", 1)
+    _verify_start([base_ckpt, *ckpts], opts)
     sources = VectorSources(ckpts, base_ckpt, opts, keys)
     state = merge.prepare(sources, method_options) if merge.prepare else {}
 
@@ -639,6 +661,7 @@ def add(
             if progress:
                 progress(i + 1, len(all_keys), key)
         check_base(base_ckpt)  # before anything is committed
+        _verify_end([base_ckpt, *ckpts])
         w.manifest = manifest_for(True)  # the input hashes, computed while streaming
         artifact = w.commit()
     consume_ephemeral(specs)
@@ -714,6 +737,7 @@ def scale(
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
         keys = ckpt.keys()
         slot = Slot(opts.compute_dtype)
+        _verify_start([ckpt], opts)
         with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):
                 dtype = _out_dtype(opts, ckpt.info(key).dtype) if ckpt.is_floating(key) else None
@@ -727,6 +751,7 @@ def scale(
                     w.write(key, ckpt.get(key))
                 if progress:
                     progress(i + 1, len(keys), key)
+            _verify_end([ckpt])
             artifacts.append(w.commit())
     consume_ephemeral(specs)
     return artifacts

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvedit.errors import MismatchError, UsageError
+from tvedit.errors import InputError, MismatchError, UsageError
 
 if TYPE_CHECKING:
     from tvedit.evaluate.runner import Session
@@ -88,13 +88,17 @@ def open_session(
 
 
 def _recorded_base(paths: Sequence[Path]) -> Path:
+    from tvedit.manifest import base_candidates
     from tvedit.tensorio import open_checkpoint
 
     for p in paths:
         m = open_checkpoint(p).manifest
         if m and m.base and m.base.get("path"):
-            recorded = Path(m.base["path"])
-            if recorded.exists():
-                return recorded
-            raise UsageError(f"{p}: its recorded base {recorded} is not there; pass --base BASE")
+            found = base_candidates(m.base["path"], p)
+            for candidate in found:  # the one with the recorded hash (same rule as tvedit add)
+                if open_checkpoint(candidate).sha256 == m.base.get("sha256"):
+                    return candidate
+            if found:
+                return found[0]  # the hash check of the vectors names the mismatch
+            raise InputError(f"{p}: its recorded base {m.base['path']!r} is not there (nor beside {p.name}); pass --base BASE")
     raise UsageError("no base: pass --base BASE (the inputs record none)")
