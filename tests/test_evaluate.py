@@ -310,3 +310,56 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def _stderr_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run tvedit with stderr on a pseudo-terminal and stdout on a pipe: (exit code, stdout, what the terminal got)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen([sys.executable, "-m", "tvedit", *args], stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    seen = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen.append(chunk)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    os.close(master)
+    return proc.wait(), out, b"".join(seen).decode(errors="replace")
+
+
+def test_cli_evaluate_progress_on_a_terminal_only(tiny: dict[str, Path], cli, tmp_path: Path) -> None:
+    args = ["evaluate", str(tiny["tau_a"]), str(tiny["tau_b"]), "--base", str(tiny["base"]), "--task", f"a={tiny['a']}",
+            "--task", f"b={tiny['b']}", "--protocol", "addition", "--grid", "0:1:0.5", "--batch-size", "4", "--device", "cpu", "--json"]  # fmt: skip
+    code, out, terminal = _stderr_on_a_terminal(args, tmp_path)
+    assert code == 0, terminal
+    assert "evaluate (addition)" in terminal and "test" in terminal, terminal  # the bar and what it is doing
+    piped = cli(*args, check=True)
+    assert piped.stderr == ""  # not a terminal: no bar
+    assert [json.loads(line) for line in piped.stdout.splitlines()] == [json.loads(line) for line in out.splitlines()]
+
+
+def test_cli_evaluate_allow_mismatch_base(tiny: dict[str, Path], cli, tmp_path: Path) -> None:
+    from tvedit.models.open_clip import OpenClipAdapter
+
+    adapter = OpenClipAdapter("tiny", TINY)
+    torch.manual_seed(5)
+    other = tmp_path / "other.safetensors"
+    save_tensors(other, adapter.state_dict(adapter.build()), Manifest(kind="checkpoint", model=adapter.model_info()))
+    args = ["evaluate", str(tiny["tau_a"]), "--base", str(other), "--task", f"a={tiny['a']}", "--device", "cpu"]
+    for extra in ((), ("--force",)):  # --force only overwrites the report
+        proc = cli(*args, *extra)
+        assert proc.returncode == 4 and "--allow-mismatch base" in proc.stderr, proc.stderr
+    bad = cli(*args, "--allow-mismatch", "regime")
+    assert bad.returncode == 2 and "evaluate checks only base" in bad.stderr
+    cli(*args, "--allow-mismatch", "base", "--report", str(tmp_path / "r.json"), check=True)
+    assert json.loads((tmp_path / "r.json").read_text())["allow_mismatch"] == ["base"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode
+from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, progress_bar
 from tvedit.errors import OutputError, UsageError
 
 PROTOCOLS = ("none", "addition", "negation", "disentanglement")
@@ -271,20 +271,41 @@ def register(app: typer.Typer) -> None:
             if control_name in tasks:
                 raise UsageError(f"--control {control_name!r} is also a --task")
             tasks[control_name] = control_dir
-        session = open_session(
-            [*(inputs or []), *([merged] if merged is not None else [])],
-            tasks,
-            base,
-            linearize=linearize,
-            max_examples=max_examples,
-            batch_size=batch_size,
-            allow_base_mismatch="base" in allowed,
-            device=device,
-        )
+        if protocol == "disentanglement":
+            lo, hi, _ = _grid(grid_range + ":1", "--grid-range")
+        elif protocol != "none":
+            start, stop, step = _grid(grid, "--grid")
+        with progress_bar(f"evaluate ({protocol})" if protocol != "none" else "evaluate") as bar:
+            if bar is not None:
+                bar(0, None, "loading theta0, vectors and tasks")  # type: ignore[arg-type]
+            session = open_session(
+                [*(inputs or []), *([merged] if merged is not None else [])],
+                tasks,
+                base,
+                linearize=linearize,
+                max_examples=max_examples,
+                batch_size=batch_size,
+                allow_base_mismatch="base" in allowed,
+                device=device,
+            )
+            session.ev.progress = bar  # type: ignore[assignment]
+            if protocol == "none":
+                rows = studies.plain(session, alpha or [1.0])
+            elif protocol == "disentanglement":
+                report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
+            else:
+                widen = 1.0 if no_widen or merged is not None else studies.widen(session)
+                alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
+                if protocol == "addition":
+                    report = studies.addition(session, alphas, merged=None if merged is None else len(session.vectors) - 1)
+                else:
+                    assert control_name is not None
+                    report = studies.negation(session, control_name, alphas, threshold)
+                report["widen"] = widen
+            session.ev.progress = None
         as_json = json_mode(as_json)
         if protocol == "none":
-            rows = studies.plain(session, alpha or [1.0])
-            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "results": rows}
+            report = {"protocol": "none", "linear": session.linear, "results": rows}
             if as_json:
                 _lines(rows)
             else:
@@ -300,8 +321,6 @@ def register(app: typer.Typer) -> None:
             P.check_gates(worst, thresholds)
             return
         if protocol == "disentanglement":
-            lo, hi, _ = _grid(grid_range + ":1", "--grid-range")
-            report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
             xi = report["xi"]
             summary = {
                 "protocol": "disentanglement",
@@ -340,15 +359,6 @@ def register(app: typer.Typer) -> None:
                 )
             _write_report(report_path, {**report, **recorded}, force)
             return
-        start, stop, step = _grid(grid, "--grid")
-        widen = 1.0 if no_widen or merged is not None else studies.widen(session)
-        alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
-        if protocol == "addition":
-            report = studies.addition(session, alphas, merged=None if merged is None else len(session.vectors) - 1)
-        else:
-            assert control_name is not None
-            report = studies.negation(session, control_name, alphas, threshold)
-        report["widen"] = widen
         title, cols, rows, recs = _protocol_rows(report)
         if as_json:
             _lines(recs)

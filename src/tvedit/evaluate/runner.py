@@ -124,6 +124,14 @@ class Evaluator:
             p.requires_grad_(False)
         self._heads: dict[str, Any] = {}
         self._base_logits: dict[tuple[str, str], Tensor] = {}
+        # called after every batch forward (or jvp) with (batches done, None, what): a progress bar
+        self.progress: Callable[[int, int | None, str], None] | None = None
+        self._done = 0
+
+    def _tick(self, what: str) -> None:
+        self._done += 1
+        if self.progress is not None:
+            self.progress(self._done, None, what)
 
     # -- heads -----------------------------------------------------------------------------------
     def head(self, task: TaskData) -> Any:
@@ -183,6 +191,7 @@ class Evaluator:
             fn: Callable[[nn.Module], Tensor] = lambda m, b=batch: self.adapter.scores(m, b, head)  # noqa: E731
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = functional(self.model, params, fn) if params else fn(self.model)
+            self._tick(f"{task.name} {split}")
             out.append(logits.float().cpu())
         return torch.cat(out)
 
@@ -218,6 +227,7 @@ class Evaluator:
                 with forward_ad_safe(), torch.no_grad():
                     _, jt = torch.func.jvp(fn, primals, tangents)
                 parts.append(jt.float().cpu())
+                self._tick(f"{task.name} {split} (jvp)")
             jts.append(torch.cat(parts))
         return LinearTerms(f0, jts, labels)
 
