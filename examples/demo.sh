@@ -29,17 +29,7 @@ stamp() { echo "   [$((SECONDS - start)) s]"; }
 
 # ---------------------------------------------------------------------------------------------
 echo "== 1. arithmetic on generated checkpoints"
-mkdir -p "$out/arith"
-python - "$out/arith" <<'PY'
-import sys, torch
-from safetensors.torch import save_file
-out = sys.argv[1]
-g = torch.Generator().manual_seed(0)
-base = {"encoder.weight": torch.randn(256, 128, generator=g), "encoder.bias": torch.randn(256, generator=g), "head.weight": torch.randn(10, 256, generator=g)}
-save_file(base, f"{out}/base.safetensors")
-for i in (1, 2, 3):
-    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, f"{out}/ft{i}.safetensors")
-PY
+bash "$here/make_inputs.sh" "$out/arith"   # also the inputs of examples/recipe.yaml
 (
   cd "$out/arith"
   echo "-- extract three task vectors, halve them, and merge into theta0 with alpha 0.3 (one pipeline)"
