@@ -19,6 +19,10 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
 * startup: `python -c "import torch, tvedit.api"`, the fixed cost inside every tvedit figure;
 * naive:  safetensors.torch.load_file for every input, sum, save_file (skipped when it would need
           more than half of this machine's memory).
+* with --verify: the fine-tuned checkpoints extracted once to dense task vectors (their manifests
+          record their content hashes), then `tvedit add TV... --alpha 0.3` without and with
+          --verify-inputs, alternated twice, the faster of each kept: what verifying the inputs'
+          recorded hashes while streaming costs.
 
 Prints a table and one JSON object per size. Usage:
 
@@ -85,7 +89,7 @@ def total_ram_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
 
 
-def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -> dict:
+def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool, verify: bool = False) -> dict:
     dir = workdir / f"{gib:g}gib"
     base, fts = generate(dir, gib, n_inputs, tensor_mib)
     out = dir / "out.safetensors"
@@ -114,6 +118,17 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
         if out.exists():
             out.unlink()
         results[name] = measure(cmd, dict(env, TVEDIT_CHUNK_MIB="65536") if name == "tvedit_whole_tensors" else env)
+    if verify:
+        tv = dir / "tv"
+        subprocess.run([sys.executable, "-m", "tvedit", "extract", *map(str, fts), "--base", str(base), "--out-dir", str(tv),
+                        "--layout", "dense", "--force", "--json"], env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        add_tv = [sys.executable, "-m", "tvedit", "add", *sorted(map(str, tv.glob("*.safetensors"))), "--alpha", "0.3", "-o", str(out), "--force"]
+        runs: dict[str, list[dict]] = {"tvedit_vectors": [], "tvedit_vectors_verify": []}
+        for _ in range(2):
+            for name, extra in (("tvedit_vectors", []), ("tvedit_vectors_verify", ["--verify-inputs"])):
+                runs[name].append(measure([*add_tv, *extra], env))
+        for name, rs in runs.items():
+            results[name] = min(rs, key=lambda r: r["wall_s"])
     floor = min(results.pop("floor"), results.pop("floor_again"), key=lambda r: r["wall_s"])
     results["floor"] = floor
     summary = {
@@ -129,6 +144,8 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool) -
         "fsync_cost_s": results["floor_fsync"]["wall_s"] - floor["wall_s"],
         "tvedit_rss_minus_floor_mib": results["tvedit"]["peak_rss_mib"] - floor["peak_rss_mib"],
     }
+    if verify:
+        summary["verify_inputs_cost_s"] = results["tvedit_vectors_verify"]["wall_s"] - results["tvedit_vectors"]["wall_s"]
     if "naive" in results:
         summary["naive_over_tvedit_time"] = results["naive"]["wall_s"] / results["tvedit"]["wall_s"]
         summary["naive_over_tvedit_rss"] = results["naive"]["peak_rss_mib"] / results["tvedit"]["peak_rss_mib"]
@@ -143,13 +160,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--verify", action="store_true", help="also measure add over task vectors without and with --verify-inputs")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {total_ram_gib():.0f} GiB RAM, torch {torch.__version__}", file=sys.stderr)
     rows = []
     try:
         for gib in (float(s) for s in args.sizes.split(",")):
             t = time.perf_counter()
-            summary = run(gib, args.inputs, args.tensor_mib, args.workdir, args.cold)
+            summary = run(gib, args.inputs, args.tensor_mib, args.workdir, args.cold, args.verify)
             summary["bench_total_s"] = time.perf_counter() - t
             print(json.dumps(summary))
             rows.append(summary)
@@ -172,6 +190,12 @@ def main() -> None:
             f"| {naive} | {r['tvedit_minus_startup_over_floor_time']:.2f}x | {r['tvedit_minus_startup_over_floor_hash_time']:.2f}x | {r['fsync_cost_s']:.2f} |",
             file=sys.stderr,
         )
+    if args.verify:
+        print("\n| model | inputs (task vectors) | add s / MiB | add --verify-inputs s / MiB | cost s |\n|---|---|---|---|---|", file=sys.stderr)
+        for r in rows:
+            a, v = r["results"]["tvedit_vectors"], r["results"]["tvedit_vectors_verify"]
+            print(f"| {r['model_gib']:.2f} GiB | {r['inputs']} | {a['wall_s']:.2f} / {a['peak_rss_mib']:.0f} | {v['wall_s']:.2f} / {v['peak_rss_mib']:.0f} "
+                  f"| {r['verify_inputs_cost_s']:+.2f} |", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ complete -c tvedit -n '__fish_seen_subcommand_from add' -l compute-dtype -r -d '
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l allow-missing -d 'Treat a key missing from some inputs as zero instead of failing'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l allow-nonfinite -d 'Write results that contain NaN/Inf instead of failing'
+complete -c tvedit -n '__fish_seen_subcommand_from add' -l allow-mismatch -r -d 'Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized vs non-linear), family (model families)'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from add' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -F
 complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -l model -s m -r -d 'An open_clip model name (ViT-B-32) or a model-config JSON in open_clips format (embed_dim, vision_cfg, text_cfg)'
@@ -97,6 +99,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l gate -r -d 'YAML
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l mask-plot -r -d 'Plot where a masks kept entries sit, layer by layer (to -o); no evaluation'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l output -s o -r -d 'Figure file (PNG): the disentanglement heatmap or the mask plot'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l report -r -d 'Write the full results as JSON'
+complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l allow-mismatch -r -d 'base: accept task vectors extracted from another base than the one evaluated; regime: evaluate linearized vectors trained under another definition of f_lin (with a warning)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from export-hf' -F
@@ -117,7 +120,9 @@ complete -c tvedit -n '__fish_seen_subcommand_from extract' -l compute-dtype -r 
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l allow-missing -d 'Treat a key missing from some inputs as zero instead of failing'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l allow-nonfinite -d 'Write results that contain NaN/Inf instead of failing'
+complete -c tvedit -n '__fish_seen_subcommand_from extract' -l allow-mismatch -r -d 'Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized vs non-linear), family (model families)'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from extract' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -F
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l model -s m -r -d 'An open_clip model name (ViT-B-32) or a model-config JSON in open_clips format (embed_dim, vision_cfg, text_cfg)'
@@ -167,7 +172,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from import' -l force -s f -d 'Ove
 complete -c tvedit -n '__fish_seen_subcommand_from import' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from info' -F
 complete -c tvedit -n '__fish_seen_subcommand_from info' -l tensors -s t -d 'Read every tensor: list each (shape, dtype, norm, density), and the total norm and measured density'
-complete -c tvedit -n '__fish_seen_subcommand_from info' -l verify -d 'Recompute the content hash and compare it with the manifests'
+complete -c tvedit -n '__fish_seen_subcommand_from info' -l verify -d 'Read every tensor, recompute the content hash and compare it with the manifests (a file without a manifest: says there is nothing to compare with; exit 4 on a mismatch)'
 complete -c tvedit -n '__fish_seen_subcommand_from info' -l json -d 'Print one JSON object per file'
 complete -c tvedit -n '__fish_seen_subcommand_from init' -F
 complete -c tvedit -n '__fish_seen_subcommand_from init' -l model -s m -r -d 'An open_clip model name (ViT-B-32) or a model-config JSON in open_clips format (embed_dim, vision_cfg, text_cfg)'
@@ -207,6 +212,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from negate' -l dtype -r -d 'Outpu
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l compute-dtype -r -d 'Accumulate in float32 (default) or float64'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from negate' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -F
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l by -s c -r -d 'The coefficient c in c * tau'
@@ -219,6 +225,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from scale' -l compute-dtype -r -d
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l allow-nonfinite -d 'Write results that contain NaN/Inf instead of failing'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from scale' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -F
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l output -s o -r -d 'Output directory: study'

@@ -4,7 +4,7 @@
 #  1. Task arithmetic on generated tensors, in one pipeline (seconds).
 #  2. The papers' comparison on a tiny CLIP (tvedit study, examples/study.yaml): theta0 is the
 #     committed artifact examples/theta0/tiny_clip.safetensors (pre-trained contrastively by
-#     examples/pretrain_tiny_clip.py on ~27k captioned images; its JSON records how), four small tasks
+#     examples/pretrain_tiny_clip.py on ~27k captioned images; its manifest records how), four small tasks
 #     on real and rendered images (examples/demo_data.py), task vectors in all four regimes (full,
 #     attn, linearized, sparse/TaLoS), post-hoc merges (TIES, DARE-TIES, TALL consensus), task addition,
 #     negation and weight disentanglement. Tables: $DEMO_OUT/study/results.md; JSON: study.json;
@@ -29,17 +29,7 @@ stamp() { echo "   [$((SECONDS - start)) s]"; }
 
 # ---------------------------------------------------------------------------------------------
 echo "== 1. arithmetic on generated checkpoints"
-mkdir -p "$out/arith"
-python - "$out/arith" <<'PY'
-import sys, torch
-from safetensors.torch import save_file
-out = sys.argv[1]
-g = torch.Generator().manual_seed(0)
-base = {"encoder.weight": torch.randn(256, 128, generator=g), "encoder.bias": torch.randn(256, generator=g), "head.weight": torch.randn(10, 256, generator=g)}
-save_file(base, f"{out}/base.safetensors")
-for i in (1, 2, 3):
-    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, f"{out}/ft{i}.safetensors")
-PY
+bash "$here/make_inputs.sh" "$out/arith"   # also the inputs of examples/recipe.yaml
 (
   cd "$out/arith"
   echo "-- extract three task vectors, halve them, and merge into theta0 with alpha 0.3 (one pipeline)"
@@ -64,9 +54,12 @@ if [ ! -f "$data/data.json" ]; then
   echo "-- building the tasks and the corpus from the data packages and matplotlib's fonts"
   python "$here/demo_data.py" "$data"
 fi
-python - "$data/data.json" "$here/theta0/tiny_clip.json" <<'PY'
+python - "$data/data.json" "$here/theta0/tiny_clip.safetensors" <<'PY'
 import json, sys
-made, recorded = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))["pretrain"]["data"]
+from safetensors import safe_open
+with safe_open(sys.argv[2], "pt") as f:  # theta0's manifest: its pretrain step records the data's hashes
+    recorded = json.loads(f.metadata()["tvedit"])["provenance"][0]["params"]["data"]
+made = json.load(open(sys.argv[1]))
 if made["tasks"] != recorded["tasks"] or made["pretrain"] != recorded["pretrain"]:
     print("   warning: this machine's data differs from the data theta0 was made with (other package versions?); numbers will differ from the README")
 PY

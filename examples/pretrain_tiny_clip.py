@@ -9,11 +9,13 @@ schedule and random shifts of up to 2 px (no flips: glyphs must not be mirrored)
 ``--random`` skips training: the randomly initialised model, for the random-theta0 control (task
 arithmetic collapses without pre-training; tangent-space paper, Table 3).
 
-The output is an open_clip state dict (``--dtype bfloat16`` halves it: the shipped artifact) plus a
-JSON beside it (``OUT.json``): open_clip's ``model_cfg`` (what ``tvedit init --model OUT.json`` reads)
-and a ``pretrain`` record of how it was made (script, seed, steps, batch, learning rate, the data's
-hashes from data.json, the loss curve, seconds). The token embedding stays at its random
-initialisation (fewer parameters to update on a CPU; the text transformer above it learns).
+The output is a tvedit checkpoint (``--dtype bfloat16`` halves it: the shipped artifact), written by
+tvedit's own writer: its manifest holds the model record (open_clip's config, image size,
+normalisation: what every tvedit command reads, so it needs no ``tvedit init``) and a ``pretrain``
+provenance step recording how it was made (script, command, seed, steps, batch, learning rate, torch
+version, the data's hashes from data.json, the loss curve, seconds); ``tvedit info OUT --json`` shows
+it. The token embedding stays at its random initialisation (fewer parameters to update on a CPU; the
+text transformer above it learns).
 
 The committed artifact (examples/theta0/) was made by:
 
@@ -53,6 +55,18 @@ TINY_CLIP = {
 }
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def save_theta0(state: dict[str, torch.Tensor], meta: dict, output: Path):
+    """Write ``state`` as a tvedit checkpoint whose manifest records the model and ``meta`` (a
+    ``pretrain`` provenance step). The architecture is named after the file (``tiny_clip``)."""
+    from tvedit.manifest import Manifest
+    from tvedit.models.open_clip import OpenClipAdapter
+    from tvedit.tensorio import save_tensors
+
+    model = OpenClipAdapter(Path(output).stem, TINY_CLIP).model_info()
+    manifest = Manifest(kind="checkpoint", model=model).with_step("pretrain", meta, [])
+    return save_tensors(output, state, manifest, force=True)
 
 
 def build_model(config: dict) -> torch.nn.Module:
@@ -131,7 +145,6 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of the output")
     ap.add_argument("--random", action="store_true", help="no training: the random initialisation")
     args = ap.parse_args()
-    from safetensors.torch import save_file
 
     torch.manual_seed(args.seed)
     model = build_model(TINY_CLIP)
@@ -147,7 +160,6 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in model.state_dict().items()}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(args.output))
     every = 50
     meta = {
         "script": "examples/pretrain_tiny_clip.py",
@@ -163,8 +175,7 @@ def main() -> None:
         "loss": [round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4) for i in range(0, len(losses), every)],
         "seconds": round(time.time() - t0, 1),
     }
-    # open_clip's config format (what `tvedit init --model FILE.json` reads), plus how it was made
-    args.output.with_suffix(".json").write_text(json.dumps({"model_cfg": TINY_CLIP, "pretrain": meta}, indent=2) + "\n")
+    save_theta0(state, meta, args.output)
     print(f"wrote {args.output} ({meta['seconds']} s)")
 
 

@@ -3,6 +3,7 @@
 # init theta0 from a Hugging Face directory, fine-tune two JSONL text tasks (full and TaLoS sparse),
 # evaluate task addition and negation by rank classification, and export the merged model as a
 # Hugging Face directory. With a real model, pass its directory: examples/t5_text_tasks.sh WORKDIR HF_DIR
+# TVEDIT_EXAMPLE_SMALL=1: 2 fine-tuning steps instead of 200 (a smoke run: the tests use it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-t5-example}"
@@ -17,6 +18,7 @@ model="${model:-tiny-t5}"
 
 tvedit init --model "$model" -o theta0.safetensors --force --json >/dev/null
 tiny=(--steps 200 --batch-size 16 --lr 3e-3 --warmup 10)    # the T5 recipe defaults: lr 1e-4, batch 1024
+[ "${TVEDIT_EXAMPLE_SMALL:-0}" = 1 ] && tiny=(--steps 2 --batch-size 4 --lr 3e-3 --warmup 0)
 tvedit finetune -p theta0.safetensors --train first_letter --mode full "${tiny[@]}" --emit vector -o first_letter.tv.safetensors --force --json >/dev/null
 tvedit finetune -p theta0.safetensors --train parity --mode sparse --density 0.2 --calib-batches 4 "${tiny[@]}" --emit vector -o parity.tv.safetensors --force --json >/dev/null
 

@@ -122,7 +122,7 @@ def test_base_hash_and_regime_mismatch(cli, ckpts: dict[str, Path], tmp_path: Pa
     cli("extract", "ft2.safetensors", "--base", "other.safetensors", "-o", "t2.safetensors", "--allow-nonfinite", check=True)
     _assert_error(cli("add", "t1.safetensors", "t2.safetensors", "-o", "o.safetensors"), 4, "t2.safetensors", "base")
     _assert_error(cli("add", "t1.safetensors", "--base", "other.safetensors", "-o", "o.safetensors"), 4, "other.safetensors", "differs")
-    # a linearized vector cannot be mixed with a non-linear one unless forced
+    # a linearized vector cannot be mixed with a non-linear one (tests/test_mismatch.py: --allow-mismatch)
     from tvedit.manifest import Manifest
     from tvedit.tensorio import load_tensors, save_tensors
 
@@ -131,7 +131,7 @@ def test_base_hash_and_regime_mismatch(cli, ckpts: dict[str, Path], tmp_path: Pa
     lin = Manifest.from_dict({**manifest.to_dict(), "regime": "linearized", "sparse": {}})
     save_tensors(tmp_path / "lin.safetensors", tensors, lin)
     _assert_error(cli("add", "t1.safetensors", "lin.safetensors", "-o", "o.safetensors"), 4, "regimes", "lin.safetensors")
-    assert cli("add", "t1.safetensors", "lin.safetensors", "-o", "o.safetensors", "--force").returncode == 0
+    assert cli("add", "t1.safetensors", "lin.safetensors", "-o", "o.safetensors", "--allow-mismatch", "regime").returncode == 0
 
 
 def test_stdin_dash_errors(cli, ckpts: dict[str, Path]) -> None:

@@ -161,7 +161,7 @@ def test_affine_flin_sweep_equals_per_alpha_jvp(tiny: dict[str, Path]) -> None:
 
 def test_vectors_linearized_under_another_flin_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
     """A linearized vector whose fine-tuning recorded no ``flin`` (the old definition, linearizing
-    the normalised scores) is refused (exit 4, one line); --force evaluates it with a warning;
+    the normalised scores) is refused (exit 4, one line); --allow-mismatch regime evaluates it with a warning;
     one recording this tvedit's definition is accepted."""
     from tvedit.errors import MismatchError
     from tvedit.evaluate import open_session
@@ -178,7 +178,7 @@ def test_vectors_linearized_under_another_flin_are_refused(tiny: dict[str, Path]
     with pytest.raises(MismatchError, match="old_a.safetensors.*linearizing the scores.*features") as exc:
         open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"])
     assert "\n" not in str(exc.value) and exc.value.exit_code == 4
-    assert open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"], force=True).linear
+    assert open_session([paths["old", "a"], paths["old", "b"]], tasks, tiny["base"], allow_flin_mismatch=True).linear
     assert open_session([paths["new", "a"], paths["new", "b"]], tasks, tiny["base"]).linear
 
 
@@ -389,3 +389,56 @@ def test_bf16_autocast_is_a_switch(tiny: dict[str, Path]) -> None:
     off = open_session([tiny["tau_a"]], {"a": tiny["a"]}, tiny["base"], device="cpu", bf16=False)
     assert on.ev.bf16 is True and off.ev.bf16 is False
     assert on.ev.autocast is False and off.ev.autocast is False  # CPU: float32 whatever the switch
+
+
+def _stderr_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run tvedit with stderr on a pseudo-terminal and stdout on a pipe: (exit code, stdout, what the terminal got)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen([sys.executable, "-m", "tvedit", *args], stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    seen = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen.append(chunk)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    os.close(master)
+    return proc.wait(), out, b"".join(seen).decode(errors="replace")
+
+
+def test_cli_evaluate_progress_on_a_terminal_only(tiny: dict[str, Path], cli, tmp_path: Path) -> None:
+    args = ["evaluate", str(tiny["tau_a"]), str(tiny["tau_b"]), "--base", str(tiny["base"]), "--task", f"a={tiny['a']}",
+            "--task", f"b={tiny['b']}", "--protocol", "addition", "--grid", "0:1:0.5", "--batch-size", "4", "--device", "cpu", "--json"]  # fmt: skip
+    code, out, terminal = _stderr_on_a_terminal(args, tmp_path)
+    assert code == 0, terminal
+    assert "evaluate (addition)" in terminal and "test" in terminal, terminal  # the bar and what it is doing
+    piped = cli(*args, check=True)
+    assert piped.stderr == ""  # not a terminal: no bar
+    assert [json.loads(line) for line in piped.stdout.splitlines()] == [json.loads(line) for line in out.splitlines()]
+
+
+def test_cli_evaluate_allow_mismatch_base(tiny: dict[str, Path], cli, tmp_path: Path) -> None:
+    from tvedit.models.open_clip import OpenClipAdapter
+
+    adapter = OpenClipAdapter("tiny", TINY)
+    torch.manual_seed(5)
+    other = tmp_path / "other.safetensors"
+    save_tensors(other, adapter.state_dict(adapter.build()), Manifest(kind="checkpoint", model=adapter.model_info()))
+    args = ["evaluate", str(tiny["tau_a"]), "--base", str(other), "--task", f"a={tiny['a']}", "--device", "cpu"]
+    for extra in ((), ("--force",)):  # --force only overwrites the report
+        proc = cli(*args, *extra)
+        assert proc.returncode == 4 and "--allow-mismatch base" in proc.stderr, proc.stderr
+    bad = cli(*args, "--allow-mismatch", "family")
+    assert bad.returncode == 2 and "evaluate checks only base and regime" in bad.stderr
+    cli(*args, "--allow-mismatch", "base", "--report", str(tmp_path / "r.json"), check=True)
+    assert json.loads((tmp_path / "r.json").read_text())["allow_mismatch"] == ["base"]

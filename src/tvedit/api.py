@@ -19,7 +19,7 @@ import torch
 
 from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
-from tvedit.manifest import Manifest, base_ref
+from tvedit.manifest import Manifest, base_candidates, base_ref
 from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
 from tvedit.ops.svd import Factors
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
@@ -37,18 +37,39 @@ class ArithOptions:
     allow_missing: bool = False  # a key missing from some inputs counts as zero
     allow_nonfinite: bool = False
     layout: str = "auto"  # task-vector storage: auto | dense | sparse
-    force_mix: bool = False  # allow mixing regimes / bases / model families
+    allow_mismatch: frozenset[str] = frozenset()  # what inputs may disagree on: MISMATCHES
+    verify_inputs: bool = False  # hash each input as it is read; a mismatch with its recorded hash fails
 
     def __post_init__(self) -> None:
         chunk_numel()  # a bad $TVEDIT_CHUNK_MIB fails before any file is opened
+        self.allow_mismatch = parse_mismatch(self.allow_mismatch)
 
     def params(self) -> dict[str, Any]:
-        return {
+        params: dict[str, Any] = {
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
             "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
             "allow_missing": self.allow_missing,
             "allow_nonfinite": self.allow_nonfinite,
         }
+        if self.allow_mismatch:  # recorded only when a check was switched off
+            params["allow_mismatch"] = sorted(self.allow_mismatch)
+        return params
+
+
+# What inputs may be allowed to disagree on (--allow-mismatch), each a check that is on by default.
+MISMATCHES = ("base", "regime", "family")
+
+
+def parse_mismatch(value: str | Iterable[str] | None) -> frozenset[str]:
+    """``"base,regime"`` (or an iterable of words) -> the set; an unknown word is a usage error."""
+    if value is None:
+        return frozenset()
+    words = value.split(",") if isinstance(value, str) else [w for v in value for w in str(v).split(",")]
+    words = [w.strip() for w in words if w.strip()]
+    bad = [w for w in words if w not in MISMATCHES]
+    if bad:
+        raise UsageError(f"--allow-mismatch: unknown check {bad[0]!r} (choose from {', '.join(MISMATCHES)}, comma-separated)")
+    return frozenset(words)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,17 +139,17 @@ def _family_group(family: str) -> str:
 
 def _check_families(ckpts: Iterable[Checkpoint], opts: ArithOptions) -> None:
     fams = {(_family_group(c.manifest.family), c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
-    if len({f for f, _ in fams}) > 1 and not opts.force_mix:
+    if len({f for f, _ in fams}) > 1 and "family" not in opts.allow_mismatch:
         listing = ", ".join(f"{p} ({f})" for f, p in sorted(fams, key=str))
-        raise MismatchError(f"inputs come from different model families: {listing}")
+        raise MismatchError(f"inputs come from different model families: {listing} (use --allow-mismatch family to mix)")
 
 
 def _regime(ckpts: Sequence[Checkpoint], opts: ArithOptions) -> str:
     regimes = {c.path: (c.manifest.regime if c.manifest else "nonlinear") for c in ckpts}
     if len(set(regimes.values())) > 1:
-        if not opts.force_mix:
+        if "regime" not in opts.allow_mismatch:
             listing = ", ".join(f"{p} ({r})" for p, r in regimes.items())
-            raise MismatchError(f"inputs mix regimes: {listing}; a linearized vector only means something under f_lin (use --force to mix)")
+            raise MismatchError(f"inputs mix regimes: {listing}; a linearized vector only means something under f_lin (use --allow-mismatch regime to mix)")
         return "nonlinear"
     return next(iter(regimes.values())) if regimes else "nonlinear"
 
@@ -410,7 +431,22 @@ def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: Ar
 def _check_base_hash(ckpt: Checkpoint, want: str, source: Path) -> None:
     """``ckpt`` (a --base) has the hash ``want`` that the task vector ``source`` records."""
     if ckpt.sha256 != want:
-        raise MismatchError(f"{ckpt.path}: base hash {ckpt.sha256[:12]} differs from the base {want[:12]} recorded in {source} (use --force)")
+        raise MismatchError(f"{ckpt.path}: base hash {ckpt.sha256[:12]} differs from the base {want[:12]} recorded in {source} (use --allow-mismatch base to use it anyway)")
+
+
+def _verify_start(ckpts: Iterable[Checkpoint | None], opts: ArithOptions) -> None:
+    """With --verify-inputs: hash each input with a recorded hash while the operation reads it."""
+    if opts.verify_inputs:
+        for c in ckpts:
+            if c is not None:
+                c.verify_while_reading()
+
+
+def _verify_end(ckpts: Iterable[Checkpoint | None]) -> None:
+    """Before a commit: every input being verified hashes to its recorded hash (else InputError)."""
+    for c in ckpts:
+        if c is not None:
+            c.verify_streamed()
 
 
 def check_base(ckpt: Checkpoint | None) -> None:
@@ -425,14 +461,14 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
     for c in inputs:
         if c.manifest and c.manifest.base and c.kind == "task-vector":
             recorded.setdefault(c.manifest.base["sha256"], (c.manifest.base.get("path"), c.path))
-    if len(recorded) > 1 and not opts.force_mix:
+    if len(recorded) > 1 and "base" not in opts.allow_mismatch:
         (h1, (_, p1)), (h2, (_, p2)) = list(recorded.items())[:2]
-        raise MismatchError(f"{p2}: was extracted from base {h2[:12]}, but {p1} from base {h1[:12]} (use --force to mix)")
+        raise MismatchError(f"{p2}: was extracted from base {h2[:12]}, but {p1} from base {h1[:12]} (use --allow-mismatch base to mix)")
     if any(c.kind == "checkpoint" for c in inputs):
         needed = True
     if base is not None:
         ckpt = open_checkpoint(base.path)
-        if recorded and not opts.force_mix:  # one recorded base (more were refused above)
+        if recorded and "base" not in opts.allow_mismatch:  # one recorded base (more were refused above)
             want, (_, source) = next(iter(recorded.items()))
             if ckpt.known_sha256() is None and ckpt.hash_while_reading():
                 # a plain base seen for the first time: hashed as the operation reads it, checked
@@ -446,12 +482,15 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
     if not recorded:
         raise UsageError("no base: pass --base BASE (the inputs record none)")
     want, (path, src) = next(iter(recorded.items()))
-    if not path or not Path(path).exists():
-        raise InputError(f"{src}: its recorded base {path!r} is not there; pass --base BASE")
-    ckpt = open_checkpoint(path)
-    if ckpt.sha256 != want:
-        raise MismatchError(f"{path}: base recorded in {src} has changed (hash {ckpt.sha256[:12]} != {want[:12]}); pass --base")
-    return ckpt
+    found = base_candidates(path, src)
+    if not found:
+        raise InputError(f"{src}: its recorded base {path!r} is not there (nor beside {src.name}); pass --base BASE")
+    for candidate in found:
+        ckpt = open_checkpoint(candidate)
+        if ckpt.sha256 == want:
+            return ckpt
+    got = open_checkpoint(found[0]).sha256
+    raise MismatchError(f"{found[0]}: base recorded in {src} has changed (hash {got[:12]} != {want[:12]}); pass --base")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +519,7 @@ def extract(
     hfdir.check_inputs(base_ckpt, ckpts)
     keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
     paths = [target.path_for(s, "tv", len(specs)) for s in specs]
+    _verify_start([base_ckpt, *ckpts], opts)
     artifacts = []
     for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths, strict=True):
         src = ckpt.manifest or Manifest()
@@ -507,6 +547,7 @@ def extract(
                     w.write(key, tau.to(dtype))
                 if progress:
                     progress(i + 1, len(keys), key)
+            _verify_end([base_ckpt, ckpt])
             w.manifest = manifest_for(True)  # the input hashes, computed while streaming
             artifacts.append(w.commit())
     consume_ephemeral(specs + [base_spec])
@@ -558,6 +599,7 @@ def add(
     regime = _regime(ckpts, opts)
     keys = _vector_keys(ckpts, base_ckpt, opts)
     out = target.path_for(None, "merged" if emit == "checkpoint" else "sum", 1)
+    _verify_start([base_ckpt, *ckpts], opts)
     sources = VectorSources(ckpts, base_ckpt, opts, keys)
     state = merge.prepare(sources, method_options) if merge.prepare else {}
 
@@ -619,6 +661,7 @@ def add(
             if progress:
                 progress(i + 1, len(all_keys), key)
         check_base(base_ckpt)  # before anything is committed
+        _verify_end([base_ckpt, *ckpts])
         w.manifest = manifest_for(True)  # the input hashes, computed while streaming
         artifact = w.commit()
     consume_ephemeral(specs)
@@ -694,6 +737,7 @@ def scale(
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
         keys = ckpt.keys()
         slot = Slot(opts.compute_dtype)
+        _verify_start([ckpt], opts)
         with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):
                 dtype = _out_dtype(opts, ckpt.info(key).dtype) if ckpt.is_floating(key) else None
@@ -707,6 +751,7 @@ def scale(
                     w.write(key, ckpt.get(key))
                 if progress:
                     progress(i + 1, len(keys), key)
+            _verify_end([ckpt])
             artifacts.append(w.commit())
     consume_ephemeral(specs)
     return artifacts

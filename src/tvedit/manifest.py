@@ -7,7 +7,9 @@ safetensors reader sees it (``safe_open(path, "pt").metadata()["tvedit"]``). See
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from tvedit.errors import InputError
@@ -89,5 +91,24 @@ class Manifest:
         return Manifest.from_dict(data)
 
 
-def base_ref(sha256: str, path: str | None) -> dict[str, Any]:
-    return {"sha256": sha256, "path": path}
+def base_ref(sha256: str, path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The ``base`` record: theta0's content hash and its absolute path (a job run from another
+    working directory still finds it; the hash, not the path, decides identity)."""
+    return {"sha256": sha256, "path": os.path.abspath(path) if path else None}
+
+
+def base_candidates(recorded: str | None, source: str | os.PathLike[str]) -> list[Path]:
+    """Where the base that ``source`` (a task vector) records may be, existing paths only, in order:
+    the recorded path (a relative one, as older files hold: against the working directory, then
+    against ``source``'s directory), then a file of the same name beside ``source`` (a folder moved
+    or copied with its base). The caller checks each candidate's hash."""
+    if not recorded:
+        return []
+    rec, here = Path(recorded), Path(source).parent
+    order = [rec] if rec.is_absolute() else [rec, here / rec]
+    order.append(here / rec.name)
+    found: list[Path] = []
+    for p in order:
+        if p.exists() and not any(os.path.samefile(p, q) for q in found):
+            found.append(p)
+    return found

@@ -245,6 +245,7 @@ class Checkpoint:
         # the hash this file must have and the file that records it: a first-use --base checked at
         # commit (api.check_base) instead of hashed up front
         self.expected: tuple[str, Path] | None = None
+        self._verifying = False  # hashing what is read, to compare with the recorded hash (verify_streamed)
         self._logical: dict[str, TensorInfo] = {}
         hidden: set[str] = set()
         for key, spec in self._sparse.items():
@@ -414,7 +415,29 @@ class Checkpoint:
             self._digests, self._stamp = {}, headers.file_stamp(self._where.values())
         return True
 
-    def _finish_streamed_hash(self) -> str:
+    def verify_while_reading(self) -> bool:
+        """Hash every stored tensor as it is read, to compare with the recorded hash (the manifest's,
+        else the hash cache's) in ``verify_streamed``. False when nothing is recorded: then the
+        first use hashes the file anyway (``hash_while_reading``)."""
+        if self.known_sha256() is None:
+            return False
+        if self._digests is None:
+            self._digests, self._stamp = {}, headers.file_stamp(self._where.values())
+        self._verifying = True
+        return True
+
+    def verify_streamed(self) -> None:
+        """After an operation streamed this file (``verify_while_reading``): the content hash of what
+        was read (keys nobody read are read now) equals the recorded one, else InputError."""
+        if not self._verifying:
+            return
+        self._verifying = False
+        actual = self._streamed_digest()
+        if actual != self._sha256:
+            where = "its manifest" if self.manifest is not None and self.manifest.sha256 else "the hash recorded on its first use"
+            raise InputError(f"{self.path}: content hash {actual[:12]} does not match {where} ({str(self._sha256)[:12]}): the file was modified or is corrupt")
+
+    def _streamed_digest(self) -> str:
         assert self._digests is not None
         for key in self._stored:
             if key not in self._digests:
@@ -423,6 +446,10 @@ class Checkpoint:
         self._digests = None
         if headers.file_stamp(self._where.values()) != self._stamp:
             raise InputError(f"{self.path}: changed while it was being read")
+        return value
+
+    def _finish_streamed_hash(self) -> str:
+        value = self._streamed_digest()
         headers.store_hash(self._stamp, value)  # type: ignore[arg-type]
         return value
 

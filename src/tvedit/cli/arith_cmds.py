@@ -10,6 +10,7 @@ import typer
 from tvedit.cli.common import (
     FORCE_HELP,
     JSON_HELP,
+    MISMATCH_HELP,
     OUT_DIR_HELP,
     OUT_HELP,
     guard,
@@ -28,13 +29,17 @@ NONFINITE_HELP = "Write results that contain NaN/Inf instead of failing."
 LAYOUT_HELP = "Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse."
 FORMAT_HELP = "Output format: auto (a Hugging Face directory when -o ends with '/' or is an existing directory), safetensors, hf."
 SHARD_HELP = "Largest weights file of a Hugging Face directory output, e.g. 5GB, 500MB. Default: transformers' save_pretrained default."
+VERIFY_HELP = (
+    "Hash every input as it is read and fail (exit 3, nothing written) when one does not match the"
+    " content hash its manifest records (or the hash cached on its first use). Costs the sha256 of the inputs."
+)
 LIKE_HELP = "Copy config and tokenizer files from this Hugging Face directory (default: the base's directory)."
 
 
-def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, force_mix: bool = False):
+def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None, verify_inputs: bool = False):
     import torch
 
-    from tvedit.api import ArithOptions
+    from tvedit.api import ArithOptions, parse_mismatch
 
     if compute not in ("float32", "float64"):
         raise UsageError(f"--compute-dtype must be float32 or float64, not {compute!r}")
@@ -46,7 +51,8 @@ def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite:
         allow_missing=allow_missing,
         allow_nonfinite=allow_nonfinite,
         layout=layout,
-        force_mix=force_mix,
+        allow_mismatch=parse_mismatch(allow_mismatch),
+        verify_inputs=verify_inputs,
     )
 
 
@@ -93,14 +99,16 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
+        allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Task vectors tau = theta* - theta0, one per fine-tuned checkpoint (floating tensors only)."""
         from tvedit import api
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout)
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
         inputs = _inputs(finetuned)
         target = _target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar("extract") as bar:
@@ -128,14 +136,16 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP + " (with --emit vector)"),
         allow_missing: bool = typer.Option(False, "--allow-missing", help=MISSING_HELP),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
-        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP + " Also allows mixing regimes, bases and families."),
+        allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
         from tvedit import api
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, force_mix=force)
+        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
         recipe = _mergekit_recipe(inputs)
         if recipe is not None:
             given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]
@@ -166,10 +176,10 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         report([art], json_mode(as_json))
 
-    def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json) -> None:
+    def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs) -> None:
         from tvedit import api
 
-        opts = _opts(dtype, compute_dtype, False, allow_nonfinite, layout)
+        opts = _opts(dtype, compute_dtype, False, allow_nonfinite, layout, verify_inputs=verify_inputs)
         resolved = _inputs(inputs)
         target = _target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar(op) as bar:
@@ -190,10 +200,11 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Scale task vectors: c * tau."""
-        _unary("scale", inputs, by, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json)
+        _unary("scale", inputs, by, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs)
 
     @app.command()
     @guard
@@ -207,10 +218,11 @@ def register(app: typer.Typer) -> None:
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
-        _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json)
+        _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json, verify_inputs)
 
 
 def _mergekit_recipe(args: list[str]):

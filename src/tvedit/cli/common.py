@@ -22,6 +22,10 @@ JSON_HELP = "Print one JSON line per artifact (the default when standard output 
 FORCE_HELP = "Overwrite an existing output file (never an input)."
 OUT_HELP = "Output file (one output only)."
 OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors."
+MISMATCH_HELP = (
+    "Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized"
+    " vs non-linear), family (model families). Recorded in the output's manifest. --force does not do this."
+)
 
 
 def guard(fn: F) -> F:

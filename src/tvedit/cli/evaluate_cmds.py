@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode
+from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, progress_bar
 from tvedit.errors import OutputError, UsageError
 from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
 
@@ -217,13 +217,24 @@ def register(app: typer.Typer) -> None:
         report_path: Path | None = typer.Option(
             None, "--report", help="Write the full results as JSON."
         ),
-        force: bool = typer.Option(
-            False, "--force", "-f", help=FORCE_HELP + " Also: accept vectors from another base, and linearized vectors trained under another f_lin definition (with a warning)."
+        allow_mismatch: str | None = typer.Option(
+            None,
+            "--allow-mismatch",
+            help="base: accept task vectors extracted from another base than the one evaluated; regime: evaluate"
+            " linearized vectors trained under another definition of f_lin (with a warning). Recorded in --report."
+            " --force does not do this.",
         ),
+        force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Accuracy of a checkpoint or of theta0 + alpha * sum(vectors) on each task's test split, and the
         task-addition, task-negation and weight-disentanglement protocols (docs/evaluate.md)."""
+        from tvedit.api import parse_mismatch
+
+        allowed = parse_mismatch(allow_mismatch)
+        if allowed - {"base", "regime"}:
+            raise UsageError(f"--allow-mismatch: evaluate checks only base and regime, not {sorted(allowed - {'base', 'regime'})[0]!r}")
+        recorded = {"allow_mismatch": sorted(allowed)} if allowed else {}
         if mask_plot is not None:
             return _mask_plot(mask_plot, output, report_path, force, json_mode(as_json))
         if protocol not in PROTOCOLS:
@@ -267,21 +278,44 @@ def register(app: typer.Typer) -> None:
             if control_name in tasks:
                 raise UsageError(f"--control {control_name!r} is also a --task")
             tasks[control_name] = control_dir
-        session = open_session(
-            [*(inputs or []), *([merged] if merged is not None else [])],
-            tasks,
-            base,
-            linearize=linearize,
-            max_examples=max_examples,
-            batch_size=batch_size,
-            force=force,
-            device=device,
-            bf16=bf16,
-        )
+        if protocol == "disentanglement":
+            lo, hi, _ = _grid(grid_range + ":1", "--grid-range")
+        elif protocol != "none":
+            start, stop, step = _grid(grid, "--grid")
+        with progress_bar(f"evaluate ({protocol})" if protocol != "none" else "evaluate") as bar:
+            if bar is not None:
+                bar(0, None, "loading theta0, vectors and tasks")  # type: ignore[arg-type]
+            session = open_session(
+                [*(inputs or []), *([merged] if merged is not None else [])],
+                tasks,
+                base,
+                linearize=linearize,
+                max_examples=max_examples,
+                batch_size=batch_size,
+                allow_base_mismatch="base" in allowed,
+                allow_flin_mismatch="regime" in allowed,
+                device=device,
+                bf16=bf16,
+            )
+            session.ev.progress = bar  # type: ignore[assignment]
+            if protocol == "none":
+                rows = studies.plain(session, alpha or [1.0])
+            elif protocol == "disentanglement":
+                report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
+            else:
+                widen = 1.0 if no_widen or merged is not None else studies.widen(session)
+                alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
+                if protocol == "addition":
+                    report = studies.addition(session, alphas, merged=None if merged is None else len(session.vectors) - 1)
+                else:
+                    assert control_name is not None
+                    report = studies.negation(session, control_name, alphas, threshold)
+                report["widen"] = widen
+                report["bf16"] = session.ev.autocast
+            session.ev.progress = None
         as_json = json_mode(as_json)
         if protocol == "none":
-            rows = studies.plain(session, alpha or [1.0])
-            report: dict[str, Any] = {"protocol": "none", "linear": session.linear, "bf16": session.ev.autocast, "results": rows}
+            report = {"protocol": "none", "linear": session.linear, "bf16": session.ev.autocast, "results": rows}
             if as_json:
                 _lines(rows)
             else:
@@ -290,15 +324,13 @@ def register(app: typer.Typer) -> None:
                     ["task", "alpha", "accuracy", "n"],
                     [[r["task"], f"{r['alpha']:g}", r["accuracy"], r["n"]] for r in rows],
                 )
-            _write_report(report_path, report, force)
+            _write_report(report_path, {**report, **recorded}, force)
             worst: dict[str, float] = {}
             for r in rows:  # a task passes only if it passes at every alpha
                 worst[r["task"]] = min(worst.get(r["task"], 1.0), r["accuracy"])
             P.check_gates(worst, thresholds)
             return
         if protocol == "disentanglement":
-            lo, hi, _ = _grid(grid_range + ":1", "--grid-range")
-            report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
             xi = report["xi"]
             summary = {
                 "protocol": "disentanglement",
@@ -335,23 +367,14 @@ def register(app: typer.Typer) -> None:
                         ]
                     ],
                 )
-            _write_report(report_path, report, force)
+            _write_report(report_path, {**report, **recorded}, force)
             return
-        start, stop, step = _grid(grid, "--grid")
-        widen = 1.0 if no_widen or merged is not None else studies.widen(session)
-        alphas = P.alpha_grid(start, stop, step, density=1.0 / widen if widen != 1.0 else None)
-        if protocol == "addition":
-            report = studies.addition(session, alphas, merged=None if merged is None else len(session.vectors) - 1)
-        else:
-            assert control_name is not None
-            report = studies.negation(session, control_name, alphas, threshold)
-        report["widen"] = widen
         title, cols, rows, recs = _protocol_rows(report)
         if as_json:
             _lines(recs)
         else:
             _table(title, cols, rows)
-        _write_report(report_path, report, force)
+        _write_report(report_path, {**report, **recorded}, force)
         if protocol == "addition":
             P.check_gates(report["merged"], thresholds)
 

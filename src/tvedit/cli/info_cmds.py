@@ -19,8 +19,17 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
     if verify:
         m = data["manifest"] or {}
         actual = file_content_hash(resolve_files(path))
-        data["verified"] = m.get("sha256") is None or actual == m["sha256"]
         data["sha256_actual"] = actual
+        recorded = m.get("sha256")
+        # True / False: the content hash of every stored tensor against the manifest's; None: the
+        # file records no hash (no tvedit manifest), so only its readability was checked
+        data["verified"] = None if recorded is None else actual == recorded
+        if recorded is None:
+            data["checked"] = f"no recorded hash to compare with (no tvedit manifest); every tensor read, content hash {actual}"
+        elif data["verified"]:
+            data["checked"] = f"content hash of all {data['tensors']} tensors recomputed and equal to the manifest's sha256 {recorded}"
+        else:
+            data["checked"] = f"content hash {actual} differs from the manifest's sha256 {recorded}"
     if tensors:
         data.update(_tensor_stats(path))
     return data
@@ -66,7 +75,7 @@ def register(app: typer.Typer) -> None:
     def info(
         files: list[Path] = typer.Argument(..., help="safetensors files, HF index files or model directories."),
         tensors: bool = typer.Option(False, "--tensors", "-t", help="Read every tensor: list each (shape, dtype, norm, density), and the total norm and measured density."),
-        verify: bool = typer.Option(False, "--verify", help="Recompute the content hash and compare it with the manifest's."),
+        verify: bool = typer.Option(False, "--verify", help="Read every tensor, recompute the content hash and compare it with the manifest's (a file without a manifest: says there is nothing to compare with; exit 4 on a mismatch)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per file."),
     ) -> None:
         """Show a file's manifest, tensor count, sizes, dtypes and hash (from the header; --tensors adds norms and densities)."""
@@ -79,7 +88,7 @@ def register(app: typer.Typer) -> None:
         bad = []
         for path in files:
             data = summarize(path, tensors, verify)
-            if verify and not data["verified"]:
+            if verify and data["verified"] is False:
                 bad.append(path)
             if json_mode(as_json):
                 print_json(data)
@@ -101,7 +110,8 @@ def register(app: typer.Typer) -> None:
             ]:  # fmt: skip
                 table.add_row(k, str(v))
             if verify:
-                table.add_row("verified", "yes" if data["verified"] else "[red]NO: content does not match the manifest hash[/]")
+                verdict = {True: "yes", False: "[red]NO[/]", None: "nothing to verify against"}[data["verified"]]
+                table.add_row("verified", f"{verdict}: {data['checked']}")
             console.print(table)
             if tensors:
                 t = Table(show_edge=False, header_style="bold")

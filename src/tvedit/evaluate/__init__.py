@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvedit.errors import MismatchError, UsageError
+from tvedit.errors import InputError, MismatchError, UsageError
 
 if TYPE_CHECKING:
     from tvedit.evaluate.runner import Session
@@ -44,7 +44,8 @@ def open_session(
     linearize: bool = False,
     max_examples: int | None = None,
     batch_size: int = 512,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
+    allow_flin_mismatch: bool = False,
     device: str = "auto",
     bf16: bool = True,
 ) -> Session:
@@ -52,9 +53,11 @@ def open_session(
 
     ``inputs``: one checkpoint (evaluated as it is, when no ``base`` is given), or task vectors /
     fine-tuned checkpoints evaluated as edits of theta0 (``base``, else the base recorded in the
-    vectors). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
-    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization). ``bf16``: bf16
-    autocast for the forward passes on CUDA (False: float32 throughout; no effect on the CPU).
+    vectors; ``allow_base_mismatch`` accepts task vectors extracted from another base). Vectors of
+    regime ``linearized`` are evaluated under f_lin around theta0; ``linearize`` applies f_lin to
+    non-linear vectors too (post-hoc linearization); ``allow_flin_mismatch`` evaluates linearized
+    vectors trained under another definition of f_lin (with a warning). ``bf16``: bf16 autocast for
+    the forward passes on CUDA (False: float32 throughout; no effect on the CPU).
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
@@ -79,7 +82,7 @@ def open_session(
     else:
         base_path = _recorded_base(paths)
     adapter, theta0, base_sha = open_base(base_path)
-    vectors = [] if as_model else [load_vector(p, base_sha, theta0, force=force) for p in paths]
+    vectors = [] if as_model else [load_vector(p, base_sha, theta0, allow_base_mismatch=allow_base_mismatch) for p in paths]
     regimes = {v.regime for v in vectors}
     if len(regimes) > 1 and not linearize:
         raise MismatchError(
@@ -91,9 +94,9 @@ def open_session(
         if v.regime == "linearized" and stale:
             msg = (f"{v.path}: was fine-tuned under f_lin linearizing the {'/'.join(sorted(stale))}, but this tvedit's "
                    f"{adapter.family} f_lin linearizes the {adapter.flin} (docs/finetune.md): fine-tune it again")
-            if not force:
-                raise MismatchError(msg + " (or --force to evaluate it anyway)")
-            print(f"warning: {msg}; evaluated anyway (--force)", file=sys.stderr)
+            if not allow_flin_mismatch:
+                raise MismatchError(msg + " (or --allow-mismatch regime to evaluate it anyway)")
+            print(f"warning: {msg}; evaluated anyway (--allow-mismatch regime)", file=sys.stderr)
     records = {v.name: v.task for v in vectors if v.task}
     task_data = [
         load_task(adapter, name, Path(src), records.get(name), max_examples)
@@ -104,13 +107,17 @@ def open_session(
 
 
 def _recorded_base(paths: Sequence[Path]) -> Path:
+    from tvedit.manifest import base_candidates
     from tvedit.tensorio import open_checkpoint
 
     for p in paths:
         m = open_checkpoint(p).manifest
         if m and m.base and m.base.get("path"):
-            recorded = Path(m.base["path"])
-            if recorded.exists():
-                return recorded
-            raise UsageError(f"{p}: its recorded base {recorded} is not there; pass --base BASE")
+            found = base_candidates(m.base["path"], p)
+            for candidate in found:  # the one with the recorded hash (same rule as tvedit add)
+                if open_checkpoint(candidate).sha256 == m.base.get("sha256"):
+                    return candidate
+            if found:
+                return found[0]  # the hash check of the vectors names the mismatch
+            raise InputError(f"{p}: its recorded base {m.base['path']!r} is not there (nor beside {p.name}); pass --base BASE")
     raise UsageError("no base: pass --base BASE (the inputs record none)")

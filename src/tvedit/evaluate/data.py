@@ -102,7 +102,9 @@ def load_task(
         test = load_image_data(source, verify=False)
         classes = test.classes
         splits["test"] = _decode(adapter, test, list(range(len(test))))
-    task = TaskData(name, _record(name, classes, record, resolve_templates(name)), splits)
+    recorded = record.get("templates") if record and record.get("classes") else None
+    templates = list(recorded) if recorded else resolve_templates(name)  # the fallback warns: only when used
+    task = TaskData(name, _record(name, classes, record, templates), splits)
     if max_examples:
         for split in list(task.splits):
             task.limit(split, max_examples)

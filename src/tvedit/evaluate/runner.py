@@ -145,6 +145,14 @@ class Evaluator:
         self._heads: dict[str, Any] = {}
         self._base_logits: dict[tuple[str, str], Tensor] = {}
         self._base_features: dict[tuple[str, str], Tensor] = {}
+        # called after every batch forward (or jvp) with (batches done, None, what): a progress bar
+        self.progress: Callable[[int, int | None, str], None] | None = None
+        self._done = 0
+
+    def _tick(self, what: str) -> None:
+        self._done += 1
+        if self.progress is not None:
+            self.progress(self._done, None, what)
 
     # -- heads -----------------------------------------------------------------------------------
     def head(self, task: TaskData) -> Any:
@@ -204,6 +212,7 @@ class Evaluator:
             fn: Callable[[nn.Module], Tensor] = lambda m, b=batch: self.adapter.scores(m, b, head)  # noqa: E731
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = functional(self.model, params, fn) if params else fn(self.model)
+            self._tick(f"{task.name} {split}")
             out.append(logits.float().cpu())
         return torch.cat(out)
 
@@ -255,6 +264,7 @@ class Evaluator:
                 with forward_ad_safe(), torch.no_grad():
                     _, jt = torch.func.jvp(fn, primals, tangents)
                 parts.append(jt.float().cpu())
+                self._tick(f"{task.name} {split} (jvp)")
             jts.append(torch.cat(parts))
         return LinearTerms(f0, jts, labels, self.head_fn(task))
 
@@ -376,7 +386,7 @@ def load_vector(
     path: Path,
     base_sha: str | None,
     base_tensors: Mapping[str, Tensor] | None = None,
-    force: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> LoadedVector:
     """Read a task vector (or a fine-tuned checkpoint, extracted against ``base_tensors``) as float32."""
     from tvedit.tensorio import open_checkpoint
@@ -388,9 +398,9 @@ def load_vector(
             f"{path}: is a mask, not a task vector (apply it first: tvedit mask --apply)"
         )
     if ckpt.kind == "task-vector":
-        if m and m.base and base_sha and m.base.get("sha256") != base_sha and not force:
+        if m and m.base and base_sha and m.base.get("sha256") != base_sha and not allow_base_mismatch:
             raise MismatchError(
-                f"{path}: was extracted from base {str(m.base.get('sha256'))[:12]}, not the base {base_sha[:12]} given (use --force)"
+                f"{path}: was extracted from base {str(m.base.get('sha256'))[:12]}, not the base {base_sha[:12]} given (use --allow-mismatch base to evaluate it anyway)"
             )
         tensors = {k: t.float() for k, t in ckpt.items() if t.is_floating_point()}
     else:
