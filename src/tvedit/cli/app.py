@@ -69,6 +69,13 @@ def main() -> None:
 
     install_signal_handlers()
     try:
-        app()
+        try:
+            app()
+        except SystemExit as exc:  # a failed consumer removes what its '-' input still hands it
+            if isinstance(exc.code, int) and 0 < exc.code < 128 and "-" in sys.argv[2:]:
+                from tvedit.pipeline import drain_stdin
+
+                drain_stdin()
+            raise
     except Interrupted as exc:  # outside a command (while parsing or importing)
         sys.exit(report_interrupt(exc))
