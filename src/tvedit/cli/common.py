@@ -134,12 +134,13 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 def report(artifacts: Sequence[Any], as_json: bool, title: str = "wrote") -> None:
     """JSON lines for scripts, a short table for people."""
     if as_json:
-        for a in artifacts:
-            sys.stdout.write(a.to_json() + "\n")
-        sys.stdout.flush()  # a closed pipe raises here (guard: exit 141, the intermediates removed)
-        from tvedit.safeio import hand_on
+        from tvedit.safeio import deferred_signals, hand_on
 
-        hand_on(a.path for a in artifacts if a.ephemeral)  # the next command holds them now
+        with deferred_signals():  # a line that was printed is always handed on
+            for a in artifacts:
+                sys.stdout.write(a.to_json() + "\n")
+            sys.stdout.flush()  # a closed pipe raises here (guard: exit 141, the intermediates removed)
+            hand_on(a.path for a in artifacts if a.ephemeral)  # the next command holds them now
         return
     from rich.table import Table
 
