@@ -82,9 +82,22 @@ def _pid(cwd: Path, name: str, proc: subprocess.Popen) -> int:
     return int(f.read_text())
 
 
-def _complete_temps(directory: Path, n: int = 1):
-    """True once ``n`` complete temporaries are there (tiny outputs are flushed just before the hold)."""
-    return lambda: len([p for p in directory.iterdir() if safeio.TMP_MARK in p.name and p.stat().st_size > 0]) >= n
+def _complete_temps(directory: Path, n: int = 1, pid: int | None = None):
+    """True once ``n`` complete temporaries (of process ``pid``, if given) are there (tiny outputs
+    are flushed just before the hold)."""
+    mark = safeio.TMP_MARK + (str(pid) if pid is not None else "")
+
+    def done() -> bool:
+        found = []
+        for p in directory.iterdir():
+            try:
+                if mark in p.name and (pid is None or p.name.endswith(mark)) and p.stat().st_size > 0:
+                    found.append(p)
+            except FileNotFoundError:  # committed meanwhile
+                pass
+        return len(found) >= n
+
+    return done
 
 
 def _gone(pid: int) -> bool:
@@ -237,7 +250,7 @@ def test_a_killed_stage_leaves_nothing_behind(ckpts, tmp_path, stage, sig, cli):
     proc = _start(script, tmp_path)
     where = tmp_path if stage == "add" else _scratch()
     pid = _pid(tmp_path, stage, proc)
-    _wait_for(_complete_temps(where), proc, f"{stage}'s temporary")
+    _wait_for(_complete_temps(where, pid=pid), proc, f"{stage}'s temporary")  # its inputs were read
     os.kill(pid, sig)
     got, _, err = _finish(proc, tmp_path)
     want = [128 + sig if c is None else c for c in KILL_CODES[stage]]
@@ -255,6 +268,27 @@ def test_a_killed_stage_leaves_nothing_behind(ckpts, tmp_path, stage, sig, cli):
         cli("clean", str(tmp_path / "merged.safetensors"), check=True)
         assert _leftovers(_scratch(), tmp_path) == []
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_an_interrupted_consumer_removes_what_already_arrived_without_waiting(tmp_path, monkeypatch):
+    """After a signal, drain_stdin(wait=False) takes the lines already in the pipe (the writer is
+    still open: a blocking read would never end) and removes the intermediates they list; a line
+    naming a file outside the scratch directory removes nothing."""
+    from tvedit import pipeline
+
+    scratch = _scratch()
+    mine = scratch / "ft1.tv.1-00000000.safetensors"
+    outside = tmp_path / "ft2.tv.1-00000000.safetensors"
+    for p in (mine, outside):
+        p.write_bytes(b"x")
+    r, w = os.pipe()
+    os.write(w, "".join(json.dumps({"path": str(p), "ephemeral": True}) + "\n" for p in (mine, outside)).encode())
+    with os.fdopen(r) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(pipeline, "_stdin_done", False)
+        pipeline.drain_stdin(wait=False)
+    os.close(w)
+    assert not mine.exists() and outside.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -142,13 +143,26 @@ def _stdin_specs(stream: IO[str]) -> list[InputSpec]:
     return specs
 
 
-def drain_stdin() -> None:
-    """A command that failed before reading all of its ``-`` input reads the rest now and removes
-    the intermediates listed there (the previous command handed them on): nothing is left behind.
-    Waits for the previous command to finish."""
+def drain_stdin(wait: bool = True) -> None:
+    """A command that failed (``wait``) or was interrupted before reading all of its ``-`` input
+    reads the rest now and removes the intermediates listed there (the previous command handed
+    them on): nothing is left behind. ``wait``: read to the end (the previous command's exit);
+    else only what has arrived (a signal must not wait)."""
     if _stdin_done or sys.stdin is None or sys.stdin.closed or sys.stdin.isatty():
         return
-    for n, line in enumerate(sys.stdin, 1):
+    if wait:
+        lines: Iterable[str] = sys.stdin
+    else:
+        chunks = []
+        try:
+            fd = sys.stdin.fileno()
+            os.set_blocking(fd, False)
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        except (OSError, ValueError):  # nothing (more) there yet, or no real descriptor
+            pass
+        lines = b"".join(chunks).decode(errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             record = _parse_line(line, n, "<stdin>")
             if record is not None:
