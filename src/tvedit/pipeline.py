@@ -17,8 +17,9 @@
   input reads it then, to remove what it was handed (``drain_stdin``). Set
   ``TVEDIT_KEEP_INTERMEDIATES=1`` to keep them. Only a SIGKILL (or a crash of the interpreter)
   leaves an intermediate that no process holds: ``tvedit clean`` removes those, and
-  intermediates unheld for a day are pruned whenever scratch is written.
+  unheld intermediates written more than a day ago are pruned whenever scratch is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -217,7 +218,7 @@ def in_scratch(path: Path) -> bool:
 
 
 def prune_scratch() -> None:
-    """Remove intermediates that no process has held for a day (safeio.unheld_intermediates)."""
+    """Remove intermediates written more than a day ago that no process holds (safeio.unheld_intermediates)."""
     safeio.unheld_intermediates(scratch_dir(), min_age_s=SCRATCH_MAX_AGE_S)
 
 
