@@ -194,7 +194,7 @@ def release(paths: Iterable[Path] | None = None) -> None:
         try:
             if remove:
                 os.unlink(key)
-        except FileNotFoundError:
+        except OSError:  # gone already, or not ours to remove: nothing more to do
             pass
         finally:
             os.close(fd)
