@@ -2,7 +2,7 @@
 complete -c tvedit -f
 complete -c tvedit -n '__fish_use_subcommand' -a add -d 'Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i).'
 complete -c tvedit -n '__fish_use_subcommand' -a calibrate -d 'Calibrate a TaLoS mask (least-sensitive entries, per-example Fisher) reusable...'
-complete -c tvedit -n '__fish_use_subcommand' -a clean -d 'Remove temporaries left by killed runs: in the scratch directory, the hash...'
+complete -c tvedit -n '__fish_use_subcommand' -a clean -d 'Remove what killed runs left: pipeline intermediates in the scratch directory...'
 complete -c tvedit -n '__fish_use_subcommand' -a completions -d 'Print a static completion script (also shipped in completions/).'
 complete -c tvedit -n '__fish_use_subcommand' -a compress -d 'Store each 2-D tensor of task vectors as its truncated SVD: KEY::U, KEY::S,...'
 complete -c tvedit -n '__fish_use_subcommand' -a evaluate -d 'Accuracy of a checkpoint or of theta0 + alpha * sum(vectors) on each tasks...'
@@ -61,7 +61,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -l force -s f -d '
 complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from clean' -F
 complete -c tvedit -n '__fish_seen_subcommand_from clean' -l dry-run -s n -d 'Only list what would be removed'
-complete -c tvedit -n '__fish_seen_subcommand_from clean' -l json -d 'Print one JSON line per temporary'
+complete -c tvedit -n '__fish_seen_subcommand_from clean' -l json -d 'Print one JSON line per file'
 complete -c tvedit -n '__fish_seen_subcommand_from completions' -F
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -F
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -l rank -r -d 'Keep this many singular triplets per matrix (at most min(m, n))'

@@ -54,6 +54,11 @@ class DataError(TveditError):
     exit_code = 8
 
 
+# Standard output was closed by the next command of a pipeline (it failed or exited without reading):
+# the intermediates written for it are removed. 141 = 128 + SIGPIPE, what a shell reports for a
+# process killed by a closed pipe.
+PIPE_CLOSED = 141
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -65,5 +70,6 @@ EXIT_CODES = {
     7: "gate failed: an accuracy fell below its --min-accuracy threshold",
     8: "data error: dataset empty, unreadable or unusable",
     130: "interrupted by SIGINT: the unfinished output was removed",
+    141: "standard output closed by the next command (SIGPIPE convention): the intermediates written for it were removed",
     143: "interrupted by SIGTERM: the unfinished output was removed",
 }

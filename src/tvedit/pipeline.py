@@ -7,9 +7,17 @@
   are relative to the recipe file.
 * When a command is given no ``-o``/``--out-dir`` and its standard output is a pipe, it writes its
   results to the scratch directory (``$TVEDIT_SCRATCH``, default ``~/.cache/tvedit/scratch``) as
-  *ephemeral* artifacts, named by content hash. The command that consumes an ephemeral artifact
-  deletes it after it has written its own output (set ``TVEDIT_KEEP_INTERMEDIATES=1`` to keep
-  them); scratch files older than a day are pruned whenever scratch is written.
+  *ephemeral* intermediates named ``STEM.PID-RANDOM.safetensors`` (private to the writing
+  process, so concurrent pipelines never share one).
+* Who removes an intermediate (safeio.hold / hand_on / release, one registry): its writer holds it
+  from the commit and removes it when the command ends unless its JSON line reached the next
+  command (a closed pipe: exit 141, see cli/common.py). The command that reads the line holds it
+  from then on and removes it when it ends, on every exit path: success (as soon as its own
+  output is written), an error, SIGINT/SIGTERM. A command that fails before it read its ``-``
+  input reads it then, to remove what it was handed (``drain_stdin``). Set
+  ``TVEDIT_KEEP_INTERMEDIATES=1`` to keep them. Only a SIGKILL (or a crash of the interpreter)
+  leaves an intermediate that no process holds: ``tvedit clean`` removes those, and
+  unheld intermediates written more than a day ago are pruned whenever scratch is written.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
+from tvedit import safeio
 from tvedit.errors import InputError, OutputError, UsageError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".jsonl")
@@ -71,20 +80,28 @@ def _record_to_spec(rec: Any, where: str, root: Path | None) -> InputSpec:
     return InputSpec(path, weight, bool(rec.get("ephemeral", False)), rec.get("name"))
 
 
+def _parse_line(line: str, n: int, where: str) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    if not line.startswith("{"):
+        return {"path": line}
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: line {n}: not a JSON artifact line: {exc.msg}") from None
+
+
 def _parse_lines(text: str, where: str) -> list[dict[str, Any]]:
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: line {n}: not a JSON artifact line: {exc.msg}") from None
-        else:
-            records.append({"path": line})
-    return records
+    return [r for n, line in enumerate(text.splitlines(), 1) if (r := _parse_line(line, n, where)) is not None]
+
+
+def _claim(spec: InputSpec) -> InputSpec:
+    """An ephemeral input in the scratch directory is held by this process from now on, and removed
+    when the command ends (safeio.release) unless TVEDIT_KEEP_INTERMEDIATES is set."""
+    if spec.ephemeral and in_scratch(spec.path):
+        safeio.hold(spec.path, remove=not os.environ.get("TVEDIT_KEEP_INTERMEDIATES"))
+    return spec
 
 
 def read_recipe(path: Path) -> Inputs:
@@ -112,23 +129,66 @@ def read_recipe(path: Path) -> Inputs:
     return Inputs(items, options)
 
 
-def resolve_inputs(args: list[str], stdin_text: str | None = None) -> Inputs:
+_stdin_done = False  # this process read its standard input to the end
+
+
+def _stdin_specs(stream: IO[str]) -> list[InputSpec]:
+    """The inputs listed on ``stream``, each held (if ephemeral) as soon as its line arrives."""
+    global _stdin_done
+    specs = []
+    for n, line in enumerate(stream, 1):
+        record = _parse_line(line, n, "<stdin>")
+        if record is not None:
+            specs.append(_claim(_record_to_spec(record, "<stdin>", None)))
+    _stdin_done = True
+    return specs
+
+
+def drain_stdin(wait: bool = True) -> None:
+    """A command that failed (``wait``) or was interrupted before reading all of its ``-`` input
+    reads the rest now and removes the intermediates listed there (the previous command handed
+    them on): nothing is left behind. ``wait``: read to the end (the previous command's exit);
+    else only what has arrived (a signal must not wait)."""
+    if _stdin_done or sys.stdin is None or sys.stdin.closed or sys.stdin.isatty():
+        return
+    if wait:
+        lines: Iterable[str] = sys.stdin
+    else:
+        chunks = []
+        try:
+            fd = sys.stdin.fileno()
+            os.set_blocking(fd, False)
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        except (OSError, ValueError):  # nothing (more) there yet, or no real descriptor
+            pass
+        lines = b"".join(chunks).decode(errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            record = _parse_line(line, n, "<stdin>")
+            if record is not None:
+                _claim(_record_to_spec(record, "<stdin>", None))
+        except InputError:
+            continue
+    safeio.release()
+
+
+def resolve_inputs(args: list[str], stdin: IO[str] | None = None) -> Inputs:
     """Expand '-' (JSON lines on stdin) and recipes into one ordered list of inputs."""
     result = Inputs()
     if args.count("-") > 1:
         raise UsageError("'-' (standard input) can be given only once")
     for arg in args:
         if arg == "-":
-            text = stdin_text if stdin_text is not None else sys.stdin.read()
-            records = _parse_lines(text, "<stdin>")
-            if not records:
+            specs = _stdin_specs(stdin if stdin is not None else sys.stdin)
+            if not specs:
                 raise InputError("<stdin>: no inputs received (did the previous command fail?)")
-            result.items.extend(_record_to_spec(r, "<stdin>", None) for r in records)
+            result.items.extend(specs)
             continue
         path = Path(arg)
         if path.suffix in RECIPE_SUFFIXES:
             recipe = read_recipe(path)
-            result.items.extend(recipe.items)
+            result.items.extend(_claim(spec) for spec in recipe.items)
             for k, v in recipe.options.items():
                 result.options.setdefault(k, v)
         else:
@@ -150,14 +210,16 @@ def scratch_dir() -> Path:
     return path
 
 
-def prune_scratch(now: float | None = None) -> None:
-    now = time.time() if now is None else now
-    for f in scratch_dir().glob("*.safetensors"):
-        try:
-            if now - f.stat().st_mtime > SCRATCH_MAX_AGE_S:
-                f.unlink()
-        except OSError:
-            pass
+def in_scratch(path: Path) -> bool:
+    try:
+        return path.resolve().parent == scratch_dir().resolve()
+    except OSError:
+        return False
+
+
+def prune_scratch() -> None:
+    """Remove intermediates written more than a day ago that no process holds (safeio.unheld_intermediates)."""
+    safeio.unheld_intermediates(scratch_dir(), min_age_s=SCRATCH_MAX_AGE_S)
 
 
 @dataclass
@@ -189,7 +251,7 @@ def output_target(output: Path | None, out_dir: Path | None, force: bool, piped:
         if not piped:
             raise UsageError("no output given: use -o FILE or --out-dir DIR (or pipe into another tvedit command)")
         prune_scratch()
-        return OutputTarget(ephemeral=True, force=True)
+        return OutputTarget(ephemeral=True)
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"{out_dir}: --out-dir is not a directory")
@@ -197,13 +259,5 @@ def output_target(output: Path | None, out_dir: Path | None, force: bool, piped:
 
 
 def consume_ephemeral(items: list[InputSpec]) -> None:
-    """Delete ephemeral inputs after a successful write (unless TVEDIT_KEEP_INTERMEDIATES=1)."""
-    if os.environ.get("TVEDIT_KEEP_INTERMEDIATES"):
-        return
-    scratch = scratch_dir().resolve()
-    for spec in items:
-        if spec.ephemeral and spec.path.resolve().parent == scratch:
-            try:
-                spec.path.unlink()
-            except OSError:
-                pass
+    """The output is written: remove the ephemeral inputs this process holds now (not at exit)."""
+    safeio.release([s.path for s in items if s.ephemeral])

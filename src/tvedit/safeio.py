@@ -9,6 +9,12 @@
   writers delete their temporaries; the CLI prints one line and exits 128 + signal (130 / 143).
   ``deferred_signals()`` postpones them over a critical section (the final rename, a training
   step that ends in a resume checkpoint); a second signal inside it is not postponed.
+* Intermediates: a scratch file handed from one command of a pipeline to the next is *held* by
+  each process that has it: ``hold(path)`` opens it with a shared ``flock`` and registers it;
+  ``release()`` (every CLI command runs it when it finishes, whatever the exit path) removes the
+  held files not ``hand_on``-ed and drops the locks. The lock dies with its process, so
+  ``unheld_intermediates(dir)`` (``tvedit clean``, the scratch pruning) takes an exclusive lock
+  without waiting to tell a file no live process holds.
 * Commit: ``commit_file(tmp, final, force)`` fsyncs the file, puts it in place (without ``force``
   by ``link`` + ``unlink``, which fails if the output appeared meanwhile; where the filesystem has
   no hard links, by claiming the name with O_EXCL first), and fsyncs the directory.
@@ -17,13 +23,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,6 +129,118 @@ def remove_stale(directory: Path, dry_run: bool = False) -> list[tuple[Path, int
         except OSError:
             continue
         found.append((p, size))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Intermediates held by this process
+# ------------------------------------------------------------------------------------------------
+# A pipeline's intermediate: STEM.PID-RANDOM.safetensors (unique per writer); the older
+# content-named STEM.HASH16.safetensors is recognised too.
+INTERMEDIATE_RE = re.compile(r"^[^.].*\.(?:\d+-[0-9a-f]{8}|[0-9a-f]{16})\.safetensors$")
+_held: dict[str, tuple[int, bool]] = {}  # path -> (descriptor holding a shared flock, remove on release)
+
+
+def lock_shared(path: Path) -> int:
+    """Open ``path`` and take a shared flock on it (waits while ``tvedit clean`` decides about it);
+    returns the descriptor. A filesystem without locks still gets the descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            os.close(fd)
+            raise
+    return fd
+
+
+def hold(path: Path, remove: bool = True, fd: int | None = None) -> None:
+    """Hold the intermediate ``path`` (shared lock, ``fd`` if already locked) until ``release``,
+    which removes it when ``remove``. A file that is gone (or was replaced) is not held."""
+    key = os.path.abspath(path)
+    if key in _held:
+        if fd is not None:
+            os.close(fd)
+        return
+    try:
+        if fd is None:
+            fd = lock_shared(Path(key))
+        if not os.path.samestat(os.fstat(fd), os.stat(key)):  # removed while we waited for the lock
+            raise FileNotFoundError(key)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        return
+    _held[key] = (fd, remove)
+
+
+def hand_on(paths: Iterable[Path]) -> None:
+    """These held files now belong to the next command (their JSON lines were written): keep
+    them on release (the lock stays until this process ends)."""
+    for p in paths:
+        key = os.path.abspath(p)
+        if key in _held:
+            _held[key] = (_held[key][0], False)
+
+
+def release(paths: Iterable[Path] | None = None) -> None:
+    """Remove the held files (all, or ``paths``) that were not handed on, and drop their locks."""
+    keys = list(_held) if paths is None else [os.path.abspath(p) for p in paths]
+    for key in keys:
+        entry = _held.pop(key, None)
+        if entry is None:
+            continue
+        fd, remove = entry
+        try:
+            if remove:
+                os.unlink(key)
+        except OSError:  # gone already, or not ours to remove: nothing more to do
+            pass
+        finally:
+            os.close(fd)
+
+
+def held() -> list[Path]:
+    """The intermediates this process holds (and will remove unless handed on)."""
+    return [Path(k) for k, (_, remove) in _held.items() if remove]
+
+
+def unheld_intermediates(directory: Path, min_age_s: float = 0.0, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove (or only list, with ``dry_run``) the intermediates in ``directory`` that no live
+    process holds and that were last modified at least ``min_age_s`` ago; returns (path, bytes).
+    A file is unheld when an exclusive flock on it is granted at once; it is removed while that
+    lock is kept, so a process that asks for it meanwhile finds it gone."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    now = time.time()
+    found = []
+    for name in names:
+        if not INTERMEDIATE_RE.match(name):
+            continue
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if now - st.st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live process (or no locks here: leave it)
+                continue
+            if not os.path.samestat(st, os.stat(path)):
+                continue
+            if not dry_run:
+                os.unlink(path)
+            found.append((path, st.st_size))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     return found
 
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -519,7 +520,7 @@ class Artifact:
     path: Path
     manifest: Manifest
     ephemeral: bool = False
-    name: str | None = None  # display stem for derived names (scratch files carry a hash)
+    name: str | None = None  # display stem for derived names (scratch names carry a unique suffix)
 
     @property
     def kind(self) -> str:
@@ -611,7 +612,8 @@ class CheckpointWriter:
         layout: str = "dense",
         ephemeral: bool = False,
     ):
-        """``ephemeral``: a scratch artifact, renamed on commit to STEM.<hash16>.safetensors."""
+        """``ephemeral``: a scratch intermediate, renamed on commit to STEM.PID-RANDOM.safetensors and
+        held (safeio.hold) by this process until it is handed on or removed."""
         if layout not in ("dense", "sparse", "auto"):
             raise ValueError(f"unknown layout {layout!r}")
         self.path = Path(path)
@@ -903,13 +905,21 @@ class CheckpointWriter:
                     os.fsync(dst.fileno())
                 os.replace(final, self._tmp)
             stem = self.path.name[: -len(".safetensors")] if self.path.name.endswith(".safetensors") else self.path.name
-            final = self.path.with_name(f"{stem}.{manifest.sha256[:16]}.safetensors") if self.ephemeral else self.path
+            # an intermediate's name is private to this writer (concurrent pipelines never share one)
+            final = self.path.with_name(f"{stem}.{os.getpid()}-{secrets.token_hex(4)}.safetensors") if self.ephemeral else self.path
             safeio.test_hold()
             with safeio.deferred_signals():  # no signal between the rename and the bookkeeping
-                # content-named scratch files are identical when the name is: replacing is safe
-                safeio.commit_file(self._tmp, final, force=self.force or self.ephemeral)
+                lock = safeio.lock_shared(self._tmp) if self.ephemeral else None  # held from the first instant
+                try:
+                    safeio.commit_file(self._tmp, final, force=self.force)
+                except BaseException:
+                    if lock is not None:
+                        os.close(lock)
+                    raise
                 self._done = True
                 safeio.unregister(self._tmp)
+                if lock is not None:  # removed when this command ends, unless handed on (its JSON line printed)
+                    safeio.hold(final, fd=lock)
         except BaseException:
             if not self._done:
                 self.abort()

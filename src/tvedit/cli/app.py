@@ -69,6 +69,25 @@ def main() -> None:
 
     install_signal_handlers()
     try:
-        app()
+        try:
+            app()
+        except SystemExit as exc:
+            _drain_input(exc.code)
+            raise
     except Interrupted as exc:  # outside a command (while parsing or importing)
-        sys.exit(report_interrupt(exc))
+        code = report_interrupt(exc)
+        _drain_input(code)
+        sys.exit(code)
+
+
+def _drain_input(code: object) -> None:
+    """A consumer that failed or was interrupted before it read all of its '-' input removes the
+    intermediates listed there: after an error it waits for them, after a signal only what arrived."""
+    import sys
+
+    from tvedit.errors import PIPE_CLOSED
+
+    if isinstance(code, int) and code not in (0, PIPE_CLOSED) and "-" in sys.argv[2:]:
+        from tvedit.pipeline import drain_stdin
+
+        drain_stdin(wait=code < 128)

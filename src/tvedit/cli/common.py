@@ -42,8 +42,37 @@ def guard(fn: F) -> F:
             from tvedit.safeio import report_interrupt
 
             raise typer.Exit(report_interrupt(exc)) from None
+        except BrokenPipeError:
+            raise typer.Exit(pipe_closed()) from None
+        finally:
+            release_intermediates()
 
     return wrapper  # type: ignore[return-value]
+
+
+def release_intermediates() -> None:
+    """Every exit path of a command: remove the intermediates it holds and did not hand on (the
+    ephemeral inputs it read, the ones it wrote whose JSON lines did not reach the next command)."""
+    from tvedit.safeio import deferred_signals, release
+
+    with deferred_signals():
+        release()
+
+
+def pipe_closed() -> int:
+    """Standard output was closed by the next command (it failed, or exited without reading): the
+    intermediates written for it are removed; one line on stderr; exit PIPE_CLOSED (141)."""
+    import os
+
+    from tvedit.errors import PIPE_CLOSED
+    from tvedit.safeio import held
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    n = len(held())
+    what = f"; removed {n} intermediate{'s' if n != 1 else ''} written for it" if n else ""
+    sys.stderr.write(f"error: standard output was closed by the next command{what}\n")
+    sys.stderr.flush()
+    return PIPE_CLOSED
 
 
 def lazy_help(factory: Callable[[], str]) -> Any:
@@ -109,9 +138,13 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 def report(artifacts: Sequence[Any], as_json: bool, title: str = "wrote") -> None:
     """JSON lines for scripts, a short table for people."""
     if as_json:
-        for a in artifacts:
-            sys.stdout.write(a.to_json() + "\n")
-        sys.stdout.flush()
+        from tvedit.safeio import deferred_signals, hand_on
+
+        with deferred_signals():  # a line that was printed is always handed on
+            for a in artifacts:
+                sys.stdout.write(a.to_json() + "\n")
+            sys.stdout.flush()  # a closed pipe raises here (guard: exit 141, the intermediates removed)
+            hand_on(a.path for a in artifacts if a.ephemeral)  # the next command holds them now
         return
     from rich.table import Table
 
@@ -127,3 +160,4 @@ def report(artifacts: Sequence[Any], as_json: bool, title: str = "wrote") -> Non
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()  # a closed pipe fails inside the command (guard), not at exit

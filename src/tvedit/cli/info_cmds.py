@@ -165,16 +165,17 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @guard
     def clean(
-        paths: list[Path] = typer.Argument(None, help="Outputs or directories to look beside (default: only the scratch directory)."),
+        paths: list[Path] = typer.Argument(None, help="Outputs or directories to look beside for temporaries (the scratch directory is always searched)."),
         dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only list what would be removed."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON line per temporary."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line per file."),
     ) -> None:
-        """Remove temporaries left by killed runs: in the scratch directory, the hash and head caches, and beside PATHS (with their OUT.resume directories)."""
+        """Remove what killed runs left: pipeline intermediates in the scratch directory that no live process holds (an flock test), and temporaries (.NAME.tvedit-tmp-PID, PID dead) in the scratch directory, the hash and head caches, and beside PATHS (with their OUT.resume directories)."""
         from tvedit.headers import cache_dir
         from tvedit.pipeline import scratch_dir
-        from tvedit.safeio import remove_stale
+        from tvedit.safeio import remove_stale, unheld_intermediates
 
-        dirs = [scratch_dir(), cache_dir() / "hashes", cache_dir() / "heads"]
+        scratch = scratch_dir()
+        dirs = [scratch, cache_dir() / "hashes", cache_dir() / "heads"]
         for p in paths or []:
             if p.is_dir():  # a directory, and the resume directories (OUT.resume) of outputs in it
                 found_dirs = [p, *sorted(c for c in p.glob("*.resume") if c.is_dir())]
@@ -184,7 +185,9 @@ def register(app: typer.Typer) -> None:
             for d in found_dirs:
                 if d.is_dir() and all(d.resolve() != x.resolve() for x in dirs):
                     dirs.append(d)
-        found = [item for d in dirs for item in remove_stale(d, dry_run=dry_run)]
+        temporaries = [item for d in dirs for item in remove_stale(d, dry_run=dry_run)]
+        intermediates = unheld_intermediates(scratch, dry_run=dry_run)
+        found = temporaries + intermediates
         if json_mode(as_json):
             for path, size in found:
                 print_json({"path": str(path), "bytes": size, "removed": not dry_run})
@@ -192,4 +195,6 @@ def register(app: typer.Typer) -> None:
         verb = "would remove" if dry_run else "removed"
         for path, size in found:
             typer.echo(f"{verb} {path} ({size:,} bytes)")
-        typer.echo(f"{verb} {len(found)} stale temporar{'y' if len(found) == 1 else 'ies'}, {sum(s for _, s in found):,} bytes", err=True)
+        t, i = len(temporaries), len(intermediates)
+        typer.echo(f"{verb} {t} stale temporar{'y' if t == 1 else 'ies'} and {i} unheld intermediate{'' if i == 1 else 's'}, "
+                   f"{sum(s for _, s in found):,} bytes", err=True)  # fmt: skip
