@@ -593,11 +593,15 @@ class CheckpointWriter:
         self.manifest = manifest
         self.layout = layout if manifest.kind == "task-vector" else "dense"
         self.ephemeral = ephemeral
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        safeio.make_output_dir(self.path.parent)
         safeio.remove_stale(self.path.parent)  # left by killed runs
         self._tmp = safeio.temp_path(self.path)
         safeio.register(self._tmp)
-        self._fh = open(self._tmp, "wb")
+        try:
+            self._fh = open(self._tmp, "wb")
+        except OSError as exc:
+            safeio.unregister(self._tmp)
+            raise safeio.cannot_write(self.path, exc) from None
         self._header: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, bytes] = {}
         self._sparse: dict[str, dict[str, Any]] = {}
@@ -913,6 +917,8 @@ class CheckpointWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None and not self._done:
             self.abort()
+        if isinstance(exc, OSError) and exc.errno in safeio.WRITE_ERRNOS:  # e.g. a full disk
+            raise safeio.cannot_write(self.path, exc) from None
 
 
 def save_tensors(

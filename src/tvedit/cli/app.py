@@ -63,12 +63,23 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    """Run the CLI. Errors the argument parser finds (a bad or missing value, an unknown option or
+    command) are one line on stderr and exit 2, like every other usage error (no boxed panel)."""
     import sys
 
+    from tvedit.cli.common import PARSER_ERRORS, print_error, usage_error_line
     from tvedit.safeio import Interrupted, install_signal_handlers, report_interrupt
 
     install_signal_handlers()
     try:
-        app()
+        rv = app(standalone_mode=False)
     except Interrupted as exc:  # outside a command (while parsing or importing)
         sys.exit(report_interrupt(exc))
+    except PARSER_ERRORS as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # plain `tvedit` printed its help
+            print_error(usage_error_line(exc))
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        print_error("aborted")
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
