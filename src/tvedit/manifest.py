@@ -94,6 +94,10 @@ def _optional_str(value: object) -> bool:
     return value is None or isinstance(value, str)
 
 
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _problem(name: str, value: Any) -> str | None:
     """What is wrong with one manifest field's value (its type and range), or None."""
     if name in ("kind", "regime", "layout", "format"):
@@ -107,7 +111,7 @@ def _problem(name: str, value: Any) -> str | None:
             return None
         if not isinstance(value, dict):
             return "not an object or null"
-        return None if _optional_str(value.get("sha256")) and _optional_str(value.get("path")) else "sha256 and path must be strings or null"
+        return None if _is_sha256(value.get("sha256")) and _optional_str(value.get("path")) else "needs sha256 (64 hex digits) and path (a string or null)"
     if name == "density":
         ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
         return None if ok else "not a number in [0, 1] or null"
@@ -118,8 +122,7 @@ def _problem(name: str, value: Any) -> str | None:
     if name == "provenance":
         return None if isinstance(value, list) and all(isinstance(s, dict) for s in value) else "not a list of objects"
     if name == "sha256":
-        ok = value is None or (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value))
-        return None if ok else "not 64 lowercase hex digits or null"
+        return None if value is None or _is_sha256(value) else "not 64 lowercase hex digits or null"
     return None
 
 
