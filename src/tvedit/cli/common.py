@@ -22,8 +22,8 @@ err_console = Console(stderr=True)
 
 JSON_HELP = "Print one JSON line per artifact (the default when standard output is not a terminal)."
 FORCE_HELP = "Overwrite an existing output file (never an input)."
-OUT_HELP = "Output file (one output only)."
-OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors."
+OUT_HELP = "Output file (one output only); its directory must exist."
+OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors (created if missing; its parent must exist)."
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")  # ANSI CSI sequences and two-byte escapes
@@ -78,9 +78,9 @@ def guard(fn: F) -> F:
     """Turn TveditError into a one-line message on stderr and its documented exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            return fn(*args, **kwargs)
+            fn(*args, **kwargs)  # its value is dropped: main() reads an int result as the exit code
         except TveditError as exc:
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
