@@ -156,12 +156,13 @@ def register(app: typer.Typer) -> None:
             _check_method_options(method, cli_options)
         resolved = _inputs(inputs)
         recipe = resolved.options
+        check_recipe(recipe, recipe_name(inputs))
         method = method or recipe.get("method", "sum")
         method_options: dict[str, Any] = dict(recipe.get("options") or {})
         method_options.update(cli_options)
         _check_method_options(method, method_options)
         if alpha is None:
-            alpha = finite_number(recipe.get("alpha", 1.0), f"{_recipe_name(inputs)}: alpha")
+            alpha = finite_number(recipe.get("alpha", 1.0), f"{recipe_name(inputs)}: alpha")
         weight_list = parse_weights(weights, len(resolved.items)) if weights else None
         base_path = base or (Path(recipe["base"]) if recipe.get("base") else None)
         target = _target(output, None, force, fmt, max_shard_size, like)
@@ -276,11 +277,27 @@ def _check_method_options(method: str, options: dict[str, Any]) -> None:
         resolve_options(method, dict(options))
 
 
-def _recipe_name(args: list[str]) -> str:
+def recipe_name(args: list[str]) -> str:
     """The recipe among the input arguments (what a value read from a recipe is reported against)."""
     from tvedit.pipeline import RECIPE_SUFFIXES
 
     return next((a for a in args if Path(a).suffix in RECIPE_SUFFIXES), "recipe")
+
+
+# what each command default in a recipe must be (alpha and per-input weights: finite numbers)
+RECIPE_TYPES: dict[str, tuple[type, str]] = {
+    "method": (str, "a method name"), "base": (str, "a path"), "mask": (str, "a path"), "options": (dict, "a mapping of option: value"),
+}  # fmt: skip
+
+
+def check_recipe(recipe: dict[str, Any], name: str) -> None:
+    """Each command default a recipe sets has its type (a usage error naming the recipe and key)."""
+    for key, (kind, what) in RECIPE_TYPES.items():
+        value = recipe.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise UsageError(f"{name}: {key}: {value!r} is not {what}")
+    if isinstance(recipe.get("options"), dict) and not all(isinstance(k, str) for k in recipe["options"]):
+        raise UsageError(f"{name}: options: every option name must be a string")
 
 
 def parse_weights(text: str, n: int) -> list[float]:

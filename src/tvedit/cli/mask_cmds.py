@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from tvedit.cli.arith_cmds import COMPUTE_HELP, LAYOUT_HELP, _inputs, _opts, _target
+from tvedit.cli.arith_cmds import (
+    COMPUTE_HELP,
+    LAYOUT_HELP,
+    _inputs,
+    _opts,
+    _target,
+    check_recipe,
+    recipe_name,
+)
 from tvedit.cli.common import (
     FINITE,
     FORCE_HELP,
@@ -79,6 +87,7 @@ def register(app: typer.Typer) -> None:
 
         resolve_options(MASK_METHODS[method], options)
         resolved = _inputs(inputs)
+        check_recipe(resolved.options, recipe_name(inputs))
         if mask_file is None and resolved.options.get("mask"):
             mask_file = Path(resolved.options["mask"])
         target = _target(output, out_dir, force)
