@@ -14,9 +14,11 @@ import copy
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +151,15 @@ def _mutants(source: Path, seed: int, n: int) -> list[bytes]:
 def test_header_mutations_are_input_errors(vector: dict[str, Path], tmp_path: Path, which: str) -> None:
     outcomes: dict[str, int] = {}
     bugs = []
+
+    def hang(signum: int, frame: object) -> None:
+        raise TimeoutError("no result within 120 s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, hang)
     for i, blob in enumerate(_mutants(vector[which], SEED + (which == "lr"), N_MUTANTS)):
         path = tmp_path / f"m{i}.safetensors"
         path.write_bytes(blob)
+        signal.alarm(120)
         try:
             _use(path, vector["base"], tmp_path / "out.safetensors")
             outcomes["ok"] = outcomes.get("ok", 0) + 1
@@ -159,9 +167,10 @@ def test_header_mutations_are_input_errors(vector: dict[str, Path], tmp_path: Pa
             assert "\n" not in str(exc)
             outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
         except Exception as exc:  # noqa: BLE001 - exactly what this test looks for
-            import traceback
-
             bugs.append(f"mutant {i}: {type(exc).__name__}: {exc} {traceback.format_exc(limit=-3)}")
+        finally:
+            signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
     assert not bugs, "\n".join(bugs[:10])
     assert outcomes.get("InputError", 0) >= N_MUTANTS // 2, outcomes  # the mutations do bite
     assert [p.name for p in tmp_path.iterdir() if ".tvedit-tmp-" in p.name] == []

@@ -171,7 +171,10 @@ def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int
     numel = 1
     for s in shape:
         numel *= s
-    out = torch.zeros(numel, dtype=values.dtype)
+    try:
+        out = torch.zeros(numel, dtype=values.dtype)
+    except (RuntimeError, MemoryError):  # a hostile shape: terabytes for a few stored values
+        raise InputError(f"{where}: cannot allocate the {numel} entries of shape {list(shape)}") from None
     if encoding == "indices":
         positions = parts["indices"].long()
     elif encoding == "bitmap":
