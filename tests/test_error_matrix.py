@@ -48,6 +48,7 @@ CASES = [
     ("recipe-weight-abc", f"{PY} add weight_abc.yaml -o x.safetensors", 2),
     ("recipe-weight-inf", f"{PY} add weight_inf.yaml -o x.safetensors", 2),
     ("recipe-base-number", f"{PY} add base_number.yaml -o x.safetensors", 2),
+    ("mergekit-weight-nan", f"{PY} add mergekit_nan.yaml -o x.safetensors", 2),
     # errors the argument parser finds (exit 2, one line, no panel)
     ("alpha-abc", f"{PY} add tv1.safetensors --alpha abc -o x.safetensors", 2),
     ("missing-base", f"{PY} extract ft1.safetensors -o x.safetensors", 2),
@@ -84,6 +85,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "alpha_abc": "alpha: abc\ninputs: [tv1.safetensors]\n", "alpha_nan": "alpha: .nan\ninputs: [tv1.safetensors]\n",
         "weight_abc": "inputs:\n  - {path: tv1.safetensors, weight: abc}\n", "weight_inf": "inputs:\n  - {path: tv1.safetensors, weight: .inf}\n",
         "base_number": "base: 3\ninputs: [tv1.safetensors]\n",
+        "mergekit_nan": "merge_method: task_arithmetic\nbase_model: base.safetensors\nmodels:\n  - {model: ft1.safetensors, parameters: {weight: .nan}}\n",
     }.items():  # fmt: skip
         (root / f"{name}.yaml").write_text(body)
     # a pickle holding an object torch's weights_only loader refuses
