@@ -280,6 +280,7 @@ def test_sharded_directory_outputs_do_not_depend_on_the_chunk_size(llama: dict[s
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
         out = tmp_path / mib / "out"  # the model card names the directory
+        out.parent.mkdir()  # an output directory is created, its parent must exist
         code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "--emit", emit, "--format", "hf", "-o", out,
                               "--max-shard-size", "20KB", "--alpha", "0.4")  # fmt: skip
         assert code == 0, stderr

@@ -102,7 +102,8 @@ def test_background_write_error_surfaces_and_leaves_nothing(tmp_path: Path) -> N
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    with pytest.raises(OSError, match="No space"), CheckpointWriter(tmp_path / "o.safetensors", Manifest(), ["a", "b"]) as w:
+    # a full disk is an output error (exit 6) naming the output, and leaves nothing
+    with pytest.raises(OutputError, match=r"o\.safetensors: cannot write: No space left"), CheckpointWriter(tmp_path / "o.safetensors", Manifest(), ["a", "b"]) as w:
         w._fh = Full(w._fh)
         w.write("a", torch.zeros(1 << 19))
         w.write("b", torch.zeros(3))

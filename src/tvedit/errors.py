@@ -13,13 +13,15 @@ class TveditError(Exception):
 
 
 class UsageError(TveditError):
-    """Invalid option values or combinations (checked before any work starts)."""
+    """Invalid option values or combinations, also in a recipe, and NaN/Inf given as a number
+    (checked before any work starts)."""
 
     exit_code = 2
 
 
 class InputError(TveditError):
-    """An input file is missing, unreadable, not safetensors, truncated, or lacks a manifest field."""
+    """An input file is missing, unreadable, not safetensors, truncated, or its header or manifest
+    does not follow the format (a field of the wrong type, a bad sparse record)."""
 
     exit_code = 3
 
@@ -37,7 +39,8 @@ class NumericError(TveditError):
 
 
 class OutputError(TveditError):
-    """The output exists (without --force) or would overwrite one of the inputs."""
+    """The output exists (without --force), would overwrite one of the inputs, its directory is
+    missing, or it cannot be written (permission, read-only filesystem, full disk)."""
 
     exit_code = 6
 
@@ -62,11 +65,11 @@ PIPE_CLOSED = 141
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it)",
-    2: "usage error: bad option value or combination",
-    3: "input error: missing, unreadable, truncated or non-safetensors file",
+    2: "usage error: bad option value or combination (also in a recipe; NaN/Inf as a number)",
+    3: "input error: missing, unreadable, truncated or non-safetensors file, or a malformed header or manifest",
     4: "mismatch: keys, shapes, bases, regimes or model families do not fit together",
     5: "numeric error: NaN or Inf in a result",
-    6: "output error: output exists (use --force) or equals an input",
+    6: "output error: output exists (use --force), equals an input, its directory is missing, or it cannot be written (full disk)",
     7: "gate failed: an accuracy fell below its --min-accuracy threshold",
     8: "data error: dataset empty, unreadable or unusable",
     130: "interrupted by SIGINT: the unfinished output was removed",

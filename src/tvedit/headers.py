@@ -53,18 +53,125 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(header, dict):
-        raise InputError(f"{path}: not a safetensors file")
+        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = check_header(path, header)
+    if 8 + n + end > size:
+        raise InputError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header, 8 + n
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def numel_of(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_header(path: Path, header: dict[str, Any]) -> int:
+    """Check a parsed safetensors header against the format before anything uses it: ``__metadata__``
+    a map of strings to strings; every other entry ``{"dtype": a dtype tvedit reads, "shape": [n, ...]
+    (integers >= 0), "data_offsets": [begin, end]}`` with ``end - begin`` the bytes of that dtype and
+    shape. An InputError (exit 3) names the file, the key and the field. Returns the end of the data."""
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InputError(f"{path}: __metadata__: not a map of strings to strings")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
+        if not isinstance(info, dict):
+            raise InputError(f"{path}: key {key!r}: malformed safetensors entry (not an object)")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in ST_ITEMSIZE:
+            raise InputError(f"{path}: key {key!r}: dtype: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise InputError(f"{path}: key {key!r}: shape: {shape!r} is not a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets) or offsets[0] > offsets[1]:
+            raise InputError(f"{path}: key {key!r}: data_offsets: {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        nbytes = numel_of(shape) * ST_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise InputError(f"{path}: key {key!r}: data_offsets: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype} ({nbytes} needed)")
+        end = max(end, offsets[1])
+    return end
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse and low-rank records: which stored parts make up each logical tensor
+# --------------------------------------------------------------------------------------------
+def _part_shapes(enc: str, shape: list[int], spec: dict[str, Any], stored: dict[str, tuple[str, list[int]]], key: str) -> dict[str, list[int] | None]:
+    """The shape each stored part must have (None: any 1-D length, checked against the others)."""
+    numel = numel_of(shape)
+    if enc == "lowrank":
+        m, n = shape
+        k = spec.get("rank")
+        if not _is_count(k):
+            raise InputError(f"sparse record {key!r}: rank: {k!r} is not an integer >= 0")
+        return {"U": [m, k], "S": [k], "V": [n, k]}
+    if enc == "mask":
+        return {"bitmap": [-(-numel // 8)]}
+    n = stored[f"{key}{SEP}values"][1][0] if len(stored[f"{key}{SEP}values"][1]) == 1 else -1
+    if not 0 <= n <= numel:
+        raise InputError(f"sparse record {key!r}: values: {stored[f'{key}{SEP}values'][1]} does not fit a tensor of {numel} entries")
+    if enc == "indices":
+        return {"values": [n], "indices": [n]}
+    if enc == "bitmap":
+        return {"values": [n], "bitmap": [-(-numel // 8)]}
+    return {"values": [n], "offsets": [n], "counts": [-(-numel // (1 << 16))]}  # block16
+
+
+# the dtype family each stored part must have ("float": any floating dtype, "int": any integer)
+_PART_DTYPES = {"values": "any", "indices": "int", "offsets": "int", "counts": "int", "bitmap": ("U8",), "U": "float", "S": "float", "V": "float"}
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_INTS = ("I64", "I32", "I16", "I8", "U8")
+
+
+def logical_entries(path: Path, sparse: Any, stored: dict[str, tuple[str, list[int]]]) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """The logical tensors of a file from its stored ones (``key: (safetensors dtype, shape)``) and
+    the manifest's ``sparse`` records, each record checked first (the one check of the sparse and
+    low-rank layouts: Checkpoint and ``tvedit info`` both use it). Returns ``key: (dtype, shape)``
+    (a mask's dtype is BOOL, otherwise the first part's) and ``key: encoding`` of encoded keys."""
+    if not isinstance(sparse, dict):
+        raise InputError(f"{path}: manifest sparse: not a map of key to record")
+    logical: dict[str, tuple[str, list[int]]] = {}
+    encodings: dict[str, str] = {}
+    hidden: set[str] = set()
+    for key, spec in sparse.items():
+        where = f"{path}: manifest sparse record {key!r}"
+        if not isinstance(spec, dict):
+            raise InputError(f"{where}: not an object")
+        enc, shape = spec.get("encoding"), spec.get("shape")
+        if enc not in ENCODING_PARTS:
+            raise InputError(f"{where}: unknown encoding {enc!r}")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape) or (enc == "lowrank" and len(shape) != 2):
+            raise InputError(f"{where}: shape: {shape!r} is not a list of integers >= 0" + (" of length 2" if enc == "lowrank" else ""))
+        for part in ENCODING_PARTS[enc]:
+            if f"{key}{SEP}{part}" not in stored:
+                raise InputError(f"{where}: sparse part {part!r} is missing")
         try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise InputError(f"{path}: key {key!r}: malformed safetensors entry") from None
-    if 8 + n + end > size:
-        raise InputError(f"{path}: truncated: header promises {8 + n + end} bytes, file has {size}")
-    return header, 8 + n
+            want = _part_shapes(enc, shape, spec, stored, key)
+        except InputError as exc:
+            raise InputError(f"{path}: manifest {exc}") from None
+        for part in ENCODING_PARTS[enc]:
+            st, got = stored[f"{key}{SEP}{part}"]
+            kinds = _PART_DTYPES[part]
+            ok_dtype = kinds == "any" or st in (_FLOATS if kinds == "float" else _INTS if kinds == "int" else kinds)
+            if not ok_dtype or got != want[part]:
+                raise InputError(f"{where}: stored part {part!r} is {st} {got}, which does not fit the record")
+        if enc == "lowrank" and len({stored[f"{key}{SEP}{p}"][0] for p in ENCODING_PARTS[enc]}) != 1:
+            raise InputError(f"{where}: the low-rank factors U, S, V differ in dtype")
+        hidden.update(f"{key}{SEP}{part}" for part in ENCODING_PARTS[enc])
+        logical[key] = ("BOOL" if enc == "mask" else stored[f"{key}{SEP}{ENCODING_PARTS[enc][0]}"][0], list(shape))
+        encodings[key] = enc
+    for key, value in stored.items():
+        if key not in hidden:
+            if key in logical:
+                raise InputError(f"{path}: key {key!r} is stored both as itself and in a sparse record")
+            logical[key] = value
+    return logical, encodings
 
 
 def resolve_files(path: Path) -> list[Path]:
@@ -169,8 +276,8 @@ def store_hash(stamp: str, value: str) -> None:
 # --------------------------------------------------------------------------------------------
 def stored_entries(files: list[Path]) -> tuple[dict[str, str], list[tuple[Path, int, str, dict[str, Any]]]]:
     """The metadata (of the only file, else of the first that has any) and every stored tensor of
-    ``files`` as (file, absolute offset of its data section, key, header entry); an unknown dtype
-    is an InputError naming the file and the key."""
+    ``files`` as (file, absolute offset of its data section, key, header entry), each header
+    checked by ``check_header``."""
     metadata: dict[str, str] = {}
     entries = []
     for f in files:
@@ -178,10 +285,8 @@ def stored_entries(files: list[Path]) -> tuple[dict[str, str], list[tuple[Path, 
         for key, info in header.items():
             if key == "__metadata__":
                 if len(files) == 1 or not metadata:
-                    metadata = dict(info or {})
+                    metadata = dict(info)
                 continue
-            if info.get("dtype") not in ST_ITEMSIZE:
-                raise InputError(f"{f}: key {key!r}: unsupported dtype {info.get('dtype')!r}")
             entries.append((f, data_start, key, info))
     return metadata, entries
 
@@ -193,42 +298,25 @@ def summary(path: Path) -> dict[str, Any]:
 
     files = resolve_files(path)
     metadata, entries = stored_entries(files)
-    stored = {key: (info["dtype"], [int(s) for s in info["shape"]]) for _, _, key, info in entries}
+    stored = {key: (info["dtype"], list(info["shape"])) for _, _, key, info in entries}
     raw = metadata.get(METADATA_KEY)
     manifest = Manifest.from_json(raw, str(path)) if raw else None
-    logical: dict[str, tuple[str, list[int]]] = {}
+    logical, encodings = logical_entries(path, manifest.sparse if manifest else {}, stored)
     layouts: dict[str, int] = {}  # encoding -> number of logical tensors
-    hidden: set[str] = set()
-    for key, spec in (manifest.sparse if manifest else {}).items():
-        enc = spec.get("encoding")
-        if enc not in ENCODING_PARTS:
-            raise InputError(f"{path}: key {key!r}: unknown encoding {enc!r}")
-        for part in ENCODING_PARTS[enc]:
-            if f"{key}{SEP}{part}" not in stored:
-                raise InputError(f"{path}: key {key!r}: sparse part {part!r} is missing")
-            hidden.add(f"{key}{SEP}{part}")
-        logical[key] = ("BOOL" if enc == "mask" else stored[f"{key}{SEP}{ENCODING_PARTS[enc][0]}"][0], list(spec["shape"]))
+    for key in logical:
+        enc = encodings.get(key, "dense")
         layouts[enc] = layouts.get(enc, 0) + 1
-    for key, value in stored.items():
-        if key not in hidden:
-            logical[key] = value
-            layouts["dense"] = layouts.get("dense", 0) + 1
     dtypes: dict[str, int] = {}
     parameters = logical_bytes = 0
     for key in sorted(logical):
         st, shape = logical[key]
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = numel_of(shape)
         parameters += numel
         logical_bytes += numel * ST_ITEMSIZE[st]
         dtypes[ST_NAMES[st]] = dtypes.get(ST_NAMES[st], 0) + 1
     stored_bytes = 0
     for st, shape in stored.values():
-        numel = 1
-        for s in shape:
-            numel *= s
-        stored_bytes += numel * ST_ITEMSIZE[st]
+        stored_bytes += numel_of(shape) * ST_ITEMSIZE[st]
     if manifest and manifest.sha256:
         sha = manifest.sha256
     else:

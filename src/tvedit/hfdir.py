@@ -329,11 +329,14 @@ class HFDirWriter:
         self.names = shard_names(len(self.shards))
         self._shard_of = {k: i for i, keys in enumerate(self.shards) for k in keys}
         self._all_keys = sorted(self._shard_of)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        safeio.make_output_dir(self.path.parent)
         safeio.remove_stale(self.path.parent)  # left by killed runs
         self._tmp = safeio.temp_path(self.path)
         shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir()
+        try:
+            self._tmp.mkdir()
+        except OSError as exc:
+            raise safeio.cannot_write(self.path, exc) from None
         safeio.register(self._tmp)
         self._writers: list[CheckpointWriter | None] = [None] * len(self.shards)
         self._done = False
@@ -456,6 +459,8 @@ class HFDirWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None and not self._done:
             self.abort()
+        if isinstance(exc, OSError) and exc.errno in safeio.WRITE_ERRNOS:  # e.g. a full disk
+            raise safeio.cannot_write(self.path, exc) from None
 
 
 # --------------------------------------------------------------------------------------------

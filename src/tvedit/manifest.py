@@ -61,6 +61,7 @@ class Manifest:
             raise InputError(f"{source}: manifest format {fmt!r} is not a tvedit format")
         if fmt != FORMAT:
             raise InputError(f"{source}: manifest format {fmt!r} is newer than this tvedit ({FORMAT})")
+        check_fields(data, source)
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
@@ -89,6 +90,51 @@ class Manifest:
         data["provenance"] = [*self.provenance, step]
         data["sha256"] = None
         return Manifest.from_dict(data)
+
+
+def _optional_str(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _problem(name: str, value: Any) -> str | None:
+    """What is wrong with one manifest field's value (its type and range), or None."""
+    if name in ("kind", "regime", "layout", "format"):
+        return None if isinstance(value, str) else "not a string"
+    if name == "model":
+        if not isinstance(value, dict):
+            return "not an object"
+        return None if _optional_str(value.get("family")) else "family is not a string"
+    if name == "base":
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            return "not an object or null"
+        return None if _is_sha256(value.get("sha256")) and _optional_str(value.get("path")) else "needs sha256 (64 hex digits) and path (a string or null)"
+    if name == "density":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
+        return None if ok else "not a number in [0, 1] or null"
+    if name == "sparse":  # each record is checked against the stored parts (headers.logical_entries)
+        return None if isinstance(value, dict) else "not a map of key to record"
+    if name == "task":
+        return None if value is None or isinstance(value, dict) else "not an object or null"
+    if name == "provenance":
+        return None if isinstance(value, list) and all(isinstance(s, dict) for s in value) else "not a list of objects"
+    if name == "sha256":
+        return None if value is None or _is_sha256(value) else "not 64 lowercase hex digits or null"
+    return None
+
+
+def check_fields(data: dict[str, Any], source: str) -> None:
+    """Check every field's type and range before use: a file from elsewhere is untrusted input
+    (an InputError, exit 3, naming the file and the field)."""
+    for name, value in data.items():
+        problem = _problem(name, value)
+        if problem is not None:
+            raise InputError(f"{source}: manifest {name}: {problem}")
 
 
 def base_ref(sha256: str, path: str | os.PathLike[str] | None) -> dict[str, Any]:

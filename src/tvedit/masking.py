@@ -29,6 +29,7 @@ from tvedit.api import (
     _spec,
     _target,
 )
+from tvedit.checks import finite_number
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.ops import sparsify
@@ -163,8 +164,8 @@ def resolve_options(method: MaskMethod, options: dict[str, Any]) -> dict[str, An
         raise UsageError(f"--scope for {method.name} must be one of {', '.join(SCOPE_CHOICES[method.name])}, not {out['scope']!r}")
     if "rescale" in out and out["rescale"] not in sparsify.RESCALES:
         raise UsageError(f"--rescale must be one of {', '.join(sparsify.RESCALES)}, not {out['rescale']!r}")
-    if "lambda" in out and not float(out["lambda"]) >= 0:
-        raise UsageError(f"--lambda must be >= 0, not {out['lambda']!r}")
+    if "lambda" in out:
+        out["lambda"] = finite_number(out["lambda"], "--lambda", minimum=0)
     for k in ("seed", "min_agree"):
         if k in out and int(out[k]) < 0:
             raise UsageError(f"--{k.replace('_', '-')} must be >= 0, not {out[k]!r}")

@@ -126,6 +126,8 @@ def _model_path(ref: Any, where: str, root: Path) -> Path:
 def _check_setting(value: Any, where: str) -> None:
     """Scalars and filter lists; gradients (lists of numbers) are refused."""
     if isinstance(value, bool) or isinstance(value, (int, float)):
+        if not isinstance(value, bool) and not math.isfinite(value):
+            raise UsageError(f"{where}: {value!r} is not a finite number")
         return
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
         for e in value:

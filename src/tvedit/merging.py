@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tvedit._lazy import lazy
+from tvedit.checks import finite_number
 from tvedit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -142,12 +143,7 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if "min_agree" in options:
         _int(options, "min_agree")
     if "lambda" in options:
-        try:
-            options["lambda"] = float(options["lambda"])
-        except (TypeError, ValueError):
-            raise UsageError(f"--option lambda={options['lambda']}: must be a number") from None
-        if not options["lambda"] >= 0:
-            raise UsageError(f"--option lambda={options['lambda']}: must be >= 0")
+        options["lambda"] = finite_number(options["lambda"], "--option lambda", minimum=0)
     if method in OPTION_CHECKS:
         OPTION_CHECKS[method](options)
     return options

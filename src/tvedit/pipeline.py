@@ -33,6 +33,7 @@ from typing import IO, Any
 import yaml
 
 from tvedit import safeio
+from tvedit.checks import finite_number
 from tvedit.errors import InputError, OutputError, UsageError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".jsonl")
@@ -72,11 +73,8 @@ def _record_to_spec(rec: Any, where: str, root: Path | None) -> InputSpec:
     if root is not None and not path.is_absolute():
         path = root / path
     weight = rec.get("weight")
-    if weight is not None:
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise InputError(f"{where}: input {rec['path']}: weight {rec['weight']!r} is not a number") from None
+    if weight is not None:  # a bad value is a usage error (exit 2), as for --weights
+        weight = finite_number(weight, f"{where}: input {rec['path']}: weight")
     return InputSpec(path, weight, bool(rec.get("ephemeral", False)), rec.get("name"))
 
 
@@ -206,7 +204,10 @@ def scratch_dir() -> Path:
     else:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         path = Path(cache) / "tvedit" / "scratch"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the scratch directory ($TVEDIT_SCRATCH): {exc.strerror or exc}") from None
     return path
 
 

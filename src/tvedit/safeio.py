@@ -377,6 +377,43 @@ def commit_file(tmp: Path, final: Path, force: bool) -> None:
     fsync_dir(final.parent)
 
 
+# ------------------------------------------------------------------------------------------------
+# Where outputs may go, and what a failed write is
+# ------------------------------------------------------------------------------------------------
+# Errors that only writing produces: a full disk or quota, a file-size limit, a read-only filesystem.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def cannot_write(path: Path, exc: OSError) -> OutputError:
+    """The one-line error (exit 6) for an output that could not be written."""
+    return OutputError(f"{path}: cannot write: {exc.strerror or exc}")
+
+
+def check_output_parent(path: Path) -> None:
+    """Refuse an output whose parent directory is missing (exit 6), before any work: a typo in a
+    path is reported, never created. ``path`` is an output file (``-o FILE``) or a directory that
+    tvedit creates itself (``--out-dir DIR``, a Hugging Face directory, a study directory)."""
+    parent = path.parent
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"{path}: directory {parent} {state} (tvedit creates no missing parent directories)")
+
+
+def make_output_dir(directory: Path) -> None:
+    """Create ``directory`` (an --out-dir) if it is missing; never its parents (exit 6 instead)."""
+    if directory.is_dir():
+        return
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise OutputError(f"{directory}: is not a directory") from None
+    except FileNotFoundError:
+        raise OutputError(f"{directory}: directory {directory.parent} does not exist (tvedit creates no missing parent directories)") from None
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot create directory: {exc.strerror or exc}") from None
+
+
 def report_interrupt(exc: BaseException) -> int:
     """The one stderr line for an interrupted command; returns the exit code."""
     if isinstance(exc, Interrupted):

@@ -163,26 +163,38 @@ def encode_sparse(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]]:
     return encoding, encode_parts(encoding, SPARSE_PARTS[encoding], flat, 0, numel, index_dtype)
 
 
-def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None) -> torch.Tensor:
+def decode_sparse(encoding: str, parts: dict[str, torch.Tensor], shape: list[int], dtype: torch.dtype | None, where: str = "sparse tensor") -> torch.Tensor:
+    """The dense tensor of stored parts (their shapes checked by headers.logical_entries); positions
+    outside the tensor or a bitmap that does not count the values are an InputError naming ``where``."""
     if encoding == "mask":
         return unpack_bits(parts["bitmap"], shape)
     values = parts["values"]
     numel = 1
     for s in shape:
         numel *= s
-    out = torch.zeros(numel, dtype=values.dtype)
+    try:
+        out = torch.zeros(numel, dtype=values.dtype)
+    except (RuntimeError, MemoryError):  # a hostile shape: terabytes for a few stored values
+        raise InputError(f"{where}: cannot allocate the {numel} entries of shape {list(shape)}") from None
     if encoding == "indices":
-        out[parts["indices"].long()] = values
+        positions = parts["indices"].long()
     elif encoding == "bitmap":
-        out[unpack_bits(parts["bitmap"], (numel,))] = values
+        bits = unpack_bits(parts["bitmap"], (numel,))
+        if int(bits.sum()) != values.numel():
+            raise InputError(f"{where}: bitmap marks {int(bits.sum())} entries for {values.numel()} values")
+        out[bits] = values
+        return out.reshape(shape)
     elif encoding == "block16":
         counts = parts["counts"].long()
-        if counts.numel() != -(-numel // BLOCK16) or int(counts.sum()) != values.numel() or parts["offsets"].numel() != values.numel():
-            raise InputError(f"block16 parts do not fit a tensor of shape {list(shape)}")
+        if counts.numel() != -(-numel // BLOCK16) or (counts.numel() and int(counts.min()) < 0) or int(counts.sum()) != values.numel() or parts["offsets"].numel() != values.numel():
+            raise InputError(f"{where}: block16 parts do not fit a tensor of shape {list(shape)}")
         block = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        out[block * BLOCK16 + (parts["offsets"].long() & (BLOCK16 - 1))] = values
+        positions = block * BLOCK16 + (parts["offsets"].long() & (BLOCK16 - 1))
     else:
-        raise InputError(f"unknown sparse encoding {encoding!r}")
+        raise InputError(f"{where}: unknown sparse encoding {encoding!r}")
+    if positions.numel() != values.numel() or (positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= numel)):
+        raise InputError(f"{where}: sparse positions fall outside a tensor of shape {list(shape)}")
+    out[positions] = values
     return out.reshape(shape)
 
 
@@ -224,15 +236,13 @@ class Checkpoint:
         self._stored: dict[str, TensorInfo] = {}
         self._loc: dict[str, _Stored] = {}
         metadata, entries = headers.stored_entries(self._resolve_files(self.path))
-        for f, data_start, key, info in entries:
+        for f, data_start, key, info in entries:  # checked by headers.check_header
             dtype = ST_TO_DTYPE.get(info["dtype"])
-            if dtype is None:
+            if dtype is None:  # a float8 dtype this torch lacks
                 raise InputError(f"{f}: key {key!r}: unsupported dtype {info['dtype']!r}")
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
             self._stored[key] = TensorInfo(shape, dtype)
-            if end - begin != _nbytes(self._stored[key]):
-                raise InputError(f"{f}: key {key!r}: {end - begin} bytes stored for shape {list(shape)} {info['dtype']}")
             self._where[key] = f
             self._loc[key] = _Stored(f, data_start + begin, end - begin)
         self.metadata = metadata
@@ -247,21 +257,9 @@ class Checkpoint:
         # commit (api.check_base) instead of hashed up front
         self.expected: tuple[str, Path] | None = None
         self._verifying = False  # hashing what is read, to compare with the recorded hash (verify_streamed)
-        self._logical: dict[str, TensorInfo] = {}
-        hidden: set[str] = set()
-        for key, spec in self._sparse.items():
-            enc = spec.get("encoding")
-            if enc not in SPARSE_PARTS:
-                raise InputError(f"{self.path}: key {key!r}: unknown sparse encoding {enc!r}")
-            for part in SPARSE_PARTS[enc]:
-                if f"{key}{SEP}{part}" not in self._stored:
-                    raise InputError(f"{self.path}: key {key!r}: sparse part {part!r} is missing")
-                hidden.add(f"{key}{SEP}{part}")
-            dtype = torch.bool if enc == "mask" else self._stored[f"{key}{SEP}{SPARSE_PARTS[enc][0]}"].dtype
-            self._logical[key] = TensorInfo(tuple(spec["shape"]), dtype)
-        for key, info in self._stored.items():
-            if key not in hidden:
-                self._logical[key] = info
+        stored = {key: (info["dtype"], list(info["shape"])) for _, _, key, info in entries}
+        logical, _ = headers.logical_entries(self.path, self._sparse, stored)
+        self._logical: dict[str, TensorInfo] = {key: TensorInfo(tuple(shape), ST_TO_DTYPE[st]) for key, (st, shape) in logical.items()}
 
     _resolve_files = staticmethod(headers.resolve_files)
 
@@ -376,7 +374,7 @@ class Checkpoint:
                     parts[part] = self._get_stored(stored)
             if spec["encoding"] == "lowrank":
                 return decode_lowrank(parts)
-            return decode_sparse(spec["encoding"], parts, list(spec["shape"]), None)
+            return decode_sparse(spec["encoding"], parts, list(spec["shape"]), None, f"{self.path}: key {key!r}")
         if key not in self._stored:
             raise MismatchError(f"{self.path}: key {key!r} is missing")
         return self._get_stored(key, out).view(self._stored[key].shape)
@@ -622,11 +620,15 @@ class CheckpointWriter:
         self.manifest = manifest
         self.layout = layout if manifest.kind == "task-vector" else "dense"
         self.ephemeral = ephemeral
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        safeio.make_output_dir(self.path.parent)
         safeio.remove_stale(self.path.parent)  # left by killed runs
         self._tmp = safeio.temp_path(self.path)
         safeio.register(self._tmp)
-        self._fh = open(self._tmp, "wb")
+        try:
+            self._fh = open(self._tmp, "wb")
+        except OSError as exc:
+            safeio.unregister(self._tmp)
+            raise safeio.cannot_write(self.path, exc) from None
         self._header: dict[str, dict[str, Any]] = {}
         self._digests: dict[str, bytes] = {}
         self._sparse: dict[str, dict[str, Any]] = {}
@@ -950,6 +952,8 @@ class CheckpointWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None and not self._done:
             self.abort()
+        if isinstance(exc, OSError) and exc.errno in safeio.WRITE_ERRNOS:  # e.g. a full disk
+            raise safeio.cannot_write(self.path, exc) from None
 
 
 def save_tensors(

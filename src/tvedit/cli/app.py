@@ -63,17 +63,33 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    """Run the CLI. Errors the argument parser finds (a bad or missing value, an unknown option or
+    command) are one line on stderr and exit 2, like every other usage error (no boxed panel)."""
     import sys
 
+    from tvedit.cli.common import PARSER_ERRORS, print_error, usage_error_line
     from tvedit.safeio import Interrupted, install_signal_handlers, report_interrupt
 
     install_signal_handlers()
     try:
         try:
-            app()
+            rv = app(standalone_mode=False)
+        except PARSER_ERRORS as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # plain `tvedit` printed its help
+                print_error(usage_error_line(exc))
+            code = getattr(exc, "exit_code", 2)
+            _drain_input(code)
+            sys.exit(code)
+        except typer.Abort:
+            print_error("aborted")
+            _drain_input(1)
+            sys.exit(1)
         except SystemExit as exc:
             _drain_input(exc.code)
             raise
+        code = rv if isinstance(rv, int) else 0
+        _drain_input(code)
+        sys.exit(code)
     except Interrupted as exc:  # outside a command (while parsing or importing)
         code = report_interrupt(exc)
         _drain_input(code)

@@ -7,7 +7,9 @@ from typing import Any
 
 import typer
 
+from tvedit.checks import finite_number
 from tvedit.cli.common import (
+    FINITE,
     FORCE_HELP,
     JSON_HELP,
     MISMATCH_HELP,
@@ -21,6 +23,7 @@ from tvedit.cli.common import (
     report,
 )
 from tvedit.errors import UsageError
+from tvedit.safeio import check_output_parent
 
 DTYPE_HELP = "Output dtype (float32, float16, bfloat16, float64). Default: the base's dtype."
 COMPUTE_HELP = "Accumulate in float32 (default) or float64."
@@ -78,6 +81,9 @@ def _target(raw_output: str | None, out_dir: Path | None, force: bool, fmt: str 
         raise UsageError(f"--like {like}: not a Hugging Face directory (no config.json)")
     if hf and output is not None and output.exists() and not output.is_dir() and not force:
         raise UsageError(f"{output}: is a file; a Hugging Face directory output needs a directory path (or --force to replace it)")
+    for path in (output, out_dir):  # a missing parent directory is a typo: exit 6 before any work
+        if path is not None:
+            check_output_parent(path)
     target = output_target(output, out_dir, force, piped())
     if hf:
         target.hf = hfdir.HFOutput(hfdir.parse_size(max_shard_size) if max_shard_size is not None else None, like)
@@ -119,7 +125,7 @@ def register(app: typer.Typer) -> None:
     @guard
     def add(
         inputs: list[str] = typer.Argument(..., help="Task vectors or fine-tuned checkpoints, '-' for piped JSON lines, or a YAML recipe."),
-        alpha: float | None = typer.Option(None, "--alpha", "-a", help="Scaling coefficient applied to the merged vector. Default 1.0."),
+        alpha: float | None = typer.Option(None, "--alpha", "-a", help="Scaling coefficient applied to the merged vector. Default 1.0.", parser=FINITE),
         weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated per-input weights, e.g. 1,0.5,0.5 (default 1 each)."),
         base: Path | None = typer.Option(None, "--base", "-b", help="theta0. Default: the base recorded in the inputs."),
         method: str | None = typer.Option(None, "--method", "-m", help="Merge method (see `tvedit methods`). Default: sum."),
@@ -160,12 +166,13 @@ def register(app: typer.Typer) -> None:
             _check_method_options(method, cli_options)
         resolved = _inputs(inputs)
         recipe = resolved.options
+        check_recipe(recipe, recipe_name(inputs))
         method = method or recipe.get("method", "sum")
         method_options: dict[str, Any] = dict(recipe.get("options") or {})
         method_options.update(cli_options)
         _check_method_options(method, method_options)
         if alpha is None:
-            alpha = float(recipe.get("alpha", 1.0))
+            alpha = finite_number(recipe.get("alpha", 1.0), f"{recipe_name(inputs)}: alpha")
         weight_list = parse_weights(weights, len(resolved.items)) if weights else None
         base_path = base or (Path(recipe["base"]) if recipe.get("base") else None)
         target = _target(output, None, force, fmt, max_shard_size, like)
@@ -190,7 +197,7 @@ def register(app: typer.Typer) -> None:
     @guard
     def scale(
         inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
-        by: float = typer.Option(..., "--by", "-c", help="The coefficient c in c * tau."),
+        by: float = typer.Option(..., "--by", "-c", help="The coefficient c in c * tau.", parser=FINITE),
         output: str | None = typer.Option(None, "--output", "-o", help=OUT_HELP),
         out_dir: Path | None = typer.Option(None, "--out-dir", help=OUT_DIR_HELP + " Suffix: scaled."),
         fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
@@ -282,11 +289,31 @@ def _check_method_options(method: str, options: dict[str, Any]) -> None:
         resolve_options(method, dict(options))
 
 
+def recipe_name(args: list[str]) -> str:
+    """The recipe among the input arguments (what a value read from a recipe is reported against)."""
+    from tvedit.pipeline import RECIPE_SUFFIXES
+
+    return next((a for a in args if Path(a).suffix in RECIPE_SUFFIXES), "recipe")
+
+
+# what each command default in a recipe must be (alpha and per-input weights: finite numbers)
+RECIPE_TYPES: dict[str, tuple[type, str]] = {
+    "method": (str, "a method name"), "base": (str, "a path"), "mask": (str, "a path"), "options": (dict, "a mapping of option: value"),
+}  # fmt: skip
+
+
+def check_recipe(recipe: dict[str, Any], name: str) -> None:
+    """Each command default a recipe sets has its type (a usage error naming the recipe and key)."""
+    for key, (kind, what) in RECIPE_TYPES.items():
+        value = recipe.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise UsageError(f"{name}: {key}: {value!r} is not {what}")
+    if isinstance(recipe.get("options"), dict) and not all(isinstance(k, str) for k in recipe["options"]):
+        raise UsageError(f"{name}: options: every option name must be a string")
+
+
 def parse_weights(text: str, n: int) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--weights: {text!r} is not a comma-separated list of numbers") from None
+    values = [finite_number(x.strip(), f"--weights {text!r}") for x in text.split(",")]
     if len(values) != n:
         raise UsageError(f"--weights: {len(values)} weights for {n} inputs")
     return values

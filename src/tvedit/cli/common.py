@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from tvedit.checks import number_problem
 from tvedit.errors import TveditError, UsageError
 from tvedit.safeio import Interrupted
 
@@ -20,23 +22,72 @@ err_console = Console(stderr=True)
 
 JSON_HELP = "Print one JSON line per artifact (the default when standard output is not a terminal)."
 FORCE_HELP = "Overwrite an existing output file (never an input)."
-OUT_HELP = "Output file (one output only)."
-OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors."
+OUT_HELP = "Output file (one output only); its directory must exist."
+OUT_DIR_HELP = "Directory for the outputs, named INPUT.SUFFIX.safetensors (created if missing; its parent must exist)."
+
 MISMATCH_HELP = (
     "Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized"
     " vs non-linear), family (model families). Recorded in the output's manifest. --force does not do this."
 )
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")  # ANSI CSI sequences and two-byte escapes
+
+
+def one_line(message: str) -> str:
+    """``message`` as one printable line: escape sequences dropped (e.g. the bold in torch's pickle
+    refusal), line breaks and runs of blanks made one space."""
+    text = _ESCAPES.sub("", message)
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` as exactly one line on stderr; colour only when stderr is a terminal."""
+    line = one_line(message)
+    if sys.stderr.isatty():
+        from rich.text import Text
+
+        err_console.print(Text.assemble(("error:", "bold red"), " ", line), highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(f"error: {line}\n")
+        sys.stderr.flush()
+
+
+# The argument parser's errors: typer's own copy of click's exceptions (typer >= 0.2x) or click's.
+PARSER_ERRORS: tuple[type[Exception], ...] = (getattr(typer, "TyperException", typer.BadParameter.__mro__[2]),)
+
+
+def usage_error_line(exc: Exception) -> str:
+    """The one line for an error the argument parser found (a bad value, a missing option or
+    argument, an unknown option or command), pointing at the command's --help."""
+    param = getattr(exc, "param", None)
+    if isinstance(exc, typer.BadParameter) and type(exc).__name__ != "MissingParameter" and param is not None:
+        name = max(param.opts, key=len) if param.opts else (param.human_readable_name or "")
+        message = f"{name}: {exc.message}"
+    else:
+        message = exc.format_message()  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    return f"{one_line(message)} ({ctx.command_path} --help)" if ctx is not None else one_line(message)
+
+
+def FINITE(value: Any) -> float:  # noqa: N802 - used as a type: typer.Option(..., parser=FINITE)
+    """The parser of every float option: NaN and infinities are refused while the command line is
+    parsed (exit 2 before any file is read)."""
+    problem = number_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return float(value)
+
+
 def guard(fn: F) -> F:
     """Turn TveditError into a one-line message on stderr and its documented exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            return fn(*args, **kwargs)
+            fn(*args, **kwargs)  # its value is dropped: main() reads an int result as the exit code
         except TveditError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except (KeyboardInterrupt, Interrupted) as exc:
             from tvedit.safeio import report_interrupt

@@ -8,6 +8,7 @@ import typer
 
 from tvedit.cli.arith_cmds import COMPUTE_HELP, LAYOUT_HELP, _inputs, _opts, _target
 from tvedit.cli.common import (
+    FINITE,
     FORCE_HELP,
     JSON_HELP,
     OUT_DIR_HELP,
@@ -26,8 +27,8 @@ def register(app: typer.Typer) -> None:
     def compress(
         inputs: list[str] = typer.Argument(..., help="Task vectors, '-' for piped JSON lines, or a recipe."),
         rank: int | None = typer.Option(None, "--rank", help="Keep this many singular triplets per matrix (at most min(m, n))."),
-        rank_fraction: float | None = typer.Option(None, "--rank-fraction", help="Keep floor(F * min(m, n)) triplets (at least 1), F in (0, 1]."),
-        energy: float | None = typer.Option(None, "--energy", help="Keep the fewest triplets holding this share of sum(sigma^2), in (0, 1]."),
+        rank_fraction: float | None = typer.Option(None, "--rank-fraction", help="Keep floor(F * min(m, n)) triplets (at least 1), F in (0, 1].", parser=FINITE),
+        energy: float | None = typer.Option(None, "--energy", help="Keep the fewest triplets holding this share of sum(sigma^2), in (0, 1].", parser=FINITE),
         factor_dtype: str | None = typer.Option(None, "--factor-dtype", help="Storage dtype of U, S, V (float32, bfloat16, ...). Default: the tensor's."),
         include: list[str] = typer.Option([], "--include", help="Factor only keys matching this glob (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Do not factor keys matching this glob (repeatable)."),

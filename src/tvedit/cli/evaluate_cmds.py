@@ -9,18 +9,19 @@ from typing import Any
 
 import typer
 
-from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, progress_bar
+from tvedit.checks import number_problem
+from tvedit.cli.common import FINITE, FORCE_HELP, JSON_HELP, guard, json_mode, progress_bar
 from tvedit.errors import OutputError, UsageError
 from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
+from tvedit.safeio import check_output_parent
 
 PROTOCOLS = ("none", "addition", "negation", "disentanglement")
 
 
 def _grid(spec: str, what: str) -> tuple[float, float, float]:
-    try:
-        parts = [float(x) for x in spec.split(":")]
-    except ValueError:
-        raise UsageError(f"{what} expects START:STOP[:STEP] numbers, not {spec!r}") from None
+    if any(number_problem(x) is not None for x in spec.split(":")):
+        raise UsageError(f"{what} expects START:STOP[:STEP] finite numbers, not {spec!r}")
+    parts = [float(x) for x in spec.split(":")]
     if len(parts) == 2:
         parts.append(0.05)
     if len(parts) != 3:
@@ -52,7 +53,6 @@ def _write_report(path: Path | None, data: dict[str, Any], force: bool) -> None:
         return
     if path.exists() and not force:
         raise OutputError(f"{path}: exists (use --force)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
             None, "--base", "-b", help="theta0 (default: the base recorded in the vectors)."
         ),
         alpha: list[float] = typer.Option(
-            [], "--alpha", "-a", help="Coefficient of the summed vectors; repeatable (default 1)."
+            [], "--alpha", "-a", help="Coefficient of the summed vectors; repeatable (default 1).", parser=FINITE
         ),
         protocol: str = typer.Option(
             "none", "--protocol", "-p", help="none | addition | negation | disentanglement."
@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
             None, "--control", help="Negation: NAME=DIR of the control task."
         ),
         threshold: float = typer.Option(
-            0.95, "--threshold", help="Negation: keep control accuracy >= this x theta0's."
+            0.95, "--threshold", help="Negation: keep control accuracy >= this x theta0's.", parser=FINITE
         ),
         grid: str = typer.Option(
             "0:1:0.05",
@@ -235,6 +235,9 @@ def register(app: typer.Typer) -> None:
         if allowed - {"base", "regime"}:
             raise UsageError(f"--allow-mismatch: evaluate checks only base and regime, not {sorted(allowed - {'base', 'regime'})[0]!r}")
         recorded = {"allow_mismatch": sorted(allowed)} if allowed else {}
+        for path in (output, report_path):  # a missing parent directory is a typo: exit 6 before any work
+            if path is not None:
+                check_output_parent(path)
         if mask_plot is not None:
             return _mask_plot(mask_plot, output, report_path, force, json_mode(as_json))
         if protocol not in PROTOCOLS:

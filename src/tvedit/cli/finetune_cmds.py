@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tvedit.cli.common import (
+    FINITE,
     FORCE_HELP,
     JSON_HELP,
     err_console,
@@ -16,6 +17,7 @@ from tvedit.cli.common import (
     progress_bar,
     report,
 )
+from tvedit.safeio import check_output_parent
 
 MODEL_HELP = "An open_clip model name (ViT-B-32) or a model-config JSON in open_clip's format (embed_dim, vision_cfg, text_cfg)."
 PRETRAINED_HELP = "theta0: an open_clip tag (openai, laion2b_s34b_b79k; downloaded by open_clip), a local checkpoint (tvedit/plain safetensors or an open_clip .pt/.bin), or 'none' (random init, --seed)."
@@ -43,6 +45,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Materialise theta0 as a tvedit checkpoint (model info in the manifest) so later artifacts record its hash."""
+        check_output_parent(output)
         from tvedit.finetune import run
 
         report([run.init(model, pretrained, output, seed=seed, force=force)], json_mode(as_json))
@@ -58,12 +61,12 @@ def register(app: typer.Typer) -> None:
         task: str | None = typer.Option(None, "--task", help=TASK_HELP),
         class_names: Path | None = typer.Option(None, "--class-names", help="YAML/JSON mapping folder/label -> readable class name."),
         templates: Path | None = typer.Option(None, "--templates", help="Prompt templates: a JSON list or one per line, each with {}."),
-        density: float | None = typer.Option(None, "--density", help="Fraction of maskable entries KEPT (default 0.1)."),
+        density: float | None = typer.Option(None, "--density", help="Fraction of maskable entries KEPT (default 0.1).", parser=FINITE),
         rounds: int | None = typer.Option(None, "--rounds", help="Calibration rounds R (default 4)."),
         calib_batches: int | None = typer.Option(None, "--calib-batches", help="Calibration batches over all rounds (default 40)."),
         calib_batch_size: int | None = typer.Option(None, "--calib-batch-size", help="Examples per calibration batch (default: --batch-size)."),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
-        soft_value: float | None = typer.Option(None, "--soft-value", help="Multiplier of pruned entries in later rounds (paper 0.01; authors' code 0.1)."),
+        soft_value: float | None = typer.Option(None, "--soft-value", help="Multiplier of pruned entries in later rounds (paper 0.01; authors' code 0.1).", parser=FINITE),
         fisher: str | None = typer.Option(None, "--fisher", help="sampled: log p(y_hat|x) (paper, default); logit: raw logit z_y_hat (authors' code)."),
         seed: int | None = typer.Option(None, "--seed", help="Seed (label sampling, augmentation)."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
@@ -71,6 +74,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Calibrate a TaLoS mask (least-sensitive entries, per-example Fisher) reusable across tasks."""
+        check_output_parent(output)
         from tvedit.finetune import run
 
         cfg = _config(config, model, pretrained, density=density, rounds=rounds, calib_batches=calib_batches, calib_batch_size=calib_batch_size,
@@ -93,22 +97,22 @@ def register(app: typer.Typer) -> None:
         class_names: Path | None = typer.Option(None, "--class-names", help="YAML/JSON mapping folder/label -> readable class name."),
         templates: Path | None = typer.Option(None, "--templates", help="Prompt templates: a JSON list or one per line, each with {}."),
         mask: Path | None = typer.Option(None, "--mask", help="sparse: reuse this mask (from tvedit calibrate) instead of calibrating."),
-        lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 1e-5; sparse on tiny models needs 10-20x more)."),
-        weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.1)."),
+        lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 1e-5; sparse on tiny models needs 10-20x more).", parser=FINITE),
+        weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.1).", parser=FINITE),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (default 128)."),
         micro_batch: int | None = typer.Option(None, "--micro-batch", help="Per-device forward batch (gradient accumulation)."),
         steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default 2000)."),
         warmup: int | None = typer.Option(None, "--warmup", help="Linear warm-up steps (default 200; the papers' code: 500)."),
         schedule: str | None = typer.Option(None, "--schedule", help="cosine (default: decay to 0 at the last step) or constant (after the warm-up)."),
-        grad_clip: float | None = typer.Option(None, "--grad-clip", help="Gradient-norm clip (default 1.0; 0 = off)."),
+        grad_clip: float | None = typer.Option(None, "--grad-clip", help="Gradient-norm clip (default 1.0; 0 = off).", parser=FINITE),
         clip_scope: str | None = typer.Option(None, "--clip-scope", help="sparse: clip by the norm of the full gradient (default, the TaLoS authors' code) or of the kept entries (kept: cheaper)."),
-        label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Default 0."),
+        label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Default 0.", parser=FINITE),
         seed: int | None = typer.Option(None, "--seed", help="Seed (data order, augmentation, random init, mask calibration)."),
         attn_bias: bool = typer.Option(False, "--attn-bias", help="attn mode: also train the attention projection biases."),
-        density: float | None = typer.Option(None, "--density", help="sparse: fraction KEPT (default 0.1)."),
+        density: float | None = typer.Option(None, "--density", help="sparse: fraction KEPT (default 0.1).", parser=FINITE),
         rounds: int | None = typer.Option(None, "--rounds", help="sparse: calibration rounds (default 4)."),
         calib_batches: int | None = typer.Option(None, "--calib-batches", help="sparse: calibration batches (default 40)."),
-        soft_value: float | None = typer.Option(None, "--soft-value", help="sparse: soft-mask value (default 0.01)."),
+        soft_value: float | None = typer.Option(None, "--soft-value", help="sparse: soft-mask value (default 0.01).", parser=FINITE),
         fisher: str | None = typer.Option(None, "--fisher", help="sparse: sampled (default) or logit."),
         num_workers: int | None = typer.Option(None, "--num-workers", help="Data-loading worker processes (default 0)."),
         grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
@@ -122,6 +126,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Fine-tune a CLIP image encoder behind a frozen zero-shot head, or a seq2seq model (T5) on a text task: full, attn, linearized or sparse (TaLoS)."""
+        check_output_parent(output)
         from tvedit.finetune import run
 
         cfg = _config(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from tvedit.cli.common import FORCE_HELP, JSON_HELP, guard, json_mode, print_json, report
+from tvedit.safeio import check_output_parent
 
 
 def summarize(path: Path, tensors: bool, verify: bool) -> dict:
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Convert a pickled .pt checkpoint to safetensors. Refuses arbitrary objects unless --trust-pickle."""
+        check_output_parent(output)
         from tvedit.convert import import_pickle
         from tvedit.errors import UsageError
 

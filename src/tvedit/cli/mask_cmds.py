@@ -6,8 +6,17 @@ from pathlib import Path
 
 import typer
 
-from tvedit.cli.arith_cmds import COMPUTE_HELP, LAYOUT_HELP, _inputs, _opts, _target
+from tvedit.cli.arith_cmds import (
+    COMPUTE_HELP,
+    LAYOUT_HELP,
+    _inputs,
+    _opts,
+    _target,
+    check_recipe,
+    recipe_name,
+)
 from tvedit.cli.common import (
+    FINITE,
     FORCE_HELP,
     JSON_HELP,
     OUT_DIR_HELP,
@@ -19,6 +28,7 @@ from tvedit.cli.common import (
     report,
 )
 from tvedit.errors import UsageError
+from tvedit.safeio import check_output_parent
 
 
 def _help() -> str:
@@ -44,12 +54,12 @@ def register(app: typer.Typer) -> None:
     def mask(
         method: str = typer.Argument(..., help="topk | dare | breadcrumbs | tall | consensus | apply | invert | intersect | union"),
         inputs: list[str] = typer.Argument(..., help="Task vectors (mask files for invert/intersect/union), '-' for piped JSON lines, or a recipe."),
-        density: float | None = typer.Option(None, "--density", "-k", help="Fraction of entries kept, 0..1 (topk, dare, breadcrumbs; required)."),
+        density: float | None = typer.Option(None, "--density", "-k", help="Fraction of entries kept, 0..1 (topk, dare, breadcrumbs; required).", parser=FINITE),
         scope: str | None = typer.Option(None, "--scope", help="topk: tensor (default) or global (one threshold over the whole vector); breadcrumbs: row (default) or tensor."),
         seed: int | None = typer.Option(None, "--seed", help="dare: random seed (default 0; recorded in the manifest)."),
         rescale: str | None = typer.Option(None, "--rescale", help="dare: inverse (survivors / density, default) or l1 (match the L1 norm of tau)."),
-        beta: float | None = typer.Option(None, "--beta", help="breadcrumbs: fraction of largest-|tau| outliers dropped per row (default 0.01)."),
-        lam: float | None = typer.Option(None, "--lambda", help="tall, consensus: lambda in |tau_t| >= lambda |tau_MTL - tau_t| (default 0.6)."),
+        beta: float | None = typer.Option(None, "--beta", help="breadcrumbs: fraction of largest-|tau| outliers dropped per row (default 0.01).", parser=FINITE),
+        lam: float | None = typer.Option(None, "--lambda", help="tall, consensus: lambda in |tau_t| >= lambda |tau_MTL - tau_t| (default 0.6).", parser=FINITE),
         min_agree: int | None = typer.Option(None, "--min-agree", help="consensus: keep entries where at least this many TALL masks agree (default 2)."),
         mask_file: Path | None = typer.Option(None, "--mask", help="apply: the mask file m in tau * m."),
         save_mask: Path | None = typer.Option(None, "--save-mask", help="Also write the mask(s) as kind: mask files (a file for one mask, a directory for several)."),
@@ -77,9 +87,12 @@ def register(app: typer.Typer) -> None:
 
         resolve_options(MASK_METHODS[method], options)
         resolved = _inputs(inputs)
+        check_recipe(resolved.options, recipe_name(inputs))
         if mask_file is None and resolved.options.get("mask"):
             mask_file = Path(resolved.options["mask"])
         target = _target(output, out_dir, force)
+        if save_mask is not None:
+            check_output_parent(save_mask)
         keys_filter = KeyFilter(tuple(include), tuple(exclude), zero_unselected)
         with progress_bar(f"mask {method}") as bar:
             result = run_mask(

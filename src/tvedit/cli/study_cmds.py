@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
+from tvedit.checks import number_problem
 from tvedit.cli.common import JSON_HELP, err_console, guard, json_mode
 from tvedit.errors import UsageError
+from tvedit.safeio import check_output_parent
 
 
 def _seeds(spec: str | None) -> list[int] | None:
@@ -26,12 +28,9 @@ def _lrs(items: list[str]) -> dict[str, float]:
     out = {}
     for item in items:
         regime, sep, value = item.partition("=")
-        try:
-            out[regime] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or out[regime] <= 0:
-            raise UsageError(f"--lr expects REGIME=LR with a positive LR, not {item!r}")
+        if not sep or number_problem(value) is not None or float(value) <= 0:
+            raise UsageError(f"--lr expects REGIME=LR with a positive finite LR, not {item!r}")
+        out[regime] = float(value)
     return out
 
 
@@ -49,6 +48,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """The papers' comparison on your theta0 and tasks: every fine-tuning regime (lr chosen on validation), task addition, negation, disentanglement and post-hoc merges, with a table, JSON and a figure."""
+        check_output_parent(output)
         import json
         import sys
 

@@ -15,6 +15,7 @@ from tvedit.cli.common import (
     print_json,
 )
 from tvedit.errors import UsageError
+from tvedit.safeio import check_output_parent
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Write a checkpoint as a Hugging Face directory that AutoModel*.from_pretrained loads (any architecture)."""
+        check_output_parent(output)
         from tvedit import hfdir
 
         if like is not None and hfdir.hf_root(like) is None:

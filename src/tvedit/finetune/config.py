@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tvedit.checks import finite_number
 from tvedit.errors import UsageError
 from tvedit.finetune.optim import SCHEDULES
 from tvedit.models.base import MODES, pick_device
@@ -91,6 +92,9 @@ class FinetuneConfig:
     patience: int = 0
 
     def validate(self) -> FinetuneConfig:
+        for f in fields(self):  # a float from a flag or a --config file: finite (no NaN/Inf)
+            if f.type == "float":
+                setattr(self, f.name, finite_number(getattr(self, f.name), f"--{f.name.replace('_', '-')}"))
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         positive = {"lr": self.lr, "batch_size": self.batch_size, "steps": self.steps, "rounds": self.rounds, "calib_batches": self.calib_batches, "calib_chunk": self.calib_chunk}
