@@ -9,7 +9,8 @@ Conventions: a thin SVD ``A = U diag(S) V^T`` with U (m, r), S (r,), V (n, r), r
 singular values descending. Low-rank factors are returned as a :class:`Factors` triple in that
 same orientation (V holds the right singular vectors as columns, not V^T).
 
-Two routes to the same triplets (``route``): ``exact`` is LAPACK's full SVD in the working dtype;
+Two routes to the same triplets (``route``): ``exact`` is LAPACK's full SVD in the working dtype
+(of A^T when A is wide);
 ``auto`` (the default) takes the Gram route for float32 (or narrower) matrices on the CPU whose long
 side is at least ``GRAM_ASPECT`` times the short one: the eigendecomposition of the small Gram
 matrix A^T A (or A A^T) in float64, U = A V / S. Rounding there perturbs an eigenvalue by about
@@ -80,7 +81,10 @@ def svd(a: torch.Tensor, k: Keep = None, route: str = "auto") -> Factors:
         f = _gram_svd(work, k)
         if f is not None:
             return f
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    wide = work.shape[0] < work.shape[1]  # LAPACK is ~2.5x faster on the tall orientation (A^T = V S U^T)
+    u, s, vh = torch.linalg.svd(work.mT if wide else work, full_matrices=False)
+    if wide:
+        u, vh = vh.mT, u.mT
     k = k(s) if callable(k) else k
     if k is not None:
         u, s, vh = u[:, :k], s[:k], vh[:k]
