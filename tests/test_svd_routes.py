@@ -174,3 +174,23 @@ def test_tvedit_svd_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cli)
     proc = cli("compress", str(tvs[0]), "--rank", "2", "-o", str(tmp_path / "lr.safetensors"))
     assert proc.returncode == 2 and "TVEDIT_SVD='fast': choose auto or exact" in proc.stderr
     assert not (tmp_path / "lr.safetensors").exists()
+
+
+@pytest.mark.parametrize("fail_float32", [1, 2])  # the first orientation only; both float32 orientations
+def test_lapack_failure_to_converge_falls_back(monkeypatch: pytest.MonkeyPatch, fail_float32: int) -> None:
+    a = gaussian(20, 50, 6)
+    real, failed = torch.linalg.svd, []
+
+    def flaky(x: torch.Tensor, **kw):
+        if x.dtype == torch.float32 and len(failed) < fail_float32:
+            failed.append(tuple(x.shape))
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = svd.svd(a, 5, route="exact")
+    assert failed == [(50, 20), (20, 50)][:fail_float32]  # the tall orientation first
+    assert got.U.dtype == torch.float32 and rel(got.dense(), exact64(a, 5).dense()) <= TOL
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, **kw: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
+    with pytest.raises(torch.linalg.LinAlgError):
+        svd.svd(a, 5, route="exact")

@@ -16,7 +16,7 @@ side is at least ``GRAM_ASPECT`` times the short one: the eigendecomposition of 
 matrix A^T A (or A A^T) in float64, U = A V / S. Rounding there perturbs an eigenvalue by about
 L eps64 sigma_1^2 (L the long side), i.e. sigma_i by L eps64 sigma_1^2 / (2 sigma_i), against
 eps32 sigma_1 for the float32 SVD; so the Gram route is at least as accurate as the float32 SVD for
-every triplet with sigma_i >= L (eps64 / eps32) sigma_1 (about 5e-6 sigma_1 at L = 3072), and it is
+every triplet with sigma_i >= L (eps64 / eps32) sigma_1 (about 6e-6 sigma_1 at L = 3072), and it is
 taken only when every triplet asked for passes that test (otherwise the full SVD runs). float64
 inputs always take the full SVD (the Gram matrix would halve their digits). Randomized SVDs are not
 used: on matrices without a wide spectral gap at k (random task vectors, power-law spectra) they do
@@ -81,14 +81,28 @@ def svd(a: torch.Tensor, k: Keep = None, route: str = "auto") -> Factors:
         f = _gram_svd(work, k)
         if f is not None:
             return f
-    wide = work.shape[0] < work.shape[1]  # LAPACK is ~2.5x faster on the tall orientation (A^T = V S U^T)
-    u, s, vh = torch.linalg.svd(work.mT if wide else work, full_matrices=False)
-    if wide:
-        u, vh = vh.mT, u.mT
+    u, s, vh = _lapack_svd(work)
     k = k(s) if callable(k) else k
     if k is not None:
         u, s, vh = u[:, :k], s[:k], vh[:k]
     return Factors(u, s, vh.mT)
+
+
+def _lapack_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LAPACK's thin SVD (gesdd), of A^T when A is wide (~2.5x faster: A^T = V S U^T). gesdd can fail
+    to converge on matrices with many repeated near-zero singular values (Iso-CTS's residuals have
+    r - k of them): then the other orientation, then float64, are tried before giving up."""
+    wide = a.shape[0] < a.shape[1]
+    for x, transposed in ((a.mT, True), (a, False)) if wide else ((a, False), (a.mT, True)):
+        try:
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            continue
+        return (vh.mT, s, u.mT) if transposed else (u, s, vh)
+    if a.dtype == torch.float64:
+        return torch.linalg.svd(a, full_matrices=False)  # raises LAPACK's error
+    u, s, vh = _lapack_svd(a.to(torch.float64))
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
 def _gram_pays(a: torch.Tensor) -> bool:
