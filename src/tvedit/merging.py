@@ -311,8 +311,8 @@ def svd_route() -> str:
     import os
 
     route = os.environ.get("TVEDIT_SVD", "auto")
-    if route not in ("auto", "exact"):
-        raise UsageError(f"TVEDIT_SVD={route!r}: choose auto or exact")
+    if route not in svd.ROUTES:
+        raise UsageError(f"TVEDIT_SVD={route!r}: choose {' or '.join(svd.ROUTES)}")
     return route
 
 

@@ -89,7 +89,8 @@ def svd(a: torch.Tensor, k: Keep = None, route: str = "auto") -> Factors:
 
 
 def _lapack_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LAPACK's thin SVD (gesdd), of A^T when A is wide (~2.5x faster: A^T = V S U^T). gesdd can fail
+    """LAPACK's thin SVD (gesdd), of A^T when A is wide (A^T = V S U^T: gesdd is much slower on wide
+    row-major inputs in this torch build). gesdd can fail
     to converge on matrices with many repeated near-zero singular values (Iso-CTS's residuals have
     r - k of them): then the other orientation, then float64, are tried before giving up."""
     wide = a.shape[0] < a.shape[1]
@@ -115,7 +116,10 @@ def _gram_svd(a: torch.Tensor, k: Keep) -> Factors | None:
     asked for has sigma_i < L (eps64 / eps32) sigma_1 (there the float32 SVD is the more accurate)."""
     wide = a.shape[0] < a.shape[1]
     x = (a.mT if wide else a).to(torch.float64)  # tall: (L, r)
-    lam, w = torch.linalg.eigh(x.mT @ x)  # ascending
+    try:
+        lam, w = torch.linalg.eigh(x.mT @ x)  # ascending
+    except torch.linalg.LinAlgError:
+        return None
     s = lam.flip(0).clamp_min(0).sqrt()
     k = s.shape[0] if k is None else k(s) if callable(k) else k
     s = s[:k]
