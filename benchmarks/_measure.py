@@ -45,14 +45,15 @@ if mode == "fsync":
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-    """Wall seconds and peak resident set size (MiB) of ``cmd``, run in a fresh wrapper process."""
+    """Wall seconds, CPU seconds (user + system: less sensitive than wall time to other load on a shared
+    machine) and peak resident set size (MiB) of ``cmd``, run in a fresh wrapper process."""
     wrapper = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter()\n"
         "rc = subprocess.run(sys.argv[1:]).returncode\n"
         "wall = time.perf_counter() - t\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-        "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mib': rss}))\n"
+        "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps({'rc': rc, 'wall_s': wall, 'cpu_s': ru.ru_utime + ru.ru_stime, 'peak_rss_mib': ru.ru_maxrss / 1024}))\n"
     )
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]

@@ -4,16 +4,19 @@ Generates --inputs random float32 task vectors shaped like the ViT-B/32 image en
 names and shapes: conv1, class/positional embeddings, --blocks residual blocks of in_proj 2304x768,
 out_proj 768x768, c_fc 3072x768, c_proj 768x3072 with their biases and layer norms, proj 768x512;
 --blocks 12 is the whole encoder, 87.8 M entries), then runs, each in a fresh process measured for
-wall time and peak RSS (benchmarks/_measure.py):
+wall time, CPU time (user + system) and peak RSS (benchmarks/_measure.py), for each SVD route in
+--routes (TVEDIT_SVD=auto: the Gram route where it applies; exact: LAPACK's full SVD everywhere):
 
-* `tvedit add --emit vector --method M` for M in sum (the baseline), tsv, iso-c, iso-cts;
+* `tvedit add --emit vector --method M` for M in tsv, iso-c, iso-cts (and sum once, the baseline);
 * `tvedit compress --rank-fraction 0.1` on one whole-encoder vector (always 12 blocks), with float32
-  and bfloat16 factors, reporting the file / dense-file size ratio.
+  factors (and bfloat16 ones on the first route), reporting the file / dense-file size ratio;
+* `tvedit scale --by 1` on that same vector (the I/O-bound reference for compress).
 
-Every figure includes the ~3 s of process start-up (importing torch). Prints a table and one JSON
-line. Usage (the default, --blocks 1, took 2 min 44 s of wall time on the shared 2-core machine):
+Every figure includes the ~2-3 s of process start-up (importing torch). Prints a table, the ratios
+asked of the SVD paths (tsv / iso-c, iso-cts / iso-c, compress / scale; wall and CPU time, one run)
+and one JSON line. Usage (the default, --blocks 1):
 
-    python benchmarks/bench_svd.py --inputs 8 --blocks 1
+    python benchmarks/bench_svd.py --inputs 8 --blocks 1 --routes auto,exact
 """
 
 from __future__ import annotations
@@ -65,33 +68,47 @@ def write_vector(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> i
     return sum(t.numel() for t in tau.values())
 
 
-def run(n_inputs: int, blocks: int, workdir: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def run(n_inputs: int, blocks: int, workdir: Path, routes: list[str]) -> dict:
+    base_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     shapes = vit_b_shapes(blocks)
     vecs = [workdir / f"tv{i}.safetensors" for i in range(n_inputs)]
     numel = [write_vector(p, shapes, i) for i, p in enumerate(vecs)][0]
     tvedit = [sys.executable, "-m", "tvedit"]
     rows = []
-    for method in METHODS:
-        out = workdir / f"{method}.safetensors"
-        m = measure([*tvedit, "add", *map(str, vecs), "--method", method, "--emit", "vector", "--layout", "dense", "-o", str(out), "--force"], env)
-        rows.append({"what": f"add --method {method}", "wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss_mib"]})
-        out.unlink()
+
+    def row(what: str, m: dict, **extra: float) -> None:
+        rows.append({"what": what, "wall_s": m["wall_s"], "cpu_s": m["cpu_s"], "peak_rss_mib": m["peak_rss_mib"], **extra})
+
+    out = workdir / "out.safetensors"
+    add = [*tvedit, "add", *map(str, vecs), "--emit", "vector", "--layout", "dense", "-o", str(out), "--force", "--method"]
+    row("add --method sum", measure([*add, "sum"], base_env))
+    for route in routes:
+        env = {**base_env, "TVEDIT_SVD": route}
+        for method in METHODS[1:]:
+            row(f"add --method {method} [{route}]", measure([*add, method], env))
+    out.unlink()
     for p in vecs:
         p.unlink()
     full = workdir / "full.safetensors"
     full_numel = write_vector(full, vit_b_shapes(12), 0)
-    for dtype in ("float32", "bfloat16"):
-        out = workdir / f"lr.{dtype}.safetensors"
-        m = measure([*tvedit, "compress", str(full), "--rank-fraction", "0.1", "--factor-dtype", dtype, "-o", str(out), "--force"], env)
-        rows.append({
-            "what": f"compress --rank-fraction 0.1 ({dtype} factors)", "wall_s": m["wall_s"], "peak_rss_mib": m["peak_rss_mib"],
-            "size_ratio": out.stat().st_size / full.stat().st_size,
-        })  # fmt: skip
+    row("scale --by 1 (the compress input)", measure([*tvedit, "scale", str(full), "--by", "1", "-o", str(out), "--force"], base_env))
+    out.unlink()
+    for n, route in enumerate(routes):
+        env = {**base_env, "TVEDIT_SVD": route}
+        for dtype in ("float32", "bfloat16") if n == 0 else ("float32",):
+            lr = workdir / f"lr.{dtype}.safetensors"
+            m = measure([*tvedit, "compress", str(full), "--rank-fraction", "0.1", "--factor-dtype", dtype, "-o", str(lr), "--force"], env)
+            row(f"compress --rank-fraction 0.1 ({dtype} factors) [{route}]", m, size_ratio=lr.stat().st_size / full.stat().st_size)
+    by = {r["what"]: r for r in rows}
+    ratios = {}
+    for route in routes:
+        for num, den in ((f"add --method tsv [{route}]", f"add --method iso-c [{route}]"), (f"add --method iso-cts [{route}]", f"add --method iso-c [{route}]"),
+                         (f"compress --rank-fraction 0.1 (float32 factors) [{route}]", "scale --by 1 (the compress input)")):  # fmt: skip
+            ratios[f"{num} / {den}"] = {t: by[num][t] / by[den][t] for t in ("wall_s", "cpu_s")}
     return {
         "benchmark": "svd", "inputs": n_inputs, "blocks": blocks, "entries_per_input": numel, "compress_entries": full_numel,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
-        "rows": rows,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, OMP_NUM_THREADS={base_env['OMP_NUM_THREADS']}",
+        "rows": rows, "ratios": ratios,
     }  # fmt: skip
 
 
@@ -99,20 +116,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=1, help="residual blocks per vector (12 = the whole ViT-B/32 encoder)")
+    ap.add_argument("--routes", default="auto,exact", help="comma-separated TVEDIT_SVD routes to run (auto, exact)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = ap.parse_args()
+    routes = args.routes.split(",")
+    if not routes or any(r not in ("auto", "exact") for r in routes):
+        ap.error("--routes: a comma-separated list of auto, exact")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tvedit-bench-svd-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args.inputs, args.blocks, workdir)
+        result = run(args.inputs, args.blocks, workdir, routes)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"{result['inputs']} inputs x {result['entries_per_input']:,} entries ({result['blocks']} blocks); {result['machine']}")
-    print(f"{'what':<48}{'wall s':>8}{'peak MiB':>10}{'file/dense':>12}")
+    print(f"{'what':<58}{'wall s':>8}{'cpu s':>8}{'peak MiB':>10}{'file/dense':>12}")
     for r in result["rows"]:
         ratio = f"{r['size_ratio']:.2%}" if "size_ratio" in r else ""
-        print(f"{r['what']:<48}{r['wall_s']:>8.1f}{r['peak_rss_mib']:>10.0f}{ratio:>12}")
+        print(f"{r['what']:<58}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['peak_rss_mib']:>10.0f}{ratio:>12}")
+    for name, r in result["ratios"].items():
+        print(f"{name}: {r['wall_s']:.2f}x wall, {r['cpu_s']:.2f}x cpu")
     print(json.dumps(result, sort_keys=True))
 
 

@@ -1,7 +1,8 @@
 """``compress``: store task vectors' matrices as truncated SVD factors (the low-rank layout).
 
-Streams key by key: each selected 2-D floating tensor is read (in float32), decomposed once, cut to
-the rank chosen by exactly one of ``rank``, ``rank_fraction`` or ``energy`` (svd.choose_rank), and
+Streams key by key: each selected 2-D floating tensor is read (in float32), decomposed once (the
+route of $TVEDIT_SVD, tvedit.ops.svd), cut to the rank chosen by exactly one of ``rank``,
+``rank_fraction`` or ``energy`` (svd.choose_rank), and
 written as ``KEY::U``, ``KEY::S``, ``KEY::V`` (tensorio.CheckpointWriter.write_lowrank; the dense
 truncated product when the factors would not be smaller). Every other tensor is copied. Semantics
 and layout: docs/methods.md ("Low-rank task vectors"), docs/manifest.md ("Low-rank layout").
@@ -18,6 +19,7 @@ import torch
 from tvedit.api import ArithOptions, Progress, Slot, _input_record, _spec, _target
 from tvedit.errors import InputError, UsageError
 from tvedit.manifest import Manifest
+from tvedit.merging import svd_route
 from tvedit.ops import svd
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
 from tvedit.tensorio import Artifact, CheckpointWriter, open_checkpoint
@@ -50,6 +52,7 @@ def compress(
 ) -> list[Artifact]:
     """One low-rank task vector per input task vector."""
     criterion = check_rank_options(rank, rank_fraction, energy)
+    route = svd_route()
     opts = opts or ArithOptions()
     specs = [_spec(s) for s in inputs]
     target = _target(target)
@@ -74,9 +77,8 @@ def compress(
                 info = ckpt.info(key)
                 selected = keys_filter is None or keys_filter.selects(key)
                 if info.dtype.is_floating_point and len(info.shape) == 2 and 0 not in info.shape and selected:
-                    f = svd.svd(slot.load(ckpt, key))
-                    k = svd.choose_rank(f.S, **criterion)
-                    cut = svd.Factors(f.U[:, :k].contiguous(), f.S[:k].contiguous(), f.V[:, :k].contiguous())
+                    f = svd.svd(slot.load(ckpt, key), lambda s: svd.choose_rank(s, **criterion), route)
+                    cut = svd.Factors(f.U.contiguous(), f.S.contiguous(), f.V.contiguous())
                     w.write_lowrank(key, cut.to(factor_dtype or info.dtype))
                 else:
                     w.write(key, ckpt.get(key))

@@ -301,6 +301,17 @@ def _check_svd_options(options: dict[str, Any]) -> None:
         _choice(options, "spectrum", ISO_CTS_SPECTRA)
 
 
+def svd_route() -> str:
+    """$TVEDIT_SVD: ``auto`` (default: the Gram route where it is as exact and faster) or ``exact``
+    (LAPACK's full SVD everywhere); tvedit.ops.svd explains both. A bad value is a usage error."""
+    import os
+
+    route = os.environ.get("TVEDIT_SVD", "auto")
+    if route not in svd.ROUTES:
+        raise UsageError(f"TVEDIT_SVD={route!r}: choose {' or '.join(svd.ROUTES)}")
+    return route
+
+
 def _prepare_svd(method: str) -> PrepareFn:
     def prepare(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
         from tvedit.masking import KeyFilter  # masking imports api, which imports this module
@@ -308,7 +319,10 @@ def _prepare_svd(method: str) -> PrepareFn:
         resolve_options(method, options)
         if "rank_fraction" in options and options["rank_fraction"] is None:
             options["rank_fraction"] = 1.0 / len(sources.inputs)  # recorded resolved, like the DARE seed
-        return {"filter": KeyFilter(tuple(options["include"]), tuple(options["exclude"])), "device": torch.device(options["device"])}
+        return {
+            "filter": KeyFilter(tuple(options["include"]), tuple(options["exclude"])), "device": torch.device(options["device"]),
+            "route": svd_route(),
+        }  # fmt: skip
 
     return prepare
 
@@ -327,17 +341,17 @@ def _svd_method(fn: Callable[[Sequence[torch.Tensor], MergeContext], Any]) -> Ca
 
 
 def _tsv(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
-    factors = svd.tsv_merge(vectors, ctx.weights, ctx.options["rank_fraction"])
+    factors = svd.tsv_merge(vectors, ctx.weights, ctx.options["rank_fraction"], ctx.state["route"])
     return factors if ctx.options["lowrank"] else factors.dense()
 
 
 def _iso_c(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
-    return svd.iso_c(vectors, ctx.weights)
+    return svd.iso_c(vectors, ctx.weights, ctx.state["route"])
 
 
 def _iso_cts(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
     o = ctx.options
-    return svd.iso_cts(vectors, ctx.weights, o["common_fraction"], o["sizing"], o["spectrum"])
+    return svd.iso_cts(vectors, ctx.weights, o["common_fraction"], o["sizing"], o["spectrum"], ctx.state["route"])
 
 
 for _name, _fn, _summary in (

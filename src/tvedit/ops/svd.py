@@ -8,12 +8,25 @@ callers move tensors to a GPU first if they want the SVDs there. Semantics: docs
 Conventions: a thin SVD ``A = U diag(S) V^T`` with U (m, r), S (r,), V (n, r), r = min(m, n),
 singular values descending. Low-rank factors are returned as a :class:`Factors` triple in that
 same orientation (V holds the right singular vectors as columns, not V^T).
+
+Two routes to the same triplets (``route``): ``exact`` is LAPACK's full SVD in the working dtype
+(of A^T when A is wide);
+``auto`` (the default) takes the Gram route for float32 (or narrower) matrices on the CPU whose long
+side is at least ``GRAM_ASPECT`` times the short one: the eigendecomposition of the small Gram
+matrix A^T A (or A A^T) in float64, U = A V / S. Rounding there perturbs an eigenvalue by about
+L eps64 sigma_1^2 (L the long side), i.e. sigma_i by L eps64 sigma_1^2 / (2 sigma_i), against
+eps32 sigma_1 for the float32 SVD; so the Gram route is at least as accurate as the float32 SVD for
+every triplet with sigma_i >= L (eps64 / eps32) sigma_1 (about 6e-6 sigma_1 at L = 3072), and it is
+taken only when every triplet asked for passes that test (otherwise the full SVD runs). float64
+inputs always take the full SVD (the Gram matrix would halve their digits). Randomized SVDs are not
+used: on matrices without a wide spectral gap at k (random task vectors, power-law spectra) they do
+not give the same triplets (docs/performance.md, "Singular-value merges").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +64,79 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def svd(a: torch.Tensor) -> Factors:
-    """Thin SVD of a 2-D tensor in float32 (float64 stays float64): A = U diag(S) V^T."""
-    u, s, vh = torch.linalg.svd(a.to(_work_dtype(a)), full_matrices=False)
+ROUTES = ("auto", "exact")
+GRAM_ASPECT = 2.0  # long side / short side from which the Gram route pays (docs/performance.md)
+_EPS_RATIO = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+
+
+Keep = int | Callable[[torch.Tensor], int] | None  # k, a rule choosing k from all singular values, or all
+
+
+def svd(a: torch.Tensor, k: Keep = None, route: str = "auto") -> Factors:
+    """The top k singular triplets of a 2-D tensor (all r = min(m, n) when k is None; k(S) when k is
+    a function of the whole descending spectrum S), in float32 (float64 stays float64):
+    A ~ U diag(S) V^T. ``route``: see the module docstring."""
+    work = a.to(_work_dtype(a))
+    if route == "auto" and _gram_pays(work):
+        f = _gram_svd(work, k)
+        if f is not None:
+            return f
+    u, s, vh = _lapack_svd(work)
+    k = k(s) if callable(k) else k
+    if k is not None:
+        u, s, vh = u[:, :k], s[:k], vh[:k]
     return Factors(u, s, vh.mT)
 
 
-def procrustes(m: torch.Tensor) -> torch.Tensor:
+def _lapack_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LAPACK's thin SVD (gesdd), of A^T when A is wide (A^T = V S U^T: gesdd is much slower on wide
+    row-major inputs in this torch build). gesdd can fail
+    to converge on matrices with many repeated near-zero singular values (Iso-CTS's residuals have
+    r - k of them): then the other orientation, then float64, are tried before giving up."""
+    wide = a.shape[0] < a.shape[1]
+    for x, transposed in ((a.mT, True), (a, False)) if wide else ((a, False), (a.mT, True)):
+        try:
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            continue
+        return (vh.mT, s, u.mT) if transposed else (u, s, vh)
+    if a.dtype == torch.float64:
+        return torch.linalg.svd(a, full_matrices=False)  # raises LAPACK's error
+    u, s, vh = _lapack_svd(a.to(torch.float64))
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def _gram_pays(a: torch.Tensor) -> bool:
+    m, n = a.shape
+    return a.dtype == torch.float32 and a.device.type == "cpu" and min(m, n) > 0 and max(m, n) >= GRAM_ASPECT * min(m, n)
+
+
+def _gram_svd(a: torch.Tensor, k: Keep) -> Factors | None:
+    """Top k triplets from eigh of the float64 Gram matrix of the short side; None when a triplet
+    asked for has sigma_i < L (eps64 / eps32) sigma_1 (there the float32 SVD is the more accurate)."""
+    wide = a.shape[0] < a.shape[1]
+    x = (a.mT if wide else a).to(torch.float64)  # tall: (L, r)
+    try:
+        lam, w = torch.linalg.eigh(x.mT @ x)  # ascending
+    except torch.linalg.LinAlgError:
+        return None
+    s = lam.flip(0).clamp_min(0).sqrt()
+    k = s.shape[0] if k is None else k(s) if callable(k) else k
+    s = s[:k]
+    floor = x.shape[0] * _EPS_RATIO * float(s[0])
+    if not (floor > 0 and float(s[-1]) >= floor):
+        return None
+    v = w.flip(1)[:, :k]
+    u = (x @ v).div_(s)
+    if wide:
+        u, v = v, u
+    return Factors(u.to(a.dtype), s.to(a.dtype), v.to(a.dtype))
+
+
+def procrustes(m: torch.Tensor, route: str = "auto") -> torch.Tensor:
     """The nearest matrix with orthonormal columns (rows, if m is wide) to m: P Q^T for m = P Sigma Q^T."""
-    p, _, qh = torch.linalg.svd(m, full_matrices=False)
-    return p @ qh
+    f = svd(m, route=route)
+    return f.U @ f.V.mT
 
 
 def keep_count(fraction: float, r: int) -> int:
@@ -88,37 +164,45 @@ def choose_rank(s: torch.Tensor, *, rank: int | None = None, fraction: float | N
     return max(1, min(k, r))
 
 
-def truncate(a: torch.Tensor, k: int) -> Factors:
+def truncate(a: torch.Tensor, k: int, route: str = "auto") -> Factors:
     """The best rank-k approximation of a (Eckart-Young): the top k singular triplets."""
-    f = svd(a)
-    return Factors(f.U[:, :k].contiguous(), f.S[:k].contiguous(), f.V[:, :k].contiguous())
+    f = svd(a, k, route)
+    return Factors(f.U.contiguous(), f.S.contiguous(), f.V.contiguous())
 
 
-def _weighted(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> list[torch.Tensor]:
-    return [v.to(_work_dtype(v)) * float(w) for v, w in zip(vectors, weights, strict=True)]
+def _weighted(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> Iterator[torch.Tensor]:
+    """w_i tau_i in the working dtype, one at a time."""
+    for v, w in zip(vectors, weights, strict=True):
+        yield v.to(_work_dtype(v)) * float(w)
+
+
+def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i tau_i in the working dtype, accumulated in one buffer (no stacked copies)."""
+    total = vectors[0].to(_work_dtype(vectors[0])) * float(weights[0])
+    for v, w in zip(vectors[1:], weights[1:], strict=True):
+        total.add_(v.to(total.dtype), alpha=float(w))
+    return total
 
 
 # --------------------------------------------------------------------------------------------
 # merges (on the weighted matrices w_i tau_i)
 # --------------------------------------------------------------------------------------------
-def tsv_merge(vectors: Sequence[torch.Tensor], weights: Sequence[float], rank_fraction: float) -> Factors:
+def tsv_merge(vectors: Sequence[torch.Tensor], weights: Sequence[float], rank_fraction: float, route: str = "auto") -> Factors:
     """TSV-M: per input the top k = keep_count(rank_fraction, r) triplets of w_i tau_i; concatenate;
     U_perp = procrustes([U_1k .. U_Nk]), V_perp likewise; merged = U_perp diag([S_1k .. S_Nk]) V_perp^T."""
     us, ss, vs = [], [], []
     for m in _weighted(vectors, weights):
-        f = svd(m)
-        k = keep_count(rank_fraction, f.S.shape[0])
-        us.append(f.U[:, :k])
-        ss.append(f.S[:k])
-        vs.append(f.V[:, :k])
-    return Factors(procrustes(torch.cat(us, 1)), torch.cat(ss), procrustes(torch.cat(vs, 1)))
+        f = svd(m, keep_count(rank_fraction, min(m.shape)), route)
+        us.append(f.U)
+        ss.append(f.S)
+        vs.append(f.V)
+    return Factors(procrustes(torch.cat(us, 1), route), torch.cat(ss), procrustes(torch.cat(vs, 1), route))
 
 
-def iso_c(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def iso_c(vectors: Sequence[torch.Tensor], weights: Sequence[float], route: str = "auto") -> torch.Tensor:
     """Iso-C: M = sum_i w_i tau_i = U diag(S) V^T; merged = mean(S) * U V^T (a flat spectrum)."""
-    total = torch.stack(_weighted(vectors, weights)).sum(0)
-    f = svd(total)
-    return (f.U * f.S.mean()) @ f.V.T
+    f = svd(weighted_sum(vectors, weights), route=route)
+    return (f.U * f.S.mean()) @ f.V.mT
 
 
 def iso_cts_sizes(r: int, n_inputs: int, common_fraction: float, sizing: str) -> tuple[int, int]:
@@ -134,24 +218,23 @@ def iso_cts_sizes(r: int, n_inputs: int, common_fraction: float, sizing: str) ->
 
 
 def iso_cts(
-    vectors: Sequence[torch.Tensor], weights: Sequence[float], common_fraction: float, sizing: str = "fill", spectrum: str = "combined"
+    vectors: Sequence[torch.Tensor], weights: Sequence[float], common_fraction: float, sizing: str = "fill", spectrum: str = "combined",
+    route: str = "auto",
 ) -> torch.Tensor:
     """Iso-CTS: the top k directions of M = sum_i w_i tau_i (common subspace), plus for each input the
     top s directions of (I - U_k U_k^T) w_i tau_i; U = procrustes([U_k, U_1s .. U_Ns]), V likewise;
     merged = sigma * U V^T with sigma the mean of the kept singular values (``combined``: S_k of M and
     the per-input S_s) or of all singular values of M (``sum``: Iso-C's sigma)."""
-    weighted = _weighted(vectors, weights)
-    total = torch.stack(weighted).sum(0)
-    f = svd(total)
-    k, s = iso_cts_sizes(f.S.shape[0], len(weighted), common_fraction, sizing)
+    f = svd(weighted_sum(vectors, weights), route=route)
+    k, s = iso_cts_sizes(f.S.shape[0], len(vectors), common_fraction, sizing)
     uc, vc = f.U[:, :k], f.V[:, :k]
     us, vs, ss = [uc], [vc], [f.S[:k]]
     if s > 0:
-        for m in weighted:
-            g = svd(m - uc @ (uc.T @ m))
-            us.append(g.U[:, :s])
-            vs.append(g.V[:, :s])
-            ss.append(g.S[:s])
-    u, v = procrustes(torch.cat(us, 1)), procrustes(torch.cat(vs, 1))
+        for m in _weighted(vectors, weights):
+            g = svd(m - uc @ (uc.mT @ m), s, route)
+            us.append(g.U)
+            vs.append(g.V)
+            ss.append(g.S)
+    u, v = procrustes(torch.cat(us, 1), route), procrustes(torch.cat(vs, 1), route)
     sigma = torch.cat(ss).mean() if spectrum == "combined" else f.S.mean()
-    return (u * sigma) @ v.T
+    return (u * sigma) @ v.mT
