@@ -641,29 +641,42 @@ def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: Mer
     return compute
 
 
-def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: torch.dtype, compute: Callable[[int, int], torch.Tensor],
-                     out: Path, opts: ArithOptions, check: bool = True) -> None:
+def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute: Callable[[int, int], Any],
+                     out: Path, opts: ArithOptions, check: bool = True, step: int | None = None) -> None:
     """Write one huge tensor whose entries ``start .. start+count`` (flattened) ``compute`` returns
     in the compute dtype (a buffer it may reuse): memory is set by the chunk size, not the tensor.
-    The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector)."""
-    n, step = _numel(shape), chunk_numel()
-    converted = torch.empty(0, dtype=dtype)
+    The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector).
 
-    def chunks() -> Iterable[torch.Tensor]:
-        nonlocal converted
+    ``w`` may be a list of CheckpointWriters, ``dtype`` then a list with one dtype each: ``compute``
+    returns one tensor per writer, so that one pass over the inputs feeds several outputs (mask's
+    outputs and saved masks). ``step``: entries per chunk (default chunk_numel(); whole rows for a
+    method that ranks rows)."""
+    n, step = _numel(shape), step or chunk_numel()
+    writers, dtypes = (w, list(dtype)) if isinstance(w, list) else ([w], [dtype])
+    converted = [torch.empty(0, dtype=d) for d in dtypes]
+
+    def convert(j: int, chunk: torch.Tensor, count: int) -> torch.Tensor:
+        if check:
+            _check_finite(chunk, out, key, opts)
+        if chunk.dtype == dtypes[j]:
+            return chunk
+        if converted[j].numel() < count:
+            converted[j] = torch.empty(count, dtype=dtypes[j])
+        return converted[j][:count].copy_(chunk.reshape(-1))
+
+    def ranges() -> Iterator[tuple[int, int]]:
         for start in range(0, n, step):
-            count = min(step, n - start)
-            chunk = compute(start, count)
-            if check:
-                _check_finite(chunk, out, key, opts)
-            if chunk.dtype == dtype:
-                yield chunk
-                continue
-            if converted.numel() < count:
-                converted = torch.empty(count, dtype=dtype)
-            yield converted[:count].copy_(chunk)
+            yield start, min(step, n - start)
 
-    w.write_chunks(key, shape, dtype, chunks())
+    if not isinstance(w, list):
+        w.write_chunks(key, shape, dtype, (convert(0, compute(s, c), c) for s, c in ranges()))
+        return
+    sinks = [x.open_chunks(key, shape, d) for x, d in zip(writers, dtypes, strict=True)]
+    for start, count in ranges():
+        for j, (sink, chunk) in enumerate(zip(sinks, compute(start, count), strict=True)):
+            sink.add(convert(j, chunk, count))
+    for sink in sinks:
+        sink.close()
 
 
 # --------------------------------------------------------------------------------------------
