@@ -365,13 +365,14 @@ class VectorSources:
             out.append(t)
         return out
 
-    def vector_chunks(self, key: str) -> Iterator[list[torch.Tensor]]:
-        """Each input's task vector for ``key``: whole, or in consecutive flattened chunks when the
-        key is huge (``chunked``); views valid until the next item."""
+    def vector_chunks(self, key: str, step: int | None = None) -> Iterator[list[torch.Tensor]]:
+        """Each input's task vector for ``key``: whole, or in consecutive flattened chunks (of
+        ``step`` entries, default chunk_numel()) when the key is huge (``chunked``); views valid
+        until the next item."""
         if not self.chunked(key):
             yield self.vectors(key)
             return
-        n, step = _numel(self._shape(key)), chunk_numel()
+        n, step = _numel(self._shape(key)), step or chunk_numel()
         for start in range(0, n, step):
             yield self.vector_ranges(key, start, min(step, n - start))
 
@@ -593,8 +594,9 @@ def add(
             ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
             dtype = _out_dtype(opts, ref.info(key).dtype)
             if merge.chunkable(method_options, key) and sources.chunked(key):
-                compute = _merge_ranges(sources, key, merge, MergeContext(key, list(weights), method_options, state), alpha, emit == "checkpoint", acc)
-                _write_in_chunks(w, key, shape, dtype, compute, out, opts)
+                ctx = MergeContext(key, list(weights), method_options, state)
+                compute = _merge_ranges(sources, key, merge, ctx, alpha, emit == "checkpoint", acc)
+                _write_in_chunks(w, key, shape, dtype, compute, out, opts, step=ctx.key_state.get("step"))
                 if progress:
                     progress(i + 1, len(all_keys), key)
                 continue
@@ -628,9 +630,10 @@ def add(
 def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: MergeContext, alpha: float, checkpoint: bool, acc: Slot) -> Callable[[int, int], torch.Tensor]:
     """``(start, count) -> [theta0 +] alpha * merge(tau_i)`` over a range of one huge key, for a
     method that works chunk by chunk (after its per-key pass, e.g. TIES's magnitude cuts)."""
-    ctx.numel = _numel(sources._shape(key))
-    if merge.key_pass is not None:
-        merge.key_pass(lambda: sources.vector_chunks(key), ctx)
+    ctx.shape = sources._shape(key)
+    ctx.numel = _numel(ctx.shape)
+    if merge.key_pass is not None:  # it may set key_state["step"]: entries per chunk (e.g. whole rows)
+        merge.key_pass(lambda step=None: sources.vector_chunks(key, step), ctx)
 
     def compute(start: int, count: int) -> torch.Tensor:
         base = sources.base_range(key, start, count) if checkpoint else None

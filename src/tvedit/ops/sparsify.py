@@ -268,9 +268,18 @@ def global_topk_plan(stream: Stream, n_streams: int, density: float) -> list[Glo
 # exact L1 norms (the same value whole or summed over chunks)
 # --------------------------------------------------------------------------------------------
 def l1_parts(t: torch.Tensor) -> torch.Tensor:
-    """Partial sums of ||t||_1 (of t rounded to float32) that add up exactly and in any order: per
-    float32 exponent (256 bins), the sum of the mantissas (implicit bit included) as int64. Pieces
-    of one tensor add up to the parts of the whole (``l1_parts(a) + l1_parts(b)``)."""
+    """Partial sums of ||t||_1 that add up exactly and in any order: per exponent, the sum of the
+    mantissas (implicit bit included) as int64; float32 (and narrower) values: 256 bins; float64:
+    2 x 2048 bins (the high and low 26 bits of the mantissa). Pieces of one tensor add up to the
+    parts of the whole (``l1_parts(a) + l1_parts(b)``)."""
+    if t.dtype == torch.float64:
+        bits = t.detach().abs().reshape(-1).view(torch.int64)
+        exponent = bits >> 52
+        mantissa = (bits & ((1 << 52) - 1)) | ((exponent > 0).to(torch.int64) << 52)
+        parts = torch.zeros(2, 2048, dtype=torch.int64)
+        parts[0].index_add_(0, exponent, mantissa >> 26)
+        parts[1].index_add_(0, exponent, mantissa & ((1 << 26) - 1))
+        return parts
     bits = _bits(t)
     exponent = bits >> 23
     mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)
@@ -280,11 +289,16 @@ def l1_parts(t: torch.Tensor) -> torch.Tensor:
 def l1_value(parts: torch.Tensor) -> float:
     """||t||_1 from its ``l1_parts``: the exact sum rounded once to float64 (NaN for any non-finite
     entry), so it does not depend on summation order or on how the tensor was split."""
-    sums = [int(x) for x in parts.tolist()]
-    if sums[255]:
+    if parts.dim() == 2:  # float64: entry = mantissa * 2^(max(e, 1) - 1075)
+        sums = [(hi << 26) + lo for hi, lo in zip(parts[0].tolist(), parts[1].tolist(), strict=True)]
+        scale = 1074
+    else:  # float32: entry = mantissa * 2^(max(e, 1) - 150)
+        sums = [int(x) for x in parts.tolist()]
+        scale = 149
+    if sums[-1]:
         return math.nan
-    # entry value = mantissa * 2^(max(e, 1) - 150): scaled by 2^149 every term is an integer
-    return sum(m << (max(e, 1) - 1) for e, m in enumerate(sums) if m) / (1 << 149)
+    # scaled by 2^scale every term is an integer
+    return sum(m << (max(e, 1) - 1) for e, m in enumerate(sums) if m) / (1 << scale)
 
 
 def l1_norm(t: torch.Tensor) -> float:
