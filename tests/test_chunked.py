@@ -190,6 +190,37 @@ def test_first_use_of_chunked_inputs_records_their_content_hash(tmp_path, monkey
         assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
 
 
+def test_each_input_is_read_and_hashed_on_its_own_reader_thread(tmp_path, monkeypatch):
+    """First use: after the first range of a huge key, every range of every input (θ0 included)
+    is read, and hashed, on a reader thread, and the inputs' reads overlap on distinct threads."""
+    import threading
+    import time
+
+    from tvedit.tensorio import Checkpoint
+
+    base, fts = _sparse_files(tmp_path)
+    monkeypatch.setenv("TVEDIT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TVEDIT_CHUNK_MIB", "0.01")
+    seen: list[tuple[str, str, int]] = []
+    real = Checkpoint.get_range
+
+    def spy(self, key, start, out):
+        seen.append((self.path.name, threading.current_thread().name, start))
+        time.sleep(0.001)  # long enough for the other inputs' reads ahead to be in flight
+        return real(self, key, start, out)
+
+    monkeypatch.setattr(Checkpoint, "get_range", spy)
+    art = api.add(fts, tmp_path / "out.safetensors", base=base)
+    main = threading.main_thread().name
+    assert {start for _, thread, start in seen if thread == main} == {0}  # only the first range of "big"
+    readers = {thread for _, thread, _ in seen if thread != main}
+    assert all(t.startswith("tvedit-read") for t in readers) and len(readers) >= 2, readers
+    assert {name for name, _, _ in seen} == {p.name for p in [*fts, base]}
+    recorded = {Path(r["path"]).name: r["sha256"] for r in art.manifest.provenance[-1]["inputs"]}
+    for p in [*fts, base]:
+        assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
+
+
 @pytest.mark.parametrize("layout", ["auto", "dense"])
 def test_chunked_mask_apply_is_byte_identical(tmp_path, monkeypatch, layout):
     """mask apply reads the bit-packed mask a byte range at a time (chunks start at multiples of 8)."""

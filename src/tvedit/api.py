@@ -213,10 +213,13 @@ _READER: ThreadPoolExecutor | None = None
 
 
 def _reader() -> ThreadPoolExecutor:
-    """The one background thread that reads the next chunk ahead (Slot.load_range)."""
+    """The background threads that read the next chunk ahead (Slot.load_range): one per slot in
+    flight (a slot has at most one read ahead), so each input is read, and on first use hashed
+    (Checkpoint.get_range; sha256 releases the GIL), on its own thread, beside the others and
+    off the thread that computes and hands chunks to the writer."""
     global _READER
     if _READER is None:
-        _READER = ThreadPoolExecutor(1, thread_name_prefix="tvedit-read")
+        _READER = ThreadPoolExecutor(16, thread_name_prefix="tvedit-read")
     return _READER
 
 
