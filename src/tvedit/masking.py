@@ -142,7 +142,7 @@ def _dare_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -> Chunk
         parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in seeds]
         for pieces in ranges(0, math.prod(shape)):
             for (total, kept), p, g in zip(parts, pieces, gens, strict=True):
-                total += sparsify.l1_parts(p)
+                total += sparsify.l1_parts(p.to(sparsify.COMPUTE))  # as dare_rescale converts it
                 kept += sparsify.l1_parts(sparsify.masked(p, sparsify.dare_mask(p.shape, o["density"], g)))
         norms = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
     gens = [torch.Generator().manual_seed(s) for s in seeds]

@@ -229,7 +229,7 @@ def _dare_ties_key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
     parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in gens]
     for pieces in chunks():
         for (total, kept), tau, gen in zip(parts, pieces, gens, strict=True):
-            total += sparsify.l1_parts(tau)
+            total += sparsify.l1_parts(tau.to(sparsify.COMPUTE))  # as dare_rescale converts it
             kept += sparsify.l1_parts(sparsify.masked(tau, sparsify.dare_mask(tau.shape, o["density"], gen)))
     ctx.key_state["norms"] = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
 
