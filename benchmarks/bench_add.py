@@ -202,7 +202,7 @@ def run_methods(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, floor
         r = measure(cmd, env)
         nbytes = sum(p.stat().st_size for p in read) + (sum(f.stat().st_size for f in written.rglob("*")) if written.is_dir() else written.stat().st_size)
         rows.append({"method": name, **r, "floor_s": nbytes / rate, "over_floor": r["wall_s"] / (nbytes / rate)})
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     for name, args in MASK_METHODS:
         if args[0] in ("invert", "intersect", "union"):
@@ -239,6 +239,7 @@ def main() -> None:
         for gib in (float(s) for s in args.sizes.split(",")):
             t = time.perf_counter()
             summary = run(gib, args.inputs, args.tensor_mib, args.workdir, args.cold)
+            print(json.dumps(summary), file=sys.stderr, flush=True)  # kept if the methods' runs are cut short
             if args.methods == "all":
                 floor_bytes = (args.inputs + 2) * summary["model_bytes"]  # the floor read base + inputs and wrote one model
                 summary["methods"] = run_methods(gib, args.inputs, args.tensor_mib, args.workdir, summary["results"]["floor"], floor_bytes)
