@@ -27,6 +27,13 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
 Prints a table and one JSON object per size. Usage:
 
     python benchmarks/bench_add.py --sizes 1,4 --inputs 8 --workdir bench-out
+
+``--methods all`` measures, in the same run, peak RSS and time for every method that streams: each
+``mask`` method (on task vectors extracted from the fine-tunes; the mask algebra on masks that
+``topk --save-mask`` wrote), each ``add`` method (dare-ties with rescale=l1 included; not the SVD
+merges, see bench_svd.py) and each mergekit recipe method, with time / floor where floor is the
+I/O floor of that command's bytes (bytes read once + bytes written) at the rate the measured floor
+run achieved. The first-use row (input hashes not cached) against the cached run is in the main table.
 """
 
 from __future__ import annotations
@@ -67,12 +74,16 @@ def generate(dir: Path, gib: float, n_inputs: int, tensor_mib: int) -> tuple[Pat
     if base_path.exists() and all(p.exists() for p in paths):
         return base_path, paths
     g = torch.Generator().manual_seed(0)
-    base = {f"blocks.{i:04d}.weight": torch.randn(numel, generator=g) for i in range(n_tensors)}
+    shape = (numel // COLUMNS, COLUMNS) if numel % COLUMNS == 0 else (numel,)  # matrices with rows of 8192 (rows matter to breadcrumbs, della)
+    base = {f"blocks.{i:04d}.weight": torch.randn(shape, generator=g) for i in range(n_tensors)}
     save_file(base, str(base_path))
     for j, p in enumerate(paths):
-        save_file({k: v + 0.001 * (j + 1) for k, v in base.items()}, str(p))
+        save_file({k: v + 0.001 * (j + 1) * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(p))
     del base
     return base_path, paths
+
+
+COLUMNS = 8192
 
 
 def drop_caches() -> bool:
@@ -133,6 +144,7 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool, v
     results["floor"] = floor
     summary = {
         "model_gib": round(size / (1 << 30), 3),
+        "model_bytes": size,
         "inputs": n_inputs,
         "largest_tensor_mib": tensor_mib,
         "cold_cache": cold,
@@ -152,6 +164,81 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool, v
     return summary
 
 
+MASK_METHODS = [
+    ("mask topk", ["topk", "--density", "0.1"]),
+    ("mask topk global", ["topk", "--density", "0.1", "--scope", "global"]),
+    ("mask dare", ["dare", "--density", "0.1"]),
+    ("mask dare l1", ["dare", "--density", "0.1", "--rescale", "l1"]),
+    ("mask breadcrumbs", ["breadcrumbs", "--density", "0.1"]),
+    ("mask breadcrumbs tensor", ["breadcrumbs", "--density", "0.1", "--scope", "tensor"]),
+    ("mask tall", ["tall"]),
+    ("mask consensus", ["consensus"]),
+    ("mask apply", ["apply"]),
+    ("mask invert", ["invert"]),
+    ("mask intersect", ["intersect"]),
+    ("mask union", ["union"]),
+]
+ADD_METHODS = [
+    ("add sum", []),
+    ("add mean", ["--method", "mean"]),
+    ("add ties", ["--method", "ties"]),
+    ("add ties global", ["--method", "ties", "--option", "scope=global"]),
+    ("add dare-ties", ["--method", "dare-ties"]),
+    ("add dare-ties l1", ["--method", "dare-ties", "--option", "rescale=l1"]),
+    ("add consensus", ["--method", "consensus"]),
+]
+RECIPES = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+def _recipe(dir: Path, method: str, base: Path, fts: list[Path]) -> Path:
+    extra = {"gamma": 0.01} if method.startswith("breadcrumbs") else {"epsilon": 0.05} if method.startswith("della") else {}
+    models = [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3, **extra}} for p in fts]
+    path = dir / f"{method}.yml"
+    path.write_text(json.dumps({"merge_method": method, "base_model": str(base), "models": models}))  # JSON is YAML
+    return path
+
+
+def run_methods(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, floor: dict, floor_bytes: int) -> list[dict]:
+    """Every streaming method once: peak RSS, wall time, and time over the I/O floor of its bytes."""
+    dir = workdir / f"{gib:g}gib"
+    base, fts = generate(dir, gib, n_inputs, tensor_mib)
+    env = dict(os.environ, TVEDIT_CACHE=str(dir / "cache"))
+    tv = [sys.executable, "-m", "tvedit"]
+    rate = floor_bytes / floor["wall_s"]  # bytes per second the floor moved
+    vdir = dir / "vectors"
+    subprocess.run([*tv, "extract", *map(str, fts[:2]), "--base", str(base), "--out-dir", str(vdir), "--layout", "dense", "--force"], env=env, check=True, capture_output=True)
+    vectors = sorted(vdir.glob("*.safetensors"))
+    masks = [dir / "m0.safetensors", dir / "m1.safetensors"]
+    for v, m in zip(vectors, masks, strict=True):  # the masks of the mask algebra (and of apply)
+        subprocess.run([*tv, "mask", "topk", str(v), "--density", "0.3", "-o", str(dir / "t.safetensors"), "--save-mask", str(m), "--force"], env=env, check=True, capture_output=True)
+    out = dir / "out.safetensors"
+    rows = []
+
+    def measure_row(name: str, cmd: list[str], read: list[Path], written: Path) -> None:
+        shutil.rmtree(written, ignore_errors=True) if written.is_dir() else written.unlink(missing_ok=True)
+        r = measure(cmd, env)
+        nbytes = sum(p.stat().st_size for p in read) + (sum(f.stat().st_size for f in written.rglob("*")) if written.is_dir() else written.stat().st_size)
+        rows.append({"method": name, **r, "floor_s": nbytes / rate, "over_floor": r["wall_s"] / (nbytes / rate)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    for name, args in MASK_METHODS:
+        if args[0] in ("invert", "intersect", "union"):
+            inputs = masks[:1] if args[0] == "invert" else masks
+        else:
+            inputs = vectors if args[0] in ("tall", "consensus") else vectors[:1]
+        extra = ["--mask", str(masks[0])] if args[0] == "apply" else []
+        many = len(inputs) > 1 and args[0] not in ("intersect", "union")
+        target = ["--out-dir", str(dir / "mout")] if many else ["-o", str(out)]
+        measure_row(name, [*tv, "mask", args[0], *map(str, inputs), *args[1:], *extra, *target, "--force"],
+                    inputs + (masks[:1] if extra else []), dir / "mout" if many else out)  # fmt: skip
+    for name, args in ADD_METHODS:
+        measure_row(name, [*tv, "add", *map(str, fts), "--base", str(base), "--alpha", "0.3", *args, "-o", str(out), "--force"], [*fts, base], out)
+    for method in RECIPES:
+        recipe = _recipe(dir, method, base, fts)
+        measure_row(f"mergekit {method}", [*tv, "add", str(recipe), "-o", str(out), "--force"], [*fts, base], out)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma-separated")
@@ -161,6 +248,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--verify", action="store_true", help="also measure add over task vectors without and with --verify-inputs")
+    ap.add_argument("--methods", choices=["sum", "all"], default="sum",
+                    help="all: also every mask, add and mergekit recipe method (peak RSS, time / floor)")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {total_ram_gib():.0f} GiB RAM, torch {torch.__version__}", file=sys.stderr)
     rows = []
@@ -168,6 +257,10 @@ def main() -> None:
         for gib in (float(s) for s in args.sizes.split(",")):
             t = time.perf_counter()
             summary = run(gib, args.inputs, args.tensor_mib, args.workdir, args.cold, args.verify)
+            print(json.dumps(summary), file=sys.stderr, flush=True)  # kept if the methods' runs are cut short
+            if args.methods == "all":
+                floor_bytes = (args.inputs + 2) * summary["model_bytes"]  # the floor read base + inputs and wrote one model
+                summary["methods"] = run_methods(gib, args.inputs, args.tensor_mib, args.workdir, summary["results"]["floor"], floor_bytes)
             summary["bench_total_s"] = time.perf_counter() - t
             print(json.dumps(summary))
             rows.append(summary)
@@ -196,6 +289,17 @@ def main() -> None:
             a, v = r["results"]["tvedit_vectors"], r["results"]["tvedit_vectors_verify"]
             print(f"| {r['model_gib']:.2f} GiB | {r['inputs']} | {a['wall_s']:.2f} / {a['peak_rss_mib']:.0f} | {v['wall_s']:.2f} / {v['peak_rss_mib']:.0f} "
                   f"| {r['verify_inputs_cost_s']:+.2f} |", file=sys.stderr)  # fmt: skip
+    for r in rows:
+        if "methods" not in r:
+            continue
+        res = r["results"]
+        print(f"\n{r['model_gib']:.2f} GiB, {r['inputs']} inputs, tensors of {r['largest_tensor_mib']} MiB: first use "
+              f"{res['tvedit_first_use']['wall_s']:.1f} s vs cached {res['tvedit']['wall_s']:.1f} s "
+              f"({res['tvedit_first_use']['wall_s'] / res['tvedit']['wall_s']:.2f}x)", file=sys.stderr)  # fmt: skip
+        print("| method | peak RSS MiB | time s | floor s | time / floor |", file=sys.stderr)
+        print("|---|---|---|---|---|", file=sys.stderr)
+        for m in r["methods"]:
+            print(f"| {m['method']} | {m['peak_rss_mib']:.0f} | {m['wall_s']:.1f} | {m['floor_s']:.1f} | {m['over_floor']:.2f}x |", file=sys.stderr)
 
 
 if __name__ == "__main__":

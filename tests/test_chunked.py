@@ -96,14 +96,14 @@ def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run, chunked: boo
 ])  # fmt: skip
 def test_chunked_merges_are_byte_identical(tmp_path, monkeypatch, method, options, emit):
     """TIES (its cut found by a radix select over the chunks, ties at the cut by a running quota),
-    DARE-TIES (each input's generator drawn on chunk after chunk), consensus, and --emit vector
+    DARE-TIES (each input's generator drawn on chunk after chunk; l1: exact norms summed over the
+    chunks by a key pass that draws the same masks), consensus, and --emit vector
     (the writer re-encodes a sparse vector from the dense bytes it wrote): the bytes do not depend
     on the chunk size."""
     base, fts = _sparse_files(tmp_path)
     _whole_and_chunked(monkeypatch, tmp_path, f"{method}-{emit}",
                        lambda out: api.add(fts, out, base=base, alpha=0.7, weights=[1.0, 0.5, -0.3], method=method,
-                                           method_options=dict(options), emit=emit).path,
-                       chunked=options.get("rescale") != "l1")  # fmt: skip
+                                           method_options=dict(options), emit=emit).path)  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["auto", "dense", "sparse"])
@@ -190,6 +190,37 @@ def test_first_use_of_chunked_inputs_records_their_content_hash(tmp_path, monkey
         assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
 
 
+def test_each_input_is_read_and_hashed_on_its_own_reader_thread(tmp_path, monkeypatch):
+    """First use: after the first range of a huge key, every range of every input (θ0 included)
+    is read, and hashed, on a reader thread, and the inputs' reads overlap on distinct threads."""
+    import threading
+    import time
+
+    from tvedit.tensorio import Checkpoint
+
+    base, fts = _sparse_files(tmp_path)
+    monkeypatch.setenv("TVEDIT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TVEDIT_CHUNK_MIB", "0.01")
+    seen: list[tuple[str, str, int]] = []
+    real = Checkpoint.get_range
+
+    def spy(self, key, start, out):
+        seen.append((self.path.name, threading.current_thread().name, start))
+        time.sleep(0.001)  # long enough for the other inputs' reads ahead to be in flight
+        return real(self, key, start, out)
+
+    monkeypatch.setattr(Checkpoint, "get_range", spy)
+    art = api.add(fts, tmp_path / "out.safetensors", base=base)
+    main = threading.main_thread().name
+    assert {start for _, thread, start in seen if thread == main} == {0}  # only the first range of "big"
+    readers = {thread for _, thread, _ in seen if thread != main}
+    assert all(t.startswith("tvedit-read") for t in readers) and len(readers) >= 2, readers
+    assert {name for name, _, _ in seen} == {p.name for p in [*fts, base]}
+    recorded = {Path(r["path"]).name: r["sha256"] for r in art.manifest.provenance[-1]["inputs"]}
+    for p in [*fts, base]:
+        assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
+
+
 @pytest.mark.parametrize("layout", ["auto", "dense"])
 def test_chunked_mask_apply_is_byte_identical(tmp_path, monkeypatch, layout):
     """mask apply reads the bit-packed mask a byte range at a time (chunks start at multiples of 8)."""
@@ -215,3 +246,83 @@ def test_a_bad_chunk_size_is_a_usage_error_before_any_output(tmp_path, value):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: TVEDIT_CHUNK_MIB={value!r}: must be a positive number of MiB"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o.", "o."))]
+
+
+def _mask_runs(monkeypatch, tmp_path: Path, name: str, run) -> list[bytes]:
+    """Every file ``run(out_dir)`` writes, whole and in chunks of 2616 and of 128 entries (rows of
+    457 longer than a chunk, chunks straddling rows), asserting which path each run took."""
+    calls = []
+    real = api._write_in_chunks
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    runs = []
+    for mib in ("1024", "0.01", "0.0005"):
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        calls.clear()
+        paths = run(tmp_path / f"{name}-{mib.replace('.', '_')}")
+        assert calls == ([] if mib == "1024" else ["big"]), (name, mib, calls)
+        runs.append([p.read_bytes() for p in paths])
+    assert runs[0] == runs[1] == runs[2], name
+    return runs[0]
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("topk", {"density": 0.3}), ("topk", {"density": 0.0005}), ("topk", {"density": 0.0005, "scope": "global"}),
+    ("dare", {"density": 0.3}), ("dare", {"density": 0.3, "rescale": "l1", "seed": 4}),
+    ("breadcrumbs", {"density": 0.3, "beta": 0.05}), ("breadcrumbs", {"density": 0.0005, "beta": 0.0005, "scope": "tensor"}),
+    ("breadcrumbs", {"density": 0.2, "beta": 0.0}), ("tall", {}), ("consensus", {"lambda": 0.4}),
+])  # fmt: skip
+def test_chunked_mask_methods_are_byte_identical(tmp_path, monkeypatch, method, options):
+    """Every mask method writes the same outputs and saved masks (bit-packed a chunk at a time)
+    whole and in chunks: top-k and Breadcrumbs cuts by an exact radix select (through the 50 tied
+    entries tau = 5 of row 0), DARE's generators drawn chunk after chunk (l1: exact norms summed
+    over the chunks), TALL and consensus element-wise; and the mask algebra over those masks."""
+    from tvedit.masking import mask
+
+    base, fts = _sparse_files(tmp_path)
+    tvs = [a.path for a in api.extract(fts, base, api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))]
+    inputs = tvs if method in ("tall", "consensus") else tvs[:1]
+
+    def run(where: Path) -> list[Path]:
+        where.mkdir()
+        target = api.OutputTarget(out_dir=where / "out")
+        saved = where / ("m.safetensors" if method == "consensus" or len(inputs) == 1 else "masks")
+        res = mask(method, inputs, target, options=dict(options), save_mask=saved)
+        return [a.path for a in res.outputs + res.masks]
+
+    files = _mask_runs(monkeypatch, tmp_path, method, run)
+    # the outputs are what the masks say, and the masks what the whole-tensor reference gives
+    out = tmp_path / "check.safetensors"
+    out.write_bytes(files[0])
+    keep_file = tmp_path / "keep.safetensors"
+    keep_file.write_bytes(files[len(inputs) if method != "consensus" else len(inputs)])
+    keep = open_checkpoint(keep_file).get("big")
+    tau = open_checkpoint(inputs[0]).get("big")
+    if method == "dare":
+        assert torch.equal(open_checkpoint(out).get("big") != 0, keep & (tau != 0))
+    else:
+        assert torch.equal(open_checkpoint(out).get("big"), torch.where(keep, tau, torch.zeros(())))
+    if method == "topk" and "scope" not in options:
+        from tvedit.ops import sparsify
+
+        assert torch.equal(keep, sparsify.topk_mask(tau, options["density"]))
+    if method == "breadcrumbs":
+        from tvedit.ops import sparsify
+
+        assert torch.equal(keep, sparsify.breadcrumbs_mask(tau, options["density"], options["beta"], per_row=options.get("scope") != "tensor"))
+
+
+@pytest.mark.parametrize("method", ["invert", "intersect", "union"])
+def test_chunked_mask_algebra_is_byte_identical(tmp_path, monkeypatch, method):
+    from tvedit.masking import mask
+
+    base, fts = _sparse_files(tmp_path)
+    tvs = [a.path for a in api.extract(fts[:2], base, api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))]
+    masks = [mask("topk", [tv], tmp_path / f"t{i}.safetensors", options={"density": d}, save_mask=tmp_path / f"m{i}.safetensors").masks[0].path
+             for i, (tv, d) in enumerate(zip(tvs, (0.3, 0.6), strict=True))]  # fmt: skip
+    inputs = masks[:1] if method == "invert" else masks
+    files = _mask_runs(monkeypatch, tmp_path, method, lambda where: [a.path for a in mask(method, inputs, api.OutputTarget(out_dir=where)).outputs])
+    got = tmp_path / "got.safetensors"
+    got.write_bytes(files[0])
+    a, b = (open_checkpoint(p).get("big") for p in masks)
+    expected = {"invert": ~a, "intersect": a & b, "union": a | b}[method]
+    assert torch.equal(open_checkpoint(got).get("big"), expected)

@@ -135,6 +135,42 @@ def test_recipes_go_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_p
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize(("method", "rescale"), [
+    ("ties", True), ("dare_ties", True), ("dare_linear", False), ("breadcrumbs", False), ("breadcrumbs_ties", True),
+    ("della", True), ("della_linear", False),
+])  # fmt: skip
+def test_every_recipe_method_goes_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, rescale: bool) -> None:
+    """Every sparsifier in chunks of 128 and of 8 entries (DELLA's chunks whole rows of 16, or the
+    whole 1-D tensor): magnitude and Breadcrumbs by exact cuts over the chunks (ties to the lower /
+    higher index through the 12 tied entries), DARE and DELLA drawn chunk after chunk, l1 rescaling
+    with exact norms summed over the chunks: the bytes of the whole-tensor run."""
+    files = {name: load_file(str(models[name])) for name in ("base", "m0", "m1")}
+    for name, value in (("base", 0.0), ("m0", 0.5), ("m1", 0.0)):
+        files[name]["a.mlp.weight"][0, :12] = value
+        files[name]["b.norm.weight"][100:112] = value
+        save_file(files[name], str(models[name]))
+    extra = {"gamma": 0.05} if method.startswith("breadcrumbs") else {"epsilon": 0.1} if method.startswith("della") else {}
+    recipe = _recipe(tmp_path, method, [
+        {"model": "m0.safetensors", "parameters": {"weight": 0.7, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}], **extra}},
+        {"model": "m1.safetensors", "parameters": {"weight": -0.5, "density": 0.4, **extra}},
+    ], parameters={"lambda": 1.5, "rescale": rescale})  # fmt: skip
+    from tvedit import api
+
+    calls: list[str] = []
+    real = api._write_in_chunks
+    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    outs = []
+    for mib in ("1024", "0.0005", "0.00006"):  # chunks of 128 and of 8 entries
+        monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
+        calls.clear()
+        out = tmp_path / f"out-{mib}.safetensors"
+        code, _, stderr = run("add", recipe, "-o", out)
+        assert code == 0, stderr
+        outs.append(out.read_bytes())
+        assert calls == ([] if mib == "1024" else ["a.attn.weight", "a.mlp.weight", "b.norm.weight"]), (mib, calls)  # c.bias: 7 entries
+    assert outs[0] == outs[1] == outs[2]
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_deterministic_sparsifying_methods(method: str, models: dict[str, Path], tmp_path: Path) -> None:
     params = [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": [{"filter": "attn", "value": 0.3}, {"value": 0.8}]}, {"weight": 0.3, "density": 0.4}]

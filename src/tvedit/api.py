@@ -234,10 +234,13 @@ _READER: ThreadPoolExecutor | None = None
 
 
 def _reader() -> ThreadPoolExecutor:
-    """The one background thread that reads the next chunk ahead (Slot.load_range)."""
+    """The background threads that read the next chunk ahead (Slot.load_range): one per slot in
+    flight (a slot has at most one read ahead), so each input is read, and on first use hashed
+    (Checkpoint.get_range; sha256 releases the GIL), on its own thread, beside the others and
+    off the thread that computes and hands chunks to the writer."""
     global _READER
     if _READER is None:
-        _READER = ThreadPoolExecutor(1, thread_name_prefix="tvedit-read")
+        _READER = ThreadPoolExecutor(16, thread_name_prefix="tvedit-read")
     return _READER
 
 
@@ -386,13 +389,14 @@ class VectorSources:
             out.append(t)
         return out
 
-    def vector_chunks(self, key: str) -> Iterator[list[torch.Tensor]]:
-        """Each input's task vector for ``key``: whole, or in consecutive flattened chunks when the
-        key is huge (``chunked``); views valid until the next item."""
+    def vector_chunks(self, key: str, step: int | None = None) -> Iterator[list[torch.Tensor]]:
+        """Each input's task vector for ``key``: whole, or in consecutive flattened chunks (of
+        ``step`` entries, default chunk_numel()) when the key is huge (``chunked``); views valid
+        until the next item."""
         if not self.chunked(key):
             yield self.vectors(key)
             return
-        n, step = _numel(self._shape(key)), chunk_numel()
+        n, step = _numel(self._shape(key)), step or chunk_numel()
         for start in range(0, n, step):
             yield self.vector_ranges(key, start, min(step, n - start))
 
@@ -635,8 +639,9 @@ def add(
             ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
             dtype = _out_dtype(opts, ref.info(key).dtype)
             if merge.chunkable(method_options, key) and sources.chunked(key):
-                compute = _merge_ranges(sources, key, merge, MergeContext(key, list(weights), method_options, state), alpha, emit == "checkpoint", acc)
-                _write_in_chunks(w, key, shape, dtype, compute, out, opts)
+                ctx = MergeContext(key, list(weights), method_options, state)
+                compute = _merge_ranges(sources, key, merge, ctx, alpha, emit == "checkpoint", acc)
+                _write_in_chunks(w, key, shape, dtype, compute, out, opts, step=ctx.key_state.get("step"))
                 if progress:
                     progress(i + 1, len(all_keys), key)
                 continue
@@ -671,9 +676,10 @@ def add(
 def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: MergeContext, alpha: float, checkpoint: bool, acc: Slot) -> Callable[[int, int], torch.Tensor]:
     """``(start, count) -> [theta0 +] alpha * merge(tau_i)`` over a range of one huge key, for a
     method that works chunk by chunk (after its per-key pass, e.g. TIES's magnitude cuts)."""
-    ctx.numel = _numel(sources._shape(key))
-    if merge.key_pass is not None:
-        merge.key_pass(lambda: sources.vector_chunks(key), ctx)
+    ctx.shape = sources._shape(key)
+    ctx.numel = _numel(ctx.shape)
+    if merge.key_pass is not None:  # it may set key_state["step"]: entries per chunk (e.g. whole rows)
+        merge.key_pass(lambda step=None: sources.vector_chunks(key, step), ctx)
 
     def compute(start: int, count: int) -> torch.Tensor:
         base = sources.base_range(key, start, count) if checkpoint else None
@@ -684,29 +690,42 @@ def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: Mer
     return compute
 
 
-def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: torch.dtype, compute: Callable[[int, int], torch.Tensor],
-                     out: Path, opts: ArithOptions, check: bool = True) -> None:
+def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute: Callable[[int, int], Any],
+                     out: Path, opts: ArithOptions, check: bool = True, step: int | None = None) -> None:
     """Write one huge tensor whose entries ``start .. start+count`` (flattened) ``compute`` returns
     in the compute dtype (a buffer it may reuse): memory is set by the chunk size, not the tensor.
-    The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector)."""
-    n, step = _numel(shape), chunk_numel()
-    converted = torch.empty(0, dtype=dtype)
+    The bytes equal those of the whole-tensor path (the writer re-encodes a sparse task vector).
 
-    def chunks() -> Iterable[torch.Tensor]:
-        nonlocal converted
+    ``w`` may be a list of CheckpointWriters, ``dtype`` then a list with one dtype each: ``compute``
+    returns one tensor per writer, so that one pass over the inputs feeds several outputs (mask's
+    outputs and saved masks). ``step``: entries per chunk (default chunk_numel(); whole rows for a
+    method that ranks rows)."""
+    n, step = _numel(shape), step or chunk_numel()
+    writers, dtypes = (w, list(dtype)) if isinstance(w, list) else ([w], [dtype])
+    converted = [torch.empty(0, dtype=d) for d in dtypes]
+
+    def convert(j: int, chunk: torch.Tensor, count: int) -> torch.Tensor:
+        if check:
+            _check_finite(chunk, out, key, opts)
+        if chunk.dtype == dtypes[j]:
+            return chunk
+        if converted[j].numel() < count:
+            converted[j] = torch.empty(count, dtype=dtypes[j])
+        return converted[j][:count].copy_(chunk.reshape(-1))
+
+    def ranges() -> Iterator[tuple[int, int]]:
         for start in range(0, n, step):
-            count = min(step, n - start)
-            chunk = compute(start, count)
-            if check:
-                _check_finite(chunk, out, key, opts)
-            if chunk.dtype == dtype:
-                yield chunk
-                continue
-            if converted.numel() < count:
-                converted = torch.empty(count, dtype=dtype)
-            yield converted[:count].copy_(chunk)
+            yield start, min(step, n - start)
 
-    w.write_chunks(key, shape, dtype, chunks())
+    if not isinstance(w, list):
+        w.write_chunks(key, shape, dtype, (convert(0, compute(s, c), c) for s, c in ranges()))
+        return
+    sinks = [x.open_chunks(key, shape, d) for x, d in zip(writers, dtypes, strict=True)]
+    for start, count in ranges():
+        for j, (sink, chunk) in enumerate(zip(sinks, compute(start, count), strict=True)):
+            sink.add(convert(j, chunk, count))
+    for sink in sinks:
+        sink.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ so bad input fails fast and leaves no output. Semantics: docs/methods.md.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,23 @@ class KeyContext:
 KeyFn = Callable[[list[torch.Tensor], KeyContext], tuple[list[torch.Tensor], list[torch.Tensor]]]
 
 
+@dataclass
+class ChunkPlan:
+    """How one huge key goes in chunks: ``fn(pieces, start)`` gives (outputs, masks) for the flat
+    entries start .. start+len of each input's piece; ``before(start, count)`` runs before those
+    pieces are read (a key pass over a segment); ``step``: entries per chunk (None: chunk_numel())."""
+
+    fn: Callable[[list[torch.Tensor], int], tuple[list[torch.Tensor], list[torch.Tensor]]]
+    step: int | None = None
+    before: Callable[[int, int], None] | None = None
+
+
+# (ranges: (start, count) -> the pieces of those entries, chunk after chunk, one per input; context;
+# the key's shape) -> the key's plan, after any key pass it needs over ``ranges``
+Ranges = Callable[[int, int], Iterator[list[torch.Tensor]]]
+PlanFn = Callable[[Ranges, KeyContext, tuple[int, ...]], ChunkPlan]
+
+
 @dataclass(frozen=True)
 class MaskMethod:
     name: str
@@ -62,6 +80,10 @@ class MaskMethod:
     joint: bool = False  # all inputs together (same keys and shapes), else one input at a time
     outputs: str = "each"  # "each": one output per input; "one": a single output
     masks: str = "each"  # masks --save-mask can write: "each" | "one" | "none"
+    # How a huge key goes in chunks (bounded memory, the same bytes as the whole-tensor path):
+    # elementwise: ``fn`` on each chunk as it is; else ``plan`` builds the key's ChunkPlan.
+    elementwise: bool = False
+    plan: PlanFn | None = None
 
     @property
     def output_kind(self) -> str:
@@ -99,6 +121,86 @@ def _breadcrumbs(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.
     return _with_masks(taus, keeps)
 
 
+def _topk_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -> ChunkPlan:
+    """Each input's cut: from the global plan, or an exact radix select over the key's chunks."""
+    plans, n = ctx.state.get("plans"), math.prod(shape)
+    if plans:
+        cuts = [sparsify.Cut.of_plan(plans[i], ctx.key) for i in ctx.indices]
+    else:
+        cuts = sparsify.chunk_cuts(lambda: ranges(0, n), [sparsify.keep_count(ctx.options["density"], n)] * len(ctx.indices))
+    return ChunkPlan(lambda pieces, _start: _with_masks(pieces, [c.take(p) for c, p in zip(cuts, pieces, strict=True)]))
+
+
+def _dare_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -> ChunkPlan:
+    """Each input's generator drawn on chunk after chunk (the draws of one whole draw); l1
+    rescaling first sums the exact norms of tau and of the survivors over the chunks (a key pass
+    that draws the same masks)."""
+    o = ctx.options
+    seeds = [sparsify.derived_seed(o["seed"], i, ctx.key) for i in ctx.indices]
+    norms: list[tuple[float, float] | None] = [None] * len(seeds)
+    if o["rescale"] == "l1":
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in seeds]
+        for pieces in ranges(0, math.prod(shape)):
+            for (total, kept), p, g in zip(parts, pieces, gens, strict=True):
+                total += sparsify.l1_parts(p.to(sparsify.COMPUTE))  # as dare_rescale converts it
+                kept += sparsify.l1_parts(sparsify.masked(p, sparsify.dare_mask(p.shape, o["density"], g)))
+        norms = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def fn(pieces: list[torch.Tensor], _start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        keeps = [sparsify.dare_mask(p.shape, o["density"], g) for p, g in zip(pieces, gens, strict=True)]
+        return [sparsify.dare_rescale(p, k, o["density"], o["rescale"], nm) for p, k, nm in zip(pieces, keeps, norms, strict=True)], keeps
+
+    return ChunkPlan(fn)
+
+
+def _breadcrumbs_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -> ChunkPlan:
+    """Rows that fit in a chunk: chunks of whole rows, each ranked as on the whole tensor. Longer
+    segments (rows, or the whole tensor with scope=tensor): ranks n_top .. n_top+n_keep are the
+    n_top+n_keep largest minus the n_top largest (ties to the lower index): two exact cuts per
+    segment, found by a radix select over the segment's chunks before its first chunk is read."""
+    o = ctx.options
+    n = math.prod(shape)
+    seg = shape[-1] if (o["scope"] == "row" and len(shape) >= 1) else n
+    step = api.chunk_numel()
+    if 0 < seg <= step:
+        def rows(pieces: list[torch.Tensor], _start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            keeps = [sparsify.breadcrumbs_mask(p.view(-1, seg), o["density"], o["beta"]).reshape(-1) for p in pieces]
+            return _with_masks(pieces, keeps)
+
+        return ChunkPlan(rows, step=step // seg * seg)
+    n_top = min(seg, sparsify.round_half_up(o["beta"] * seg))
+    n_keep = min(sparsify.keep_count(o["density"], seg), seg - n_top)
+    cuts: dict[int, list[tuple[sparsify.Cut, sparsify.Cut]]] = {}
+
+    def before(start: int, count: int) -> None:
+        first, last = start // seg, (start + count - 1) // seg
+        for s in [s for s in cuts if s < first]:
+            del cuts[s]
+        for s in range(first, last + 1):
+            if s not in cuts:
+                pairs = sparsify.chunk_cuts(lambda s=s: ([p for p in pieces for _ in (0, 1)] for pieces in ranges(s * seg, seg)),
+                                            [n_top + n_keep, n_top] * len(ctx.indices))  # fmt: skip
+                cuts[s] = list(zip(pairs[::2], pairs[1::2], strict=True))
+
+    def fn(pieces: list[torch.Tensor], start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        keeps = []
+        for j, p in enumerate(pieces):
+            parts, at = [], start
+            while at < start + p.numel():
+                s = at // seg
+                end = min((s + 1) * seg, start + p.numel())
+                wide, narrow = cuts[s][j]
+                sub = p[at - start : end - start]
+                parts.append(wide.take(sub) & ~narrow.take(sub))
+                at = end
+            keeps.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return _with_masks(pieces, keeps)
+
+    return ChunkPlan(fn, before=before)
+
+
 def _tall(taus: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return _with_masks(taus, sparsify.tall_masks(taus, ctx.options["lambda"]))
 
@@ -128,15 +230,15 @@ def _union(masks: list[torch.Tensor], ctx: KeyContext) -> tuple[list[torch.Tenso
 MASK_METHODS: dict[str, MaskMethod] = {
     m.name: m
     for m in (
-        MaskMethod("topk", "keep the top density of |tau| (per tensor or one global threshold)", _topk, ("density", "scope")),
-        MaskMethod("dare", "DARE: keep each entry with probability density (seeded), rescale survivors", _dare, ("density", "seed", "rescale")),
-        MaskMethod("breadcrumbs", "per row: drop the top beta of |tau| (outliers), keep the next density", _breadcrumbs, ("density", "beta", "scope")),
-        MaskMethod("tall", "TALL: m_t = 1[|tau_t| >= lambda |tau_MTL - tau_t|], tau_t * m_t for each input", _tall, ("lambda",), joint=True),
-        MaskMethod("consensus", "consensus of TALL masks (>= min_agree tasks), tau_t * consensus for each input", _consensus, ("lambda", "min_agree"), joint=True, masks="one"),
+        MaskMethod("topk", "keep the top density of |tau| (per tensor or one global threshold)", _topk, ("density", "scope"), plan=_topk_plan),
+        MaskMethod("dare", "DARE: keep each entry with probability density (seeded), rescale survivors", _dare, ("density", "seed", "rescale"), plan=_dare_plan),
+        MaskMethod("breadcrumbs", "per row: drop the top beta of |tau| (outliers), keep the next density", _breadcrumbs, ("density", "beta", "scope"), plan=_breadcrumbs_plan),
+        MaskMethod("tall", "TALL: m_t = 1[|tau_t| >= lambda |tau_MTL - tau_t|], tau_t * m_t for each input", _tall, ("lambda",), joint=True, elementwise=True),
+        MaskMethod("consensus", "consensus of TALL masks (>= min_agree tasks), tau_t * consensus for each input", _consensus, ("lambda", "min_agree"), joint=True, masks="one", elementwise=True),
         MaskMethod("apply", "tau * m with the mask file given by --mask", _apply, (), masks="none"),
-        MaskMethod("invert", "not m, for each mask file", _invert, (), takes="mask", masks="none"),
-        MaskMethod("intersect", "m_1 and m_2 and ... (one mask)", _intersect, (), takes="mask", joint=True, outputs="one", masks="none"),
-        MaskMethod("union", "m_1 or m_2 or ... (one mask)", _union, (), takes="mask", joint=True, outputs="one", masks="none"),
+        MaskMethod("invert", "not m, for each mask file", _invert, (), takes="mask", masks="none", elementwise=True),
+        MaskMethod("intersect", "m_1 and m_2 and ... (one mask)", _intersect, (), takes="mask", joint=True, outputs="one", masks="none", elementwise=True),
+        MaskMethod("union", "m_1 or m_2 or ... (one mask)", _union, (), takes="mask", joint=True, outputs="one", masks="none", elementwise=True),
     )
 }  # fmt: skip
 
@@ -359,8 +461,12 @@ def mask(
                 for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
             ]  # fmt: skip
             slot = Slot(opts.compute_dtype)  # the chunks of mask apply
+            sources = api.VectorSources(g_ckpts, None, opts, [])  # the chunks of the other methods
             for key in g_keys:
-                if key in g_selected and m.name == "apply" and g_ckpts[0].is_floating(key) and api.goes_in_chunks(g_ckpts[0], key) and mask_ckpt is not None:
+                if key in g_selected and (m.elementwise or m.plan is not None) and _goes_in_chunks(g_ckpts, key, m):
+                    ctx = KeyContext(key, group, resolved, state)
+                    _write_key_in_chunks(m, ctx, g_ckpts, sources, writers, mask_writers, out_paths[group[0]], opts)
+                elif key in g_selected and m.name == "apply" and g_ckpts[0].is_floating(key) and api.goes_in_chunks(g_ckpts[0], key) and mask_ckpt is not None:
                     c = g_ckpts[0]  # apply: one input per group; tau * m a chunk at a time
 
                     def apply_range(start: int, count: int, c: Checkpoint = c, key: str = key, slot: Slot = slot) -> torch.Tensor:
@@ -390,15 +496,56 @@ def mask(
     return MaskResult(outputs, saved)
 
 
+def _goes_in_chunks(ckpts: list[Checkpoint], key: str, method: MaskMethod) -> bool:
+    """Every input holds ``key`` huge and stored densely (masks: bit-packed)."""
+    if method.takes == "mask":
+        return all(key in c and math.prod(c.info(key).shape) > api.chunk_numel() and c.encoding(key) == "mask" for c in ckpts)
+    return all(key in c and api.goes_in_chunks(c, key) for c in ckpts)
+
+
+def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint], sources: api.VectorSources,
+                         writers: list[CheckpointWriter], mask_writers: list[CheckpointWriter], out: Path, opts: ArithOptions) -> None:
+    """One huge key of every output and saved mask, a chunk at a time, from one pass over the
+    inputs (after the key pass the method's plan makes): the bytes of the whole-tensor path."""
+    key = ctx.key
+    shape = tuple(ckpts[0].info(key).shape)
+
+    def pieces(start: int, count: int) -> list[torch.Tensor]:
+        if m.takes == "mask":
+            return [c.get_mask_range(key, start, count) for c in ckpts]
+        return sources.vector_ranges(key, start, count)
+
+    def ranges(start: int, count: int) -> Iterator[list[torch.Tensor]]:
+        step = api.chunk_numel()
+        for at in range(start, start + count, step):
+            yield pieces(at, min(step, start + count - at))
+
+    plan = m.plan(ranges, ctx, shape) if m.plan is not None else ChunkPlan(lambda p, _start: m.fn(p, ctx))
+    sources.keys = [key]
+
+    def compute(start: int, count: int) -> list[torch.Tensor]:
+        if plan.before is not None:
+            plan.before(start, count)
+        results, keeps = plan.fn(pieces(start, count), start)
+        return [*results[: len(writers)], *keeps[: len(mask_writers)]]
+
+    dtypes = [torch.bool if m.takes == "mask" else (opts.dtype or c.info(key).dtype) for c in ckpts][: len(writers)]
+    api._write_in_chunks([*writers, *mask_writers], key, shape, [*dtypes, *[torch.bool] * len(mask_writers)], compute, out, opts, check=False, step=plan.step)
+
+
 def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:
     t = ckpt.get(key)
     return t if method.takes == "mask" else t.to(opts.compute_dtype)
 
 
 def _stream(ckpts: list[Checkpoint], selected: list[list[str]], opts: ArithOptions) -> sparsify.Stream:
+    """Each input's selected tensors in sorted key order, huge ones in consecutive chunks."""
+
     def stream():
         for i, (c, keys) in enumerate(zip(ckpts, selected, strict=True)):
+            sources = api.VectorSources([c], None, opts, keys)
             for key in keys:
-                yield i, key, c.get(key).to(opts.compute_dtype)
+                for (piece,) in sources.vector_chunks(key):
+                    yield i, key, piece
 
     return stream

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tvedit.api import chunk_numel
 from tvedit.errors import InputError, UsageError
 from tvedit.merging import MergeContext, MergeMethod
 from tvedit.ops import sparsify
@@ -233,19 +234,18 @@ def _check_ranges(r: Recipe) -> None:
 # --------------------------------------------------------------------------------------------
 # the math (pure per-tensor functions; float32 in, float32 out)
 # --------------------------------------------------------------------------------------------
-def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """tensor * mask, scaled to the l1 norm of tensor (unless either norm is below 1e-7)."""
+def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, norms: tuple[float, float] | None = None) -> torch.Tensor:
+    """tensor * mask, scaled to the l1 norm of tensor (unless either norm is below 1e-7). The norms
+    are exact (sparsify.l1_norm) and rounded to the tensor's dtype; ``norms`` = (||tensor||_1,
+    ||tensor * mask||_1) of the whole tensor when ``tensor`` is one chunk of it."""
     masked = tensor * mask
     if not rescale:
         return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < RESCALE_EPS or after < RESCALE_EPS:
+    before, after = norms if norms is not None else (sparsify.l1_norm(tensor), sparsify.l1_norm(masked))
+    b, a = torch.tensor(before, dtype=masked.dtype), torch.tensor(after, dtype=masked.dtype)
+    if b < RESCALE_EPS or a < RESCALE_EPS:
         return masked
-    return masked * (before / after)
-
-
-def _order(values: torch.Tensor, descending: bool) -> torch.Tensor:
-    return torch.sort(values, descending=descending, stable=True).indices
+    return masked * (b / a)
 
 
 def magnitude_count(density: float, n: int, key: str) -> int:
@@ -256,64 +256,76 @@ def magnitude_count(density: float, n: int, key: str) -> int:
     return k
 
 
-def magnitude(tau: torch.Tensor, density: float, rescale: bool, key: str) -> torch.Tensor:
-    """Keep the k = floor(density * n) largest |tau| (ties: lower flat index first), ranked by
-    float32 magnitudes: the k-th largest by kthvalue, every entry above it, and of the entries equal
-    to it the first ones in row-major order (the order of a stable descending sort, without one)."""
-    if density >= 1:
-        return tau
-    n = tau.numel()
-    k = magnitude_count(density, n, key)
-    keep = sparsify.largest_mask(tau.detach().to(torch.float32).abs().reshape(-1), k)
-    return rescaled(tau, keep.to(tau.dtype).view(tau.shape), rescale)
-
-
-def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
-    """Breadcrumbs as mergekit: drop the n_top = floor(gamma n) largest and the smallest, keeping
-    floor(density n); over the whole flattened tensor. n_top = 0 keeps nothing (mergekit's slice
-    ``sorted[n_bot:-0]`` is empty): reproduced, and counted for a warning."""
-    if density >= 1:
-        return tau
-    n = tau.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
+def outlier_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """Breadcrumbs as mergekit, over the whole flattened tensor ranked by |tau| ascending (stable):
+    ranks n_bot .. n - n_top are kept, with target = floor(density n), n_top = floor(gamma n) and
+    n_bot = n - target - n_top (clamped at 0, n_top lowered to match). Returns (n_bot, n_top);
+    n_top = 0 keeps nothing (mergekit's slice ``sorted[n_bot:-0]`` is empty)."""
+    target, n_top = int(density * n), int(gamma * n)
     n_bot = n - target - n_top
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    mask = torch.zeros(n, dtype=tau.dtype)
-    if n_top > 0:
-        mask[_order(tau.abs().reshape(-1), False)[n_bot : n - n_top]] = 1
-    return rescaled(tau, mask.view(tau.shape), rescale)
+    return n_bot, n_top
 
 
-def bernoulli(tau: torch.Tensor, density: float, rescale: bool, gen: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability density (m = 1[u < density]), l1-rescaled."""
-    if density >= 1:
-        return tau
-    mask = (torch.rand(tau.shape, generator=gen, dtype=torch.float32) < density).to(tau.dtype)
-    return rescaled(tau, mask, rescale)
-
-
-def della_magprune(tau: torch.Tensor, density: float, epsilon: float, rescale: bool, gen: torch.Generator) -> torch.Tensor:
-    """DELLA: per row (dim 1; 1-D tensors are one row), rank r = 1..n by |tau| ascending; keep with
-    probability p = (density - eps) + 2 eps (r - 1)/(n - 1); l1-rescaled over the whole tensor."""
-    if density >= 1:
-        return tau
-    if density <= 0:
-        return torch.zeros_like(tau)
-    shape = tau.shape
-    t = tau.unsqueeze(0) if tau.dim() < 2 else tau
-    ranks = torch.argsort(_order_rows(t.abs()), dim=1).to(torch.float32) + 1
+def della_mask(rows: torch.Tensor, density: float, epsilon: float, gen: torch.Generator) -> torch.Tensor:
+    """DELLA's mask of ``rows`` (2-D or more, ranked along dim 1 as mergekit): rank r = 1..n by |tau|
+    ascending; keep with probability p = (density - eps) + 2 eps (r - 1)/(n - 1), drawn from ``gen``
+    (row after row for 2-D)."""
+    ranks = torch.argsort(torch.sort(rows.abs(), dim=1, descending=False, stable=True).indices, dim=1).to(torch.float32) + 1
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     span = (hi - lo).clamp_min(1)  # a one-entry row: rank_norm 0 (mergekit divides 0 by 0 there)
     probs = (density - epsilon) + ((ranks - lo) / span).clamp(0, 1) * 2 * epsilon
-    mask = (torch.rand(t.shape, generator=gen, dtype=torch.float32) < probs).to(tau.dtype)
-    return rescaled(t, mask, rescale).reshape(shape)
+    return (torch.rand(rows.shape, generator=gen, dtype=torch.float32) < probs).to(rows.dtype)
 
 
-def _order_rows(mag: torch.Tensor) -> torch.Tensor:
-    return torch.sort(mag, dim=1, descending=False, stable=True).indices
+@dataclass
+class Sparsifier:
+    """One input's sparsification of one tensor, applied to its consecutive flattened pieces in
+    turn (one piece: the whole tensor): the ranking cuts and l1 norms a key pass found over the
+    whole tensor, and the generator drawn on piece after piece (the draws of one whole draw).
+
+    magnitude: keep the k = floor(density n) largest |tau| (ties: lower flat index first); random
+    (DARE): keep with probability density (m = 1[u < density]); magnitude_outliers (Breadcrumbs):
+    ``outlier_counts``; della_magprune: ``della_mask`` per row (1-D tensors are one row). Each l1-rescaled over the whole tensor when ``rescale``. Rankings use float32 magnitudes."""
+
+    kind: str | None  # None: kept as is (no sparsifier, or density >= 1)
+    density: float = 1.0
+    rescale: bool = False
+    cuts: tuple[sparsify.Cut, ...] = ()  # magnitude: (keep,); outliers: (wide, narrow)
+    seed: int = 0
+    epsilon: float = 0.0
+    rows: tuple[int, ...] = ()  # della: the shape it ranks along dim 1: (-1, row), or a >2-D tensor's own
+    norms: tuple[float, float] | None = None
+    gen: torch.Generator | None = None
+
+    def fresh(self) -> Sparsifier:
+        """A copy that starts again at the first piece (cuts and generator rewound)."""
+        gen = torch.Generator().manual_seed(self.seed) if self.kind in ("random", "della_magprune") else None
+        return replace(self, cuts=tuple(replace(c) for c in self.cuts), gen=gen)
+
+    def mask(self, tau: torch.Tensor) -> torch.Tensor:
+        if self.kind == "magnitude":
+            return self.cuts[0].take(tau).to(tau.dtype)
+        if self.kind == "magnitude_outliers":
+            if not self.cuts:
+                return torch.zeros_like(tau)
+            wide, narrow = self.cuts
+            return (wide.take(tau) & ~narrow.take(tau)).to(tau.dtype)
+        assert self.gen is not None
+        if self.kind == "random":
+            return (torch.rand(tau.shape, generator=self.gen, dtype=torch.float32) < self.density).to(tau.dtype)
+        if self.density <= 0:
+            return torch.zeros_like(tau)
+        return della_mask(tau.view(self.rows), self.density, self.epsilon, self.gen).reshape(-1)
+
+    def apply(self, tau: torch.Tensor) -> torch.Tensor:
+        if self.kind is None:
+            return tau
+        if self.kind == "della_magprune" and self.density <= 0:
+            return torch.zeros_like(tau)
+        return rescaled(tau, self.mask(tau), self.rescale, self.norms)
 
 
 def _running_sum(terms: Iterator[torch.Tensor]) -> torch.Tensor:
@@ -359,55 +371,83 @@ def gta_merge(
 # --------------------------------------------------------------------------------------------
 def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]:
     """The method for ``api.add(custom=...)`` and the list it fills with the keys that breadcrumbs
-    zeroed because gamma * n < 1 (for a warning)."""
+    zeroed because gamma * n < 1 (for a warning). Every method goes a chunk at a time on huge
+    tensors: a key pass finds each input's cuts and l1 norms over the whole tensor; a tensor merged
+    whole is one chunk, so both paths compute the same values by construction."""
     zeroed: list[str] = []
 
-    def merge(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
-        key = ctx.key
-        m = recipe.method
+    def key_pass(chunks: Callable[..., Any], ctx: MergeContext) -> None:
+        key, m, n = ctx.key, recipe.method, ctx.numel
         rescale = bool(recipe.param("rescale", key))
-        cuts = ctx.key_state.get("cuts")  # chunks of a huge key (magnitude without rescaling)
+        plans = []
+        for i in range(len(ctx.weights)):
+            density = float(recipe.param("density", key, i))
+            kind = m.sparsify if (m.sparsify is not None and density < 1) else None
+            plans.append(Sparsifier(kind, density, rescale, seed=sparsify.derived_seed(seed, i, key)))
+            if m.sparsify == "magnitude_outliers" and density < 1 and int(float(recipe.param("gamma", key, i)) * n) == 0 and key not in zeroed:
+                zeroed.append(key)
+        ks: list[int] = []
+        for i, p in enumerate(plans):  # cuts: two per input (outliers: wide, narrow), ties "high" for an ascending sort's order
+            if p.kind == "magnitude":
+                ks += [magnitude_count(p.density, n, key), 0]
+            elif p.kind == "magnitude_outliers":
+                n_bot, n_top = outlier_counts(p.density, float(recipe.param("gamma", key, i)), n)
+                ks += [n - n_bot, n_top] if n_top > 0 else [0, 0]
+            else:
+                ks += [0, 0]
+        if any(ks):
+            cuts = sparsify.chunk_cuts(lambda: ([t for t in pieces for _ in (0, 1)] for pieces in chunks()), ks,
+                                       ties="high" if m.sparsify == "magnitude_outliers" else "low")  # fmt: skip
+            for i, p in enumerate(plans):
+                if p.kind == "magnitude":
+                    p.cuts = (cuts[2 * i],)
+                elif p.kind == "magnitude_outliers" and ks[2 * i + 1] > 0:
+                    p.cuts = (cuts[2 * i], cuts[2 * i + 1])
+        step = None
+        if m.sparsify == "della_magprune":
+            row = ctx.shape[1] if len(ctx.shape) == 2 else n  # mergekit ranks along dim 1; 1-D: one row
+            for i, p in enumerate(plans):
+                p.epsilon, p.rows = float(recipe.param("epsilon", key, i)), ((-1, row) if len(ctx.shape) <= 2 else ctx.shape)
+            # chunks of whole rows (a tensor of more than two dims, or one row longer than a chunk: one chunk)
+            step = max(1, chunk_numel() // row) * row if len(ctx.shape) <= 2 else n
+            ctx.key_state["step"] = step
+        if rescale and any(p.kind is not None for p in plans):  # the exact l1 norms, drawing the masks as the merge will
+            runs = [p.fresh() for p in plans]
+            parts = [[None, None] for _ in plans]
+            for pieces in chunks(step):
+                for j, (r, tau) in enumerate(zip(runs, pieces, strict=True)):
+                    if r.kind is None:
+                        continue
+                    tau = tau.to(torch.float64 if tau.dtype == torch.float64 else torch.float32)
+                    for slot, t in enumerate((tau, tau * r.mask(tau))):
+                        got = sparsify.l1_parts(t)
+                        parts[j][slot] = got if parts[j][slot] is None else parts[j][slot] + got
+            for p, (before, after) in zip(plans, parts, strict=True):
+                if before is not None:
+                    p.norms = (sparsify.l1_value(before), sparsify.l1_value(after))
+        ctx.key_state["sparsifiers"] = [p.fresh() for p in plans]
+
+    def merge(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tensor:
+        key, m = ctx.key, recipe.method
+        shape = None
+        if "sparsifiers" not in ctx.key_state:  # a whole tensor: one chunk, after its own key pass
+            shape = vectors[0].shape
+            flat = [v.reshape(-1) for v in vectors]
+            ctx = replace(ctx, numel=flat[0].numel(), shape=tuple(shape), key_state={})
+            key_pass(lambda step=None: iter([flat]), ctx)
+            vectors = flat
         out, weights = [], []
-        for i, tau in enumerate(vectors):
+        for i, (tau, sp) in enumerate(zip(vectors, ctx.key_state["sparsifiers"], strict=True)):
             tau = tau.to(torch.float64 if tau.dtype == torch.float64 else torch.float32)
             weights.append(float(recipe.param("weight", key, i)))
-            density = float(recipe.param("density", key, i))
-            if cuts is not None:
-                tau = tau if cuts[i] is None else rescaled(tau, cuts[i].take(tau).to(tau.dtype), False)
-            elif m.sparsify == "magnitude":
-                tau = magnitude(tau, density, rescale, key)
-            elif m.sparsify == "magnitude_outliers":
-                tau = magnitude_outliers(tau, density, float(recipe.param("gamma", key, i)), rescale)
-                if density < 1 and int(float(recipe.param("gamma", key, i)) * tau.numel()) == 0 and key not in zeroed:
-                    zeroed.append(key)
-            elif m.sparsify in ("random", "della_magprune"):
-                gen = torch.Generator().manual_seed(sparsify.derived_seed(seed, i, key))
-                if m.sparsify == "random":
-                    tau = bernoulli(tau, density, rescale, gen)
-                else:
-                    tau = della_magprune(tau, density, float(recipe.param("epsilon", key, i)), rescale, gen)
-            out.append(tau)
+            out.append(sp.apply(tau))
         lam = float(recipe.param("lambda", key))
         if not math.isfinite(lam):
             raise UsageError(f"{recipe.path}: lambda {lam} is not finite")
-        return gta_merge(out, weights, consensus=m.consensus, normalize=bool(recipe.param("normalize", key)), lam=lam)
+        merged = gta_merge(out, weights, consensus=m.consensus, normalize=bool(recipe.param("normalize", key)), lam=lam)
+        return merged.view(shape) if shape is not None else merged
 
-    def elementwise(_options: dict[str, Any], key: str) -> bool:
-        """Huge tensors go in chunks without sparsification (task_arithmetic), and for magnitude
-        (ties) without rescaling once key_pass found each input's cut; the other sparsifiers rank
-        rows or l1-rescale whole tensors."""
-        m = recipe.method
-        return m.sparsify is None or (m.sparsify == "magnitude" and not bool(recipe.param("rescale", key)))
-
-    def key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
-        """Each input's magnitude cut for one huge key, by an exact radix select over its chunks."""
-        if recipe.method.sparsify != "magnitude":
-            return
-        densities = [float(recipe.param("density", ctx.key, i)) for i in range(len(ctx.weights))]
-        cuts = sparsify.chunk_cuts(chunks, [0 if d >= 1 else magnitude_count(d, ctx.numel, ctx.key) for d in densities])
-        ctx.key_state["cuts"] = [None if d >= 1 else cut for d, cut in zip(densities, cuts, strict=True)]
-
-    method = MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=elementwise, key_pass=key_pass)
+    method = MergeMethod(f"mergekit:{recipe.method_name}", merge, f"mergekit {recipe.method_name}", elementwise=True, key_pass=key_pass)
     return method, zeroed
 
 

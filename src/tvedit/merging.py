@@ -40,6 +40,7 @@ class MergeContext:
     numel: int = 0  # entries of the whole tensor
     start: int = 0  # flat index of the first entry handed over: > 0 for the later chunks of a huge tensor
     key_state: dict[str, Any] = field(default_factory=dict)  # one key's state, shared by its chunks (filled by key_pass or the first chunk)
+    shape: tuple[int, ...] = ()  # the whole tensor's shape (chunks of a huge key)
 
 
 MergeFn = Callable[[Sequence["torch.Tensor"], MergeContext], "torch.Tensor"]
@@ -57,8 +58,9 @@ class MergeMethod:
     # huge tensors go in chunks of consecutive flattened entries. A function of (options, key) when
     # that depends on them.
     elementwise: bool | Callable[[dict[str, Any], str], bool] = False
-    # Before the chunks of a huge key: key_pass(chunks, ctx), where chunks() iterates the inputs'
-    # chunks (lists of tensors) and may be called more than once; it fills ctx.key_state.
+    # Before the chunks of a huge key: key_pass(chunks, ctx), where chunks(step=None) iterates the
+    # inputs' chunks (lists of tensors; ``step`` entries each) and may be called more than once; it
+    # fills ctx.key_state, and key_state["step"] sets the entries per chunk of the merge (e.g. rows).
     key_pass: Callable[[Callable[[], Any], MergeContext], None] | None = None
 
     def chunkable(self, options: dict[str, Any], key: str) -> bool:
@@ -206,10 +208,26 @@ def _dare_ties(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tens
     o = ctx.options
     if "generators" not in ctx.key_state:  # one per input, drawn on by every chunk of the key in turn
         ctx.key_state["generators"] = [torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key)) for i in range(len(vectors))]
+    norms = ctx.key_state.get("norms") or [None] * len(vectors)  # l1 over the chunks of a huge key
     dropped = []
-    for tau, gen in zip(vectors, ctx.key_state["generators"], strict=True):
-        dropped.append(sparsify.dare(tau, o["density"], gen, o["rescale"])[0])
+    for tau, gen, nm in zip(vectors, ctx.key_state["generators"], norms, strict=True):
+        dropped.append(sparsify.dare_rescale(tau, sparsify.dare_mask(tau.shape, o["density"], gen), o["density"], o["rescale"], nm))
     return sparsify.ties_merge(dropped, ctx.weights, weighted_election=o["weighted_election"], divisor=o["divisor"])
+
+
+def _dare_ties_key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
+    """l1 rescaling of a huge key: each input's exact ||tau||_1 and ||tau * m||_1 summed over the
+    chunks, the masks drawn as the merge will draw them (a generator per input, chunk after chunk)."""
+    o = ctx.options
+    if o["rescale"] != "l1":
+        return
+    gens = [torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key)) for i in range(len(ctx.weights))]
+    parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in gens]
+    for pieces in chunks():
+        for (total, kept), tau, gen in zip(parts, pieces, gens, strict=True):
+            total += sparsify.l1_parts(tau.to(sparsify.COMPUTE))  # as dare_rescale converts it
+            kept += sparsify.l1_parts(sparsify.masked(tau, sparsify.dare_mask(tau.shape, o["density"], gen)))
+    ctx.key_state["norms"] = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
 
 
 def _prepare_consensus(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -228,8 +246,7 @@ register(MergeMethod(
 ))  # fmt: skip
 register(MergeMethod(
     "dare-ties", _dare_ties, "DARE drop-and-rescale each tau_i (seeded), then TIES elect + disjoint mean",
-    options=tuple(OPTION_DEFAULTS["dare-ties"]), prepare=_prepare_dare_ties,
-    elementwise=lambda o, _key: o.get("rescale") == "inverse",  # l1 rescaling needs whole-tensor norms
+    options=tuple(OPTION_DEFAULTS["dare-ties"]), prepare=_prepare_dare_ties, elementwise=True, key_pass=_dare_ties_key_pass,
 ))  # fmt: skip
 register(MergeMethod(
     "consensus", _consensus, "TALL consensus: sum_i w_i tau_i where >= min_agree TALL masks agree",

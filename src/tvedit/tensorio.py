@@ -579,6 +579,61 @@ def layout_of(specs: dict[str, dict[str, Any]], kind: str | None) -> str:
     return {0: "dense", 1: "sparse", 2: "lowrank", 3: "mixed"}[bool(encodings - {"lowrank"}) + 2 * ("lowrank" in encodings)]
 
 
+class ChunkSink:
+    """One tensor being written piece by piece into a CheckpointWriter (``open_chunks``)."""
+
+    def __init__(self, w: CheckpointWriter, key: str, shape: list[int], dtype: torch.dtype):
+        w._begin(key)
+        self.w, self.key, self.shape, self.dtype = w, key, shape, dtype
+        self.numel = math.prod(shape)
+        self.mask = w.manifest.kind == "mask" and dtype == torch.bool  # stored bit-packed
+        self.stored = f"{key}{SEP}bitmap" if self.mask else key
+        self.st = _st_dtype(torch.uint8 if self.mask else dtype)
+        self.nbytes = -(-self.numel // 8) if self.mask else self.numel * dtype.itemsize
+        self.start = w._offset
+        w._header[self.stored] = {"dtype": self.st, "shape": [self.nbytes] if self.mask else shape, "data_offsets": [self.start, self.start + self.nbytes]}
+        w._offset += self.nbytes
+        self.h = hashlib.sha256()
+        self.done = self.nnz = self.entries = 0
+        self.vector = dtype.is_floating_point and w.manifest.kind != "checkpoint"
+        self.carry = torch.zeros(0, dtype=torch.bool)  # mask bits after the last whole byte
+
+    def add(self, chunk: torch.Tensor) -> None:
+        if chunk.dtype != self.dtype:
+            raise ValueError(f"{self.key}: chunk dtype {chunk.dtype} is not {self.dtype}")
+        self.entries += chunk.numel()
+        if self.vector:
+            self.nnz += int(torch.count_nonzero(chunk))
+        if self.mask:
+            self.nnz += int(chunk.sum())
+            bits = torch.cat([self.carry, chunk.reshape(-1)]) if self.carry.numel() else chunk.reshape(-1)
+            whole = bits.numel() // 8 * 8
+            self.carry = bits[whole:].clone()
+            if self.entries == self.numel and self.carry.numel():  # the last piece: pad the last byte
+                whole, self.carry = bits.numel(), self.carry[:0]
+            chunk = pack_bits(bits[:whole])
+        data = _tensor_bytes(chunk)
+        self.done += len(data)
+        self.w._submit(data, self.h.update)
+
+    def close(self) -> None:
+        w = self.w
+        if self.done != self.nbytes or self.entries != self.numel:
+            raise ValueError(f"{self.key}: chunks hold {self.entries} entries, the shape needs {self.numel}")
+        w._drain()
+        if self.mask:
+            w._nonzero += self.nnz
+            w._float_numel += self.numel
+            w._sparse[self.key] = {"shape": self.shape, "encoding": "mask"}
+        elif self.vector:
+            w._nonzero += self.nnz
+            w._float_numel += self.numel
+            if w._store_sparse(self.nnz, self.numel):
+                w._encode_in_place(self.key, self.shape, self.dtype, self.start, self.nnz)
+                return
+        w._digests[self.stored] = _entry_digest(self.stored, self.st, self.shape if not self.mask else [self.nbytes], self.h.hexdigest())
+
+
 class CheckpointWriter:
     """Incremental, atomic safetensors writer.
 
@@ -686,36 +741,17 @@ class CheckpointWriter:
         """Write one tensor given as consecutive pieces of its flattened entries (bounded memory for
         huge tensors; the caller may reuse each piece's buffer at once). The stored bytes are those
         ``write`` would store for the whole tensor: a task-vector tensor that turns out sparse enough
-        for the layout is written dense first and re-encoded in place (``_encode_in_place``)."""
-        self._begin(key)
-        shape = list(shape)
-        numel = math.prod(shape)
-        st = _st_dtype(dtype)
-        n = numel * dtype.itemsize
-        start = self._offset
-        self._header[key] = {"dtype": st, "shape": shape, "data_offsets": [start, start + n]}
-        self._offset += n
-        h = hashlib.sha256()
-        done = nnz = 0
-        vector = dtype.is_floating_point and self.manifest.kind != "checkpoint"
+        for the layout is written dense first and re-encoded in place (``_encode_in_place``); a bool
+        tensor in a mask file is bit-packed piece by piece."""
+        sink = self.open_chunks(key, shape, dtype)
         for chunk in chunks:
-            if chunk.dtype != dtype:
-                raise ValueError(f"{key}: chunk dtype {chunk.dtype} is not {dtype}")
-            if vector:
-                nnz += int(torch.count_nonzero(chunk))
-            data = _tensor_bytes(chunk)
-            done += len(data)
-            self._submit(data, h.update)
-        if done != n:
-            raise ValueError(f"{key}: chunks hold {done} bytes, the shape needs {n}")
-        self._drain()
-        if vector:
-            self._nonzero += nnz
-            self._float_numel += numel
-            if self._store_sparse(nnz, numel):
-                self._encode_in_place(key, shape, dtype, start, nnz)
-                return
-        self._digests[key] = _entry_digest(key, st, shape, h.hexdigest())
+            sink.add(chunk)
+        sink.close()
+
+    def open_chunks(self, key: str, shape: Iterable[int], dtype: torch.dtype) -> ChunkSink:
+        """``write_chunks`` one piece at a time (``add`` each piece in order, then ``close``): lets
+        one pass over the inputs feed several writers."""
+        return ChunkSink(self, key, list(shape), dtype)
 
     def _store_sparse(self, nnz: int, numel: int) -> bool:
         """Whether a task-vector tensor with ``nnz`` non-zeros of ``numel`` is stored sparse."""

@@ -174,16 +174,22 @@ class GlobalThreshold:
 @dataclass
 class Cut:
     """A magnitude cut applied to the consecutive pieces of one tensor in turn: keep |x| > value
-    and, of |x| == value, the first ``quota`` entries in row-major order (None: all of them);
-    ``value`` None keeps nothing. Over the pieces it keeps what topk_mask / GlobalThreshold.mask
-    keep on the whole tensor."""
+    and, of |x| == value, after skipping the first ``skip`` in row-major order, the next ``quota``
+    (None: all of them); ``value`` None keeps nothing. Over the pieces it keeps what topk_mask /
+    GlobalThreshold.mask keep on the whole tensor (``skip`` 0: ties to the lower index), or with
+    ``of_kth(..., ties="high")`` the k largest with ties to the higher index (an ascending stable
+    sort's top k)."""
 
     value: float | None
     quota: int | None = None
+    skip: int = 0
 
     @classmethod
-    def of_kth(cls, kth: KthLargest | None, keep: int) -> Cut:
-        return cls(None) if kth is None else cls(kth.value, keep - kth.greater)
+    def of_kth(cls, kth: KthLargest | None, keep: int, ties: str = "low") -> Cut:
+        if kth is None:
+            return cls(None)
+        quota = keep - kth.greater
+        return cls(kth.value, quota, kth.equal - quota if ties == "high" else 0)
 
     @classmethod
     def of_plan(cls, plan: GlobalThreshold, key: str) -> Cut:
@@ -195,23 +201,33 @@ class Cut:
         if self.value is None:
             return torch.zeros(tau.shape, dtype=torch.bool)
         magnitude = _abs32(tau)
-        keep = tie_limited_mask(magnitude, self.value, self.quota)
-        if self.quota is not None:
-            self.quota -= min(self.quota, int((magnitude == self.value).sum()))
+        if self.skip == 0:
+            keep = tie_limited_mask(magnitude, self.value, self.quota)
+            if self.quota is not None:
+                self.quota -= min(self.quota, int((magnitude == self.value).sum()))
+            return keep
+        assert self.quota is not None
+        equal = (magnitude == self.value).reshape(-1)
+        seen = torch.cumsum(equal, 0)
+        keep = (magnitude > self.value) | (equal & (seen > self.skip) & (seen <= self.skip + self.quota)).reshape(magnitude.shape)
+        n_equal = int(seen[-1]) if seen.numel() else 0
+        skipped = min(self.skip, n_equal)
+        self.skip -= skipped
+        self.quota -= min(self.quota, n_equal - skipped)
         return keep
 
 
-def chunk_cuts(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]) -> list[Cut]:
+def chunk_cuts(chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int], ties: str = "low") -> list[Cut]:
     """For input i, the cut keeping the ks[i] largest |x| of one huge tensor whose inputs come in
     chunks (``chunks()`` iterates lists with one piece per input and can be called twice): an exact
-    radix select over the pieces (kth_largest_abs)."""
+    radix select over the pieces (kth_largest_abs). ``ties``: "low" (to the lower index) or "high"."""
 
     def stream() -> Iterator[tuple[int, str, torch.Tensor]]:
         for pieces in chunks():
             for i, piece in enumerate(pieces):
                 yield i, "", piece
 
-    return [Cut.of_kth(r, k) for r, k in zip(kth_largest_abs(stream, ks), ks, strict=True)]
+    return [Cut.of_kth(r, k, ties) for r, k in zip(kth_largest_abs(stream, ks), ks, strict=True)]
 
 
 def global_topk_plan(stream: Stream, n_streams: int, density: float) -> list[GlobalThreshold]:
@@ -249,6 +265,48 @@ def global_topk_plan(stream: Stream, n_streams: int, density: float) -> list[Glo
 
 
 # --------------------------------------------------------------------------------------------
+# exact L1 norms (the same value whole or summed over chunks)
+# --------------------------------------------------------------------------------------------
+def l1_parts(t: torch.Tensor) -> torch.Tensor:
+    """Partial sums of ||t||_1 that add up exactly and in any order: per exponent, the sum of the
+    mantissas (implicit bit included) as int64; float32 (and narrower) values: 256 bins; float64:
+    2 x 2048 bins (the high and low 26 bits of the mantissa). Pieces of one tensor add up to the
+    parts of the whole (``l1_parts(a) + l1_parts(b)``)."""
+    if t.dtype == torch.float64:
+        bits = t.detach().abs().reshape(-1).view(torch.int64)
+        exponent = bits >> 52
+        mantissa = (bits & ((1 << 52) - 1)) | ((exponent > 0).to(torch.int64) << 52)
+        parts = torch.zeros(2, 2048, dtype=torch.int64)
+        parts[0].index_add_(0, exponent, mantissa >> 26)
+        parts[1].index_add_(0, exponent, mantissa & ((1 << 26) - 1))
+        return parts
+    bits = _bits(t)
+    exponent = bits >> 23
+    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)
+    return torch.zeros(256, dtype=torch.int64).index_add_(0, exponent, mantissa.to(torch.int64))
+
+
+def l1_value(parts: torch.Tensor) -> float:
+    """||t||_1 from its ``l1_parts``: the exact sum rounded once to float64 (NaN for any non-finite
+    entry), so it does not depend on summation order or on how the tensor was split."""
+    if parts.dim() == 2:  # float64: entry = mantissa * 2^(max(e, 1) - 1075)
+        sums = [(hi << 26) + lo for hi, lo in zip(parts[0].tolist(), parts[1].tolist(), strict=True)]
+        scale = 1074
+    else:  # float32: entry = mantissa * 2^(max(e, 1) - 150)
+        sums = [int(x) for x in parts.tolist()]
+        scale = 149
+    if sums[-1]:
+        return math.nan
+    # scaled by 2^scale every term is an integer
+    return sum(m << (max(e, 1) - 1) for e, m in enumerate(sums) if m) / (1 << scale)
+
+
+def l1_norm(t: torch.Tensor) -> float:
+    """sum |t| computed exactly (see l1_value)."""
+    return l1_value(l1_parts(t))
+
+
+# --------------------------------------------------------------------------------------------
 # DARE
 # --------------------------------------------------------------------------------------------
 def derived_seed(seed: int, index: int, key: str) -> int:
@@ -262,18 +320,20 @@ def dare_mask(shape: Sequence[int], density: float, generator: torch.Generator) 
     return torch.rand(tuple(shape), generator=generator, dtype=COMPUTE) < density
 
 
-def dare_rescale(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str = "inverse") -> torch.Tensor:
+def dare_rescale(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str = "inverse",
+                 norms: tuple[float, float] | None = None) -> torch.Tensor:
     """DARE survivors rescaled: ``inverse``: tau*m/density (0 if density == 0);
-    ``l1``: tau*m * ||tau||_1 / ||tau*m||_1 (0 if nothing survives)."""
+    ``l1``: tau*m * ||tau||_1 / ||tau*m||_1 (0 if nothing survives), the norms exact (l1_norm), or
+    ``norms`` = (||tau||_1, ||tau*m||_1) of the whole tensor when ``tau`` is one chunk of it."""
     t = tau.to(COMPUTE)
     kept = torch.where(keep, t, torch.zeros((), dtype=COMPUTE))
     if rescale == "inverse":
         return kept / density if density > 0 else torch.zeros_like(kept)
     if rescale == "l1":
-        kept_norm = float(kept.abs().sum(dtype=torch.float64))
+        total, kept_norm = norms if norms is not None else (l1_norm(t), l1_norm(kept))
         if kept_norm == 0.0:
             return torch.zeros_like(kept)
-        return kept * (float(t.abs().sum(dtype=torch.float64)) / kept_norm)
+        return kept * (total / kept_norm)
     raise UsageError(f"rescale must be one of {', '.join(RESCALES)}, not {rescale!r}")
 
 
