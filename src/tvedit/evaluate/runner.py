@@ -392,6 +392,15 @@ def open_base(path: Path) -> tuple[ModelAdapter, dict[str, Tensor], str]:
     ckpt = open_checkpoint(path)
     if ckpt.kind != "checkpoint":
         raise InputError(f"{path}: the base must be a checkpoint, not a {ckpt.kind}")
+    if ckpt.manifest is None or ckpt.manifest.family in ("hf", "unknown"):
+        # a Hugging Face directory (e.g. add ... -o merged/ of HF directories): its config says the family
+        from tvedit import hfdir
+
+        root = hfdir.hf_root(path) or hfdir.recorded_source(ckpt.manifest)
+        if root is not None:
+            from tvedit.models.hf_seq2seq import directory_adapter
+
+            return directory_adapter(root), dict(ckpt.items()), ckpt.sha256
     if ckpt.manifest is None:
         raise InputError(
             f"{path}: has no tvedit manifest, so its model family is unknown (run tvedit init or tvedit import)"
