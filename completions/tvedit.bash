@@ -13,7 +13,7 @@ _tvedit() {
     clean) opts="--dry-run -n --json --help" ;;
     completions) opts=" --help" ;;
     compress) opts="--rank --rank-fraction --energy --factor-dtype --include --exclude --output -o --out-dir --compute-dtype --layout --force -f --json --help" ;;
-    evaluate) opts="--task -t --base -b --alpha -a --protocol -p --control --threshold --grid --merged --no-widen --grid-range --grid-size --points --linearize --max-examples --batch-size --device --min-accuracy --gate --mask-plot --output -o --report --force -f --json --help" ;;
+    evaluate) opts="--task -t --base -b --alpha -a --protocol -p --control --threshold --grid --merged --no-widen --grid-range --grid-size --points --linearize --max-examples --batch-size --device --min-accuracy --gate --metric --max-perplexity --mask-plot --output -o --report --force -f --json --help" ;;
     export-hf) opts="--output -o --like --dtype --max-shard-size --force -f --json --help" ;;
     export-lora) opts="--output -o --base --rank --energy --modules-to-save --force -f --json --help" ;;
     extract) opts="--base -b --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --force -f --json --help" ;;

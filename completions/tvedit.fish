@@ -94,6 +94,8 @@ complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l batch-size -r -d
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l device -r -d 'auto (CUDA when present, with bf16 autocast), cpu, cuda, cuda:N'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l min-accuracy -r -d 'NAME=FRACTION: fail (exit 7) when a tasks accuracy is lower'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l gate -r -d 'YAML mapping NAME: FRACTION of --min-accuracy thresholds'
+complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l metric -r -d 'acc | acc_norm (causal LMs: log-likelihood per character of the choice) | perplexity (causal LMs: plain-text tasks)'
+complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l max-perplexity -r -d 'NAME=VALUE: fail (exit 7) when a tasks perplexity is higher (--metric perplexity)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l mask-plot -r -d 'Plot where a masks kept entries sit, layer by layer (to -o); no evaluation'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l output -s o -r -d 'Figure file (PNG): the disentanglement heatmap or the mask plot'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l report -r -d 'Write the full results as JSON'

@@ -6,6 +6,7 @@ frozen, every regime fine-tunes, and a merged HF directory is evaluated and gate
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,49 @@ def test_a_merge_of_hf_directories_evaluates_without_init(models: dict[str, Path
         code, out, err = run_cli("evaluate", tmp_path / f"{name}.safetensors", "--task", f"first={task}", "--device", "cpu", "--json")
         assert code == 0, err
         assert json.loads(out.splitlines()[0])["accuracy"] == direct
+
+
+def test_metrics_acc_norm_and_perplexity_match_transformers(models: dict[str, Path], tmp_path: Path) -> None:
+    """evaluate --metric acc_norm / perplexity on a Llama-shaped model: the numbers equal a direct
+    transformers computation; --max-perplexity gates (exit 7), a text file with nothing usable is exit 8."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    theta0 = tmp_path / "theta0.safetensors"
+    code, _, err = run_cli("init", "--model", models["llama"], "-o", theta0)
+    assert code == 0, err
+    ref = AutoModelForCausalLM.from_pretrained(str(models["llama"]), attn_implementation="eager").float().eval()
+    tok = AutoTokenizer.from_pretrained(str(models["llama"]))
+    records = [{"input": f"w{i} w{i + 1}", "choices": ["w3", "w4 w5 w6"], "label": i % 2} for i in range(8)]
+    task = write_task(tmp_path, "norm", records + records, n_test=8)
+    for metric in ("acc", "acc_norm"):
+        code, out, err = run_cli("evaluate", theta0, "--task", f"norm={task}", "--metric", metric, "--device", "cpu", "--json")
+        assert code == 0, err
+        want = 0
+        for r in records:
+            ll = [_direct_loglik(ref, tok, r["input"], c) / (len(c) if metric == "acc_norm" else 1) for c in r["choices"]]
+            want += int(max(range(2), key=lambda j: ll[j]) == r["label"])
+        assert json.loads(out.splitlines()[0])["accuracy"] == want / len(records), metric
+    texts = ["w5 w6 w7 w8", "w9 w10", "w11"]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    code, out, err = run_cli("evaluate", theta0, "--task", f"text={tmp_path / 'text.jsonl'}", "--metric", "perplexity", "--device", "cpu", "--json")
+    assert code == 0, err
+    row = json.loads(out.splitlines()[0])
+    nll = count = 0.0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]])
+            logp = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double(), dim=-1)
+            nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    assert row["tokens"] == count and abs(row["nll"] - nll) <= 1e-4 * nll
+    assert abs(row["perplexity"] - math.exp(nll / count)) <= 1e-4 * row["perplexity"]
+    ppl = row["perplexity"]
+    code, _, err = run_cli("evaluate", theta0, "--task", f"text={tmp_path / 'text.jsonl'}", "--metric", "perplexity", "--device", "cpu", "--max-perplexity", f"text={ppl * 0.99}")
+    assert code == 7 and "perplexity" in err
+    code, _, err = run_cli("evaluate", theta0, "--task", f"text={tmp_path / 'text.jsonl'}", "--metric", "perplexity", "--device", "cpu", "--max-perplexity", f"text={ppl * 1.01}")
+    assert code == 0, err
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    code, _, err = run_cli("evaluate", theta0, "--task", f"text={tmp_path / 'empty.jsonl'}", "--metric", "perplexity", "--device", "cpu")
+    assert code == 8 and "empty.jsonl" in err
+    code, _, err = run_cli("evaluate", theta0, "--task", f"norm={task}", "--metric", "perplexity", "--min-accuracy", "norm=0.5")
+    assert code == 2

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tvedit.evaluate.runner import Session
 
 PathLike = str | os.PathLike[str]
+METRICS = ("acc", "acc_norm", "perplexity")
 
 
 def open_session(
@@ -40,13 +41,16 @@ def open_session(
     batch_size: int = 512,
     force: bool = False,
     device: str = "auto",
+    metric: str = "acc",
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
     ``inputs``: one checkpoint (evaluated as it is, when no ``base`` is given), or task vectors /
     fine-tuned checkpoints evaluated as edits of theta0 (``base``, else the base recorded in the
     vectors). Vectors of regime ``linearized`` are evaluated under f_lin around theta0;
-    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization).
+    ``linearize`` applies f_lin to non-linear vectors too (post-hoc linearization). ``metric``:
+    ``acc``; ``acc_norm`` (causal LMs: the log-likelihood divided by the choice's length in
+    characters); ``perplexity`` (causal LMs: the tasks are plain text, ``Session.perplexity``).
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
@@ -79,10 +83,28 @@ def open_session(
         )
     linear = linearize or "linearized" in regimes
     records = {v.name: v.task for v in vectors if v.task}
-    task_data = [
-        load_task(adapter, name, Path(src), records.get(name), max_examples)
-        for name, src in tasks.items()
-    ]
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    if metric != "acc" and adapter.family != "hf-causal":
+        raise UsageError(f"--metric {metric} is for causal language models (hf-causal), not the {adapter.family} family")
+    if metric == "perplexity":
+        import torch
+
+        from tvedit.data.text import read_texts
+        from tvedit.evaluate.runner import TaskData
+
+        task_data = []
+        for name, src in tasks.items():
+            texts = read_texts(src)
+            task_data.append(TaskData(name, {"name": name, "metric": metric}, {"test": (texts, torch.zeros(len(texts), dtype=torch.long))}))
+    else:
+        task_data = [
+            load_task(adapter, name, Path(src), records.get(name), max_examples)
+            for name, src in tasks.items()
+        ]
+        for t in task_data:
+            if metric == "acc_norm":
+                t.record["metric"] = metric
     evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device)
     return Session(evaluator, task_data, vectors, linear=linear)
 

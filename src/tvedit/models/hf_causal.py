@@ -235,6 +235,33 @@ class HFCausalAdapter(HFSeq2SeqAdapter):
         return out.masked_fill(~t["valid"].to(device), float("-inf"))
 
 
+    def token_nll(self, model: nn.Module, texts: Sequence[str]) -> Tensor:
+        """``[2]``: the summed negative log-likelihood of the texts' tokens and how many tokens were
+        predicted (perplexity = exp(sum / count)). Each text is BOS (when the tokenizer has one) +
+        its tokens, cut into windows of max_length tokens; every token after a window's first is
+        predicted from the window's earlier tokens."""
+        tok = self.tokenizer
+        lead = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        windows = []
+        for text in texts:
+            ids = lead + tok(text, add_special_tokens=False)["input_ids"]
+            windows += [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length) if len(ids[i : i + self.max_length]) > 1]
+        device = next(model.parameters()).device
+        if not windows:
+            return torch.zeros(2, device=device)
+        length = max(len(w) for w in windows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(windows), length), pad, dtype=torch.long)
+        real = torch.zeros((len(windows), length), dtype=torch.bool)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.tensor(w)
+            real[i, : len(w)] = True
+        ids, real = ids.to(device), real.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        kept = real[:, 1:]
+        return torch.stack([-(logp * kept).sum(), kept.sum().to(logp.dtype)])
+
 def is_causal_directory(path: str | Path) -> bool:
     """A Hugging Face directory whose config is not an encoder-decoder."""
     from tvedit.models.hf_seq2seq import read_hf_config
