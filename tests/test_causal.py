@@ -274,3 +274,25 @@ def test_metrics_acc_norm_and_perplexity_match_transformers(models: dict[str, Pa
     assert code == 8 and "empty.jsonl" in err
     code, _, err = run_cli("evaluate", theta0, "--task", f"norm={task}", "--metric", "perplexity", "--min-accuracy", "norm=0.5")
     assert code == 2
+
+
+def test_target_tasks_score_exact_match_of_greedy_decoding(models: dict[str, Path], tmp_path: Path) -> None:
+    """A task of {input, target} examples: accuracy = the fraction whose greedy decoding (as many
+    tokens as the target) is the target, as transformers' generate(do_sample=False) decodes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = AutoModelForCausalLM.from_pretrained(str(models["gpt2"]), attn_implementation="eager").float().eval()
+    tok = AutoTokenizer.from_pretrained(str(models["gpt2"]))
+    records = []
+    for i in range(6):
+        ids = torch.tensor([[tok.bos_token_id, *tok(f"w{i} w{i + 3}", add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            gen = ref.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+        greedy = tok.decode(gen, skip_special_tokens=True).strip()
+        records.append({"input": f"w{i} w{i + 3}", "target": greedy if i % 2 == 0 else "w50 w51"})
+    task = write_task(tmp_path, "gen", records + records, n_test=6)
+    code, out, err = run_cli("evaluate", models["gpt2"], "--task", f"gen={task}", "--device", "cpu", "--json")
+    assert code == 0, err
+    want = sum(1 for r in records if r["target"] != "w50 w51" or tok.decode(ref.generate(torch.tensor([[tok.bos_token_id, *tok(r["input"], add_special_tokens=False)["input_ids"]]]), max_new_tokens=2, do_sample=False, pad_token_id=0)[0, -2:]).strip() == "w50 w51")
+    assert json.loads(out.splitlines()[0])["accuracy"] == want / len(records)
+    assert want >= 3

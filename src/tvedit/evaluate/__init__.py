@@ -103,7 +103,7 @@ def open_session(
             for name, src in tasks.items()
         ]
         for t in task_data:
-            if metric == "acc_norm":
+            if metric == "acc_norm" and t.record.get("metric") != "exact_match":
                 t.record["metric"] = metric
     evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device)
     return Session(evaluator, task_data, vectors, linear=linear)

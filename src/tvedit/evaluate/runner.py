@@ -220,6 +220,8 @@ class Evaluator:
         """f(x; theta0) and J(theta0) tau_i for every vector: one jvp per vector and batch."""
         inputs, labels = task.split(split)
         head = self.head(task)
+        if getattr(head, "metric", None) == "exact_match":
+            raise UsageError(f"task {task.name}: exact match (greedy decoding) has no f_lin; evaluate non-linear vectors without --linearize")
         f0 = self.logits(task, split)
         jts = []
         for vec in vectors:

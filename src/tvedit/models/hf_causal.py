@@ -37,13 +37,14 @@ from tvedit.models.hf_seq2seq import (
 
 FAMILY = "hf-causal"
 ATTENTION_CONTAINERS = ("attn", "attention")  # a projection's parent module name contains one (case-insensitive)
-METRICS = ("acc", "acc_norm")
+METRICS = ("acc", "acc_norm", "exact_match")
 
 
 @dataclass(frozen=True)
 class ContinuationHead:
     """A text task's frozen head for a causal LM: its shared choices (None: per example) and the
-    metric (``acc``: summed log-likelihood; ``acc_norm``: divided by the choice's length in characters)."""
+    metric (``acc``: summed log-likelihood; ``acc_norm``: divided by the choice's length in
+    characters; ``exact_match``: greedy decoding of a ``target``, scored ``[B, 2]`` = [miss, match])."""
 
     choices: tuple[str, ...] | None
     metric: str = "acc"
@@ -217,6 +218,10 @@ class HFCausalAdapter(HFSeq2SeqAdapter):
         by the choice's length in characters under ``acc_norm``); a missing choice scores -inf.
 
         No attention mask is passed: padding is on the right, so no real token attends to it."""
+        if head is not None and head.metric == "exact_match":
+            if isinstance(inputs, (TokenBatch, Mapping)):
+                raise UsageError("exact_match scores raw examples (it decodes), not token batches")
+            return self.exact_match(model, inputs)
         if isinstance(inputs, TokenBatch):
             t = inputs.tensors
         elif isinstance(inputs, Mapping):
@@ -234,6 +239,25 @@ class HFCausalAdapter(HFSeq2SeqAdapter):
             out = out / t["chars"].to(device)
         return out.masked_fill(~t["valid"].to(device), float("-inf"))
 
+
+    def exact_match(self, model: nn.Module, examples: Sequence[TextExample]) -> Tensor:
+        """``[B, 2]``: one-hot [miss, match] of greedy decoding. For each example the context is
+        tokenized as in :meth:`encode_pair` with its ``target`` as the continuation; as many tokens
+        as the target has are decoded greedily (argmax, no sampling), and the example matches when
+        they are exactly the target's tokens."""
+        device = next(model.parameters()).device
+        out = torch.zeros((len(examples), 2))
+        for i, ex in enumerate(examples):
+            target = ex.target if not ex.input or ex.target.startswith(" ") else " " + ex.target
+            ctx, cont = self._fit(*self.encode_pair(ex.input, target))
+            ids = torch.tensor([ctx], device=device)
+            got = []
+            for _ in cont:
+                nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+                got.append(int(nxt))
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            out[i, int(got == cont)] = 1.0
+        return out.to(device)
 
     def token_nll(self, model: nn.Module, texts: Sequence[str]) -> Tensor:
         """``[2]``: the summed negative log-likelihood of the texts' tokens and how many tokens were
