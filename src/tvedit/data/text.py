@@ -1,4 +1,5 @@
-"""Text tasks for sequence-to-sequence models: JSONL files, optional YAML task specs, splits.
+"""Text tasks for sequence-to-sequence and causal language models: JSONL files, optional YAML
+task specs, splits, and plain-text files for perplexity (``read_texts``).
 
 A JSONL task has one example per line, either
 

@@ -8,7 +8,8 @@ A ``--task NAME=SOURCE`` names:
   is used as the validation split instead. A directory with neither is one image folder, used as
   the test split (there is then no validation split: the protocols need one);
 * a text task (``tvedit.data.text``: a spec, a directory of JSONL files or a JSONL file) for the
-  seq2seq family: its ``validation`` and ``test`` splits.
+  seq2seq and causal-LM families: its ``validation`` and ``test`` splits (a causal LM scores
+  examples without choices by exact match of greedy decoding).
 
 Images go through the adapter's eval transform once; the result is kept as one tensor per split.
 """
