@@ -3,6 +3,8 @@
     python benchmarks/bench_finetune.py                       # ViT-B-32, random weights, CPU, batch 8
     python benchmarks/bench_finetune.py --device cuda --batch 128 --bf16   # as tvedit finetune trains on a GPU
     python benchmarks/bench_finetune.py --model my-config.json --batch 32 --iters 10
+    python benchmarks/bench_finetune.py --model causal --batch 8       # a Llama-shaped causal LM (hf-causal)
+    python benchmarks/bench_finetune.py --model causal:llama.json --device cuda --batch 32 --bf16
 
 Each mode runs the real training step (tvedit.finetune.loop.train_step: regime logits, backward,
 grad masking, clipping, masked AdamW) on one fixed random batch. CPU: every mode runs in a fresh
@@ -10,7 +12,10 @@ subprocess; its memory is the weights plus the growth of the process's peak RSS 
 (activations, gradients, optimizer state; the Python/torch runtime excluded). CUDA: peak allocated
 GPU memory (torch.cuda.max_memory_allocated, weights included) per mode. The sparse mode's mask is
 calibrated first (TaLoS, density 0.1) in its own process on a few random images; its time is
-reported separately. Ratios are to
+reported separately. ``--model causal`` (or ``causal:CONFIG.json``, a transformers LlamaConfig /
+any causal-LM config dict with ``model_type``) runs the same rows on a random causal LM: each
+example is a random context of --seq-len tokens with two 4-token choices, scored and trained as
+tvedit scores choice tasks (summed continuation log-likelihood; models/hf_causal.py). Ratios are to
 ``full`` measured in the same run. Prints a table and writes JSON (--json PATH).
 
 Clock (--clock): on CPU the ratios use each iteration's process CPU time by default (``cpu``), which
@@ -42,6 +47,36 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+CAUSAL_CONFIG = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=2048, hidden_size=256, intermediate_size=688,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+)  # fmt: skip
+
+
+def _causal(args: argparse.Namespace):
+    """(adapter, head, batch maker) of a random causal LM: contexts of --seq-len random tokens, two
+    4-token choices each (a TokenBatch as HFCausalAdapter.collate builds it)."""
+    import torch
+
+    from tvedit.models.hf_causal import ContinuationHead, HFCausalAdapter
+    from tvedit.models.hf_seq2seq import TokenBatch
+
+    _, _, path = args.model.partition(":")
+    config = json.loads(Path(path).read_text()) if path else dict(CAUSAL_CONFIG)
+    adapter = HFCausalAdapter(config, {"class": None, "source": None})
+    vocab = int(config.get("vocab_size", 2048))
+    device = torch.device(args.device)
+
+    def make_batch(n: int) -> TokenBatch:
+        ids = torch.randint(3, vocab, (n, 2, args.seq_len + 4), device=device)
+        ids[:, 1, : args.seq_len] = ids[:, 0, : args.seq_len]  # both choices follow the same context
+        cont = torch.zeros_like(ids, dtype=torch.bool)
+        cont[:, :, args.seq_len :] = True
+        return TokenBatch({"input_ids": ids, "cont": cont, "valid": torch.ones(n, 2, dtype=torch.bool, device=device), "chars": torch.ones(n, 2, device=device)})
+
+    return adapter, ContinuationHead(None), make_batch
+
+
 def run_mode(args: argparse.Namespace) -> dict:
     import torch
 
@@ -54,18 +89,27 @@ def run_mode(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    adapter = OpenClipAdapter.from_name(args.model)
-    model = adapter.build().to(device)
-    size = adapter.model_info()["image_size"]
-    n_classes = 10
-    head = torch.nn.functional.normalize(torch.randn(n_classes, adapter.config["embed_dim"], device=device), dim=-1) * 100
-    x = torch.randn(args.batch, 3, size, size, device=device)
+    if args.model.startswith("causal"):
+        adapter, head, make_batch = _causal(args)
+        model = adapter.build().to(device)
+        n_classes = 2
+    else:
+        adapter = OpenClipAdapter.from_name(args.model)
+        model = adapter.build().to(device)
+        size = adapter.model_info()["image_size"]
+        n_classes = 10
+        head = torch.nn.functional.normalize(torch.randn(n_classes, adapter.config["embed_dim"], device=device), dim=-1) * 100
+
+        def make_batch(n: int):
+            return torch.randn(n, 3, size, size, device=device)
+
+    x = make_batch(args.batch)
     y = torch.randint(0, n_classes, (args.batch,), device=device)
     extra: dict = {}
     masks = None
     if args.mode == "calibrate":  # run in its own process so its peak does not count for sparse
         t0 = time.perf_counter()
-        calib = (torch.randn(args.calib_batch, 3, size, size, device=device) for _ in range(args.calib_batches))
+        calib = (make_batch(args.calib_batch) for _ in range(args.calib_batches))
         masks = calibrate_mask(adapter, model, head, calib, density=args.density, rounds=min(4, args.calib_batches),
                                calib_batches=args.calib_batches, chunk=args.calib_batch)  # fmt: skip
         from safetensors.torch import save_file
@@ -105,7 +149,8 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ViT-B-32", help="open_clip model name or config JSON (random weights)")
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip model name or config JSON, or causal[:CONFIG.json] (random weights)")
+    ap.add_argument("--seq-len", type=int, default=60, help="causal: context tokens per example (+ 4 choice tokens)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=3)

@@ -70,7 +70,7 @@ EXIT_CODES = {
     4: "mismatch: keys, shapes, bases, regimes or model families do not fit together",
     5: "numeric error: NaN or Inf in a result",
     6: "output error: output exists (use --force), equals an input, its directory is missing, or it cannot be written (full disk)",
-    7: "gate failed: an accuracy fell below its --min-accuracy threshold",
+    7: "gate failed: an accuracy fell below its --min-accuracy threshold (or a perplexity rose above its --max-perplexity)",
     8: "data error: dataset empty, unreadable or unusable",
     130: "interrupted by SIGINT: the unfinished output was removed",
     141: "standard output closed by the next command (SIGPIPE convention): the intermediates written for it were removed",

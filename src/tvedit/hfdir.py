@@ -118,7 +118,7 @@ def check_configs(roots: Sequence[Path]) -> None:
                 )
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -134,7 +134,7 @@ def check_tokenizers(base: Path, others: Iterable[Path]) -> list[str]:
             continue
         for name in TOKENIZER_FILES:
             a, b = base / name, other / name
-            if a.is_file() and b.is_file() and _file_hash(a) != _file_hash(b):
+            if a.is_file() and b.is_file() and file_sha256(a) != file_sha256(b):
                 msg = f"{b} differs from {a}: the inputs may use different tokenizers (the output gets the base's)"
                 warn(msg)
                 out.append(msg)
@@ -297,6 +297,36 @@ def check_directory_output(out: Path, force: bool, inputs: Iterable[Path]) -> No
         raise OutputError(f"{out}: exists and is not empty (use --force to replace it)")
 
 
+def commit_directory(tmp: Path, path: Path, force: bool) -> None:
+    """Put the finished temporary directory ``tmp`` at ``path``. Durable (every file and the
+    directories fsynced) and, without force, exclusive: rename(2) replaces only an empty directory,
+    so an output that appeared meanwhile is not replaced."""
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            safeio.fsync_path(f)
+    safeio.fsync_dir(tmp)
+    if not force:
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise OutputError(f"{path}: exists and is not empty (use --force to replace it)") from None
+            raise
+        safeio.fsync_dir(path.parent)
+        return
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.parent / f".{path.name}.tvedit-old-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    safeio.fsync_dir(path.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
 class HFDirWriter:
     """The CheckpointWriter interface (write in sorted key order, commit, abort) for a directory."""
 
@@ -388,7 +418,7 @@ class HFDirWriter:
             if "config.json" in copied:
                 self._check_config_dtype()
             (self._tmp / "README.md").write_text(model_card(manifest, self.path.name, copied, missing_support_files(self._tmp, manifest.kind), self.drop, self.names))
-            self._rename_into_place()
+            commit_directory(self._tmp, self.path, self.force)
             safeio.unregister(self._tmp)
         except BaseException:
             self.abort()
@@ -416,34 +446,6 @@ class HFDirWriter:
             data["density"] = sum(d.nonzero for d in written) / numel if numel else None
         data["sha256"] = combine_digests({k: v for d in written for k, v in d.digests.items()})
         return Manifest.from_dict(data)
-
-    def _rename_into_place(self) -> None:
-        """Durable (every file and the directories fsynced) and, without force, exclusive: rename(2)
-        replaces only an empty directory, so an output that appeared meanwhile is not replaced."""
-        for f in sorted(self._tmp.rglob("*")):
-            if f.is_file():
-                safeio.fsync_path(f)
-        safeio.fsync_dir(self._tmp)
-        if not self.force:
-            try:
-                os.rename(self._tmp, self.path)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise OutputError(f"{self.path}: exists and is not empty (use --force to replace it)") from None
-                raise
-            safeio.fsync_dir(self.path.parent)
-            return
-        old = None
-        if self.path.exists() or self.path.is_symlink():
-            old = self.path.parent / f".{self.path.name}.tvedit-old-{os.getpid()}"
-            os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        safeio.fsync_dir(self.path.parent)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
 
     def abort(self) -> None:
         self._done = True

@@ -48,6 +48,19 @@ def _thresholds(min_accuracy: list[str], gate: Path | None) -> dict[str, float]:
     return parse_thresholds(items)
 
 
+def _ceilings(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            out[name] = float("nan")
+        if not sep or not name or not out[name] >= 1:
+            raise UsageError(f"--max-perplexity expects NAME=VALUE with VALUE >= 1, not {item!r}")
+    return out
+
+
 def _write_report(path: Path | None, data: dict[str, Any], force: bool) -> None:
     if path is None:
         return
@@ -203,6 +216,16 @@ def register(app: typer.Typer) -> None:
         gate: Path | None = typer.Option(
             None, "--gate", help="YAML mapping NAME: FRACTION of --min-accuracy thresholds."
         ),
+        metric: str = typer.Option(
+            "acc",
+            "--metric",
+            help="acc | acc_norm (causal LMs: log-likelihood per character of the choice) | perplexity (causal LMs: plain-text tasks).",
+        ),
+        max_perplexity: list[str] = typer.Option(
+            [],
+            "--max-perplexity",
+            help="NAME=VALUE: fail (exit 7) when a task's perplexity is higher (--metric perplexity). Repeatable.",
+        ),
         mask_plot: Path | None = typer.Option(
             None,
             "--mask-plot",
@@ -255,6 +278,11 @@ def register(app: typer.Typer) -> None:
         if merged is not None and protocol != "addition":
             raise UsageError("--merged is for --protocol addition")
         thresholds = _thresholds(min_accuracy, gate)
+        ceilings = _ceilings(max_perplexity)
+        if metric == "perplexity" and (protocol != "none" or thresholds):
+            raise UsageError("--metric perplexity is for plain evaluation, gated by --max-perplexity (not --min-accuracy or a protocol)")
+        if ceilings and metric != "perplexity":
+            raise UsageError("--max-perplexity needs --metric perplexity")
         if thresholds and protocol in ("negation", "disentanglement"):
             raise UsageError(
                 "--min-accuracy / --gate apply to plain evaluation and --protocol addition"
@@ -299,9 +327,12 @@ def register(app: typer.Typer) -> None:
                 allow_flin_mismatch="regime" in allowed,
                 device=device,
                 bf16=bf16,
+                metric=metric,
             )
             session.ev.progress = bar  # type: ignore[assignment]
-            if protocol == "none":
+            if metric == "perplexity":
+                rows = studies.perplexity(session, alpha or [1.0])
+            elif protocol == "none":
                 rows = studies.plain(session, alpha or [1.0])
             elif protocol == "disentanglement":
                 report = studies.disentanglement(session, P.square_grid(lo, hi, grid_size), points)
@@ -317,6 +348,17 @@ def register(app: typer.Typer) -> None:
                 report["bf16"] = session.ev.autocast
             session.ev.progress = None
         as_json = json_mode(as_json)
+        if metric == "perplexity":
+            if as_json:
+                _lines(rows)
+            else:
+                _table("perplexity (test)", ["task", "alpha", "perplexity", "tokens"], [[r["task"], f"{r['alpha']:g}", r["perplexity"], r["tokens"]] for r in rows])
+            _write_report(report_path, {"protocol": "none", "metric": "perplexity", "results": rows}, force)
+            worst: dict[str, float] = {}
+            for r in rows:  # a task passes only if it passes at every alpha
+                worst[r["task"]] = max(worst.get(r["task"], 0.0), r["perplexity"])
+            P.check_ceilings(worst, ceilings)
+            return
         if protocol == "none":
             report = {"protocol": "none", "linear": session.linear, "bf16": session.ev.autocast, "results": rows}
             if as_json:

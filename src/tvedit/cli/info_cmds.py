@@ -128,19 +128,30 @@ def register(app: typer.Typer) -> None:
     @app.command("import")
     @guard
     def import_(
-        source: Path = typer.Argument(..., help="A pickled PyTorch checkpoint (.pt, .pth, .bin)."),
+        source: Path = typer.Argument(..., help="A pickled PyTorch checkpoint (.pt, .pth, .bin), or a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."),
         output: Path = typer.Option(..., "--output", "-o", help="The safetensors file to write."),
+        base: Path | None = typer.Option(None, "--base", help="Adapters: the model the adapter was trained on (default: the adapter's base_model_name_or_path, when that is a local path)."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file!)."),
-        kind: str = typer.Option("checkpoint", "--kind", help="checkpoint or task-vector."),
-        strip_prefix: str = typer.Option("", "--strip-prefix", help="Remove this prefix from every key (e.g. 'module.')."),
+        kind: str = typer.Option("checkpoint", "--kind", help="checkpoint or task-vector (pickles; an adapter is always a task vector)."),
+        strip_prefix: str = typer.Option("", "--strip-prefix", help="Remove this prefix from every key (e.g. 'module.'; pickles only)."),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
-        """Convert a pickled .pt checkpoint to safetensors. Refuses arbitrary objects unless --trust-pickle."""
+        """Convert a pickled .pt checkpoint to safetensors (refuses arbitrary objects unless --trust-pickle), or a PEFT LoRA adapter directory to a task vector against its base (each ΔW = scale·B·A stored low-rank)."""
         check_output_parent(output)
-        from tvedit.convert import import_pickle
         from tvedit.errors import UsageError
 
+        if source.is_dir():
+            if kind != "checkpoint" or strip_prefix or trust_pickle:
+                raise UsageError(f"{source}: is an adapter directory: --kind, --strip-prefix and --trust-pickle apply to pickled checkpoints only")
+            from tvedit.lora import import_adapter
+
+            report([import_adapter(source, output, base=base, force=force)], json_mode(as_json))
+            return
+        from tvedit.convert import import_pickle
+
+        if base is not None:
+            raise UsageError(f"{source}: --base applies to adapter directories only")
         if kind not in ("checkpoint", "task-vector"):
             raise UsageError(f"--kind must be checkpoint or task-vector, not {kind!r}")
         report([import_pickle(source, output, trust=trust_pickle, kind=kind, strip_prefix=strip_prefix, force=force)], json_mode(as_json))

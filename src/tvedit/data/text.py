@@ -1,4 +1,5 @@
-"""Text tasks for sequence-to-sequence models: JSONL files, optional YAML task specs, splits.
+"""Text tasks for sequence-to-sequence and causal language models: JSONL files, optional YAML
+task specs, splits, and plain-text files for perplexity (``read_texts``).
 
 A JSONL task has one example per line, either
 
@@ -250,6 +251,39 @@ def load_text_task(source: str | os.PathLike[str], heldout_fraction: float = HEL
         kept, held = split_indices(len(train), heldout_fraction, split_seed, heldout_max)
         splits["train"], splits["validation"] = [train[i] for i in kept], [train[i] for i in held]
     return TextTask(spec=spec, splits=splits, source=path)
+
+
+def read_texts(source: str | os.PathLike[str]) -> list[str]:
+    """The documents of a plain-text task, for perplexity: a JSONL file, or a directory's
+    test.jsonl (else validation.jsonl). A line is ``{"text": ...}``, or an example whose input and
+    target (when it has one) are joined by a space. A bad line, or a file with no non-empty text,
+    is a DataError (exit 8) naming the file."""
+    path = Path(source)
+    if path.is_dir():
+        path = next((path / f"{s}.jsonl" for s in ("test", "validation") if (path / f"{s}.jsonl").exists()), path / "test.jsonl")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{_where(path, n)}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{_where(path, n)}: expected a JSON object")
+        parts = [record["text"]] if "text" in record else [record.get("input"), record.get("target")]
+        if not all(p is None or isinstance(p, str) for p in parts) or parts[0] is None:
+            raise DataError(f"{_where(path, n)}: needs a string 'text' (or 'input')")
+        text = " ".join(p for p in parts if p)
+        if text.strip():
+            out.append(text)
+    if not out:
+        raise DataError(f"{path}: no text to measure perplexity on")
+    return out
 
 
 def _is_image_list(path: Path) -> bool:

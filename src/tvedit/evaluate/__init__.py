@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tvedit.evaluate.runner import Session
 
 PathLike = str | os.PathLike[str]
+METRICS = ("acc", "acc_norm", "perplexity")
 
 # Weight disentanglement (ALGORITHMS.md section 5): a 20 x 20 grid, 2,048 test points per task —
 # the defaults of ``tvedit evaluate`` and of a study plan alike.
@@ -48,6 +49,7 @@ def open_session(
     allow_flin_mismatch: bool = False,
     device: str = "auto",
     bf16: bool = True,
+    metric: str = "acc",
 ) -> Session:
     """Everything ``tvedit evaluate`` needs, loaded once.
 
@@ -58,6 +60,8 @@ def open_session(
     non-linear vectors too (post-hoc linearization); ``allow_flin_mismatch`` evaluates linearized
     vectors trained under another definition of f_lin (with a warning). ``bf16``: bf16 autocast for
     the forward passes on CUDA (False: float32 throughout; no effect on the CPU).
+    ``metric``: ``acc``; ``acc_norm`` (causal LMs: the log-likelihood divided by the choice's length
+    in characters); ``perplexity`` (causal LMs: the tasks are plain text, ``Session.perplexity``).
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
@@ -98,10 +102,28 @@ def open_session(
                 raise MismatchError(msg + " (or --allow-mismatch regime to evaluate it anyway)")
             print(f"warning: {msg}; evaluated anyway (--allow-mismatch regime)", file=sys.stderr)
     records = {v.name: v.task for v in vectors if v.task}
-    task_data = [
-        load_task(adapter, name, Path(src), records.get(name), max_examples)
-        for name, src in tasks.items()
-    ]
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    if metric != "acc" and adapter.family != "hf-causal":
+        raise UsageError(f"--metric {metric} is for causal language models (hf-causal), not the {adapter.family} family")
+    if metric == "perplexity":
+        import torch
+
+        from tvedit.data.text import read_texts
+        from tvedit.evaluate.runner import TaskData
+
+        task_data = []
+        for name, src in tasks.items():
+            texts = read_texts(src)
+            task_data.append(TaskData(name, {"name": name, "metric": metric}, {"test": (texts, torch.zeros(len(texts), dtype=torch.long))}))
+    else:
+        task_data = [
+            load_task(adapter, name, Path(src), records.get(name), max_examples)
+            for name, src in tasks.items()
+        ]
+        for t in task_data:
+            if metric == "acc_norm" and t.record.get("metric") != "exact_match":
+                t.record["metric"] = metric
     evaluator = Evaluator(adapter, theta0, batch_size=batch_size, device=device, bf16=bf16)
     return Session(evaluator, task_data, vectors, linear=linear)
 

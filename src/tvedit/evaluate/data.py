@@ -10,7 +10,8 @@ A ``--task NAME=SOURCE`` names:
   is used as the validation split instead. A directory with neither is one image folder, used as
   the test split (there is then no validation split: the protocols need one);
 * a text task (``tvedit.data.text``: a spec, a directory of JSONL files or a JSONL file) for the
-  seq2seq family: its ``validation`` and ``test`` splits.
+  seq2seq and causal-LM families: its ``validation`` and ``test`` splits (a causal LM scores
+  examples without choices by exact match of greedy decoding).
 
 Images go through the adapter's eval transform once; the result is kept as one tensor per split.
 """
@@ -73,7 +74,7 @@ def load_task(
     from tvedit.data import text as text_data
 
     if text_data.is_text_task(source):
-        return _load_text_task(name, source, record, max_examples)
+        return _load_text_task(name, source, record, max_examples, generative=adapter.family == "hf-causal")
     if not hasattr(adapter, "transform"):
         raise UsageError(
             f"task {name}: {source} is an image task, but the model family {adapter.family} takes text"
@@ -150,24 +151,32 @@ def _record(
 
 
 def _load_text_task(
-    name: str, source: Path, record: Mapping[str, Any] | None, max_examples: int | None
+    name: str, source: Path, record: Mapping[str, Any] | None, max_examples: int | None, generative: bool = False
 ) -> TaskData:
+    """``generative``: a causal LM, which scores examples without choices by exact match of greedy
+    decoding (label 1 = match)."""
     from tvedit.data.text import load_text_task
 
     loaded = load_text_task(source)
     splits: dict[str, tuple[Any, torch.Tensor]] = {}
+    exact = False
     for ours, theirs in (("val", "validation"), ("test", "test")):
         if theirs in loaded.splits:
             examples = loaded.splits[theirs]
-            if any(ex.label is None for ex in examples):
+            unlabelled = [ex.label is None for ex in examples]
+            if any(unlabelled) and not (generative and all(unlabelled)):
                 raise DataError(
-                    f"task {name}: split {theirs} has examples without a label (accuracy needs rank classification)"
+                    f"task {name}: split {theirs} has examples without a label (accuracy needs rank classification"
+                    + (", or a target on every example for exact match)" if generative else ")")
                 )
+            exact = exact or all(unlabelled)
             splits[ours] = (
                 list(examples),
-                torch.tensor([ex.label for ex in examples], dtype=torch.long),
+                torch.tensor([1 if ex.label is None else ex.label for ex in examples], dtype=torch.long),
             )
     rec: dict[str, Any] = dict(record or {})
+    if exact:
+        rec["metric"] = "exact_match"
     rec.setdefault("name", name)
     if loaded.choices and "choices" not in rec:
         rec["choices"] = list(loaded.choices)

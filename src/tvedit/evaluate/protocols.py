@@ -258,3 +258,15 @@ def check_gates(accuracies: Mapping[str, float], thresholds: Mapping[str, float]
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise GateError(failures[0] + more)
+
+
+def check_ceilings(perplexities: Mapping[str, float], ceilings: Mapping[str, float]) -> None:
+    """Raise GateError (exit code 7) naming the first task whose perplexity is above its ceiling
+    (NaN fails too); a ceiling for an unevaluated task is a usage error."""
+    missing = sorted(set(ceilings) - set(perplexities))
+    if missing:
+        raise UsageError(f"--max-perplexity names task(s) not evaluated: {', '.join(missing)}")
+    failures = [f"task {t}: perplexity {perplexities[t]:.4f} is above the ceiling {ceilings[t]:.4f}" for t in ceilings if not perplexities[t] <= ceilings[t]]
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise GateError(failures[0] + more)

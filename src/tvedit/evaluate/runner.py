@@ -231,6 +231,19 @@ class Evaluator:
             self._base_features[key] = torch.cat(out)
         return self._base_features[key]
 
+    def nll(self, task: TaskData, split: str, params: Mapping[str, Tensor] | None = None) -> tuple[float, int]:
+        """(summed token NLL, predicted tokens) of a plain-text task's documents (perplexity)."""
+        texts, _ = task.split(split)
+        if not hasattr(self.adapter, "token_nll"):
+            raise UsageError(f"task {task.name}: perplexity needs a causal language model, not the {self.adapter.family} family")
+        total = torch.zeros(2, dtype=torch.float64)
+        for s, e in self._batches(texts):
+            fn: Callable[[nn.Module], Tensor] = lambda m, b=texts[s:e]: self.adapter.token_nll(m, b)  # type: ignore[attr-defined]  # noqa: E731
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                out = functional(self.model, params, fn) if params else fn(self.model)
+            total += out.double().cpu()
+        return float(total[0]), int(total[1])
+
     def _tensor(self, key: str) -> Tensor:
         t = self.params.get(key)
         return self.buffers[key] if t is None else t
@@ -252,6 +265,8 @@ class Evaluator:
         per vector and batch."""
         inputs, labels = task.split(split)
         head = self.head(task)
+        if getattr(head, "metric", None) == "exact_match":
+            raise UsageError(f"task {task.name}: exact match (greedy decoding) has no f_lin; evaluate non-linear vectors without --linearize")
         f0 = self.base_features(task, split)
         jts = []
         for vec in vectors:
@@ -371,6 +386,18 @@ class Session:
         labels = self.task(task).split(split)[1]
         return float((preds == labels).float().mean())
 
+    def perplexity(self, task: str, split: str, alphas: Sequence[float], which: Sequence[int] | None = None) -> tuple[float, float, int]:
+        """(perplexity, summed NLL, tokens) of theta0 + sum_i alphas[i] * tau_{which[i]} on a
+        plain-text task: exp(NLL / tokens). Not under f_lin (a perplexity of f_lin is not defined here)."""
+        import math
+
+        if self.linear:
+            raise UsageError("--metric perplexity does not apply under f_lin (linearized vectors or --linearize)")
+        which = list(range(len(self.vectors))) if which is None else list(which)
+        params = self.ev.edited([self.vectors[i].tensors for i in which], alphas) if any(a != 0 for a in alphas) else None
+        nll, tokens = self.ev.nll(self.task(task), split, params)
+        return (math.exp(nll / tokens) if tokens else float("nan")), nll, tokens
+
     def shared(
         self, task: str, split: str, alpha: float, which: Sequence[int] | None = None
     ) -> float:
@@ -452,6 +479,15 @@ def open_base(path: Path) -> tuple[ModelAdapter, dict[str, Tensor], str]:
     ckpt = open_checkpoint(path)
     if ckpt.kind != "checkpoint":
         raise InputError(f"{path}: the base must be a checkpoint, not a {ckpt.kind}")
+    if ckpt.manifest is None or ckpt.manifest.family in ("hf", "unknown"):
+        # a Hugging Face directory (e.g. add ... -o merged/ of HF directories): its config says the family
+        from tvedit import hfdir
+
+        root = hfdir.hf_root(path) or hfdir.recorded_source(ckpt.manifest)
+        if root is not None:
+            from tvedit.models.hf_seq2seq import directory_adapter
+
+            return directory_adapter(root), dict(ckpt.items()), ckpt.sha256
     if ckpt.manifest is None:
         raise InputError(
             f"{path}: has no tvedit manifest, so its model family is unknown (run tvedit init or tvedit import)"

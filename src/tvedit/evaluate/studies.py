@@ -62,6 +62,17 @@ def plain(session: Session, alphas: Sequence[float], split: str = "test") -> lis
     return rows
 
 
+def perplexity(session: Session, alphas: Sequence[float], split: str = "test") -> list[dict[str, Any]]:
+    """Perplexity of theta0 + alpha * sum tau on every plain-text task, one record per (task, alpha)."""
+    rows = []
+    for alpha in alphas:
+        for name in session.tasks:
+            which = list(range(len(session.vectors)))
+            ppl, nll, tokens = session.perplexity(name, split, [alpha] * len(which), which)
+            rows.append({"task": name, "alpha": alpha, "split": split, "perplexity": ppl, "nll": nll, "tokens": tokens, "n": len(session.task(name).split(split)[1])})
+    return rows
+
+
 def addition(session: Session, grid: Sequence[float], merged: int | None = None) -> dict[str, Any]:
     """Task addition (ALGORITHMS.md section 5): theta0 + alpha * sum_t tau_t, alpha chosen on validation.
 

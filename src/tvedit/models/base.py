@@ -108,6 +108,7 @@ class ModelAdapter(ABC):
 ADAPTER_MODULES: dict[str, str] = {
     "open_clip": "tvedit.models.open_clip",
     "hf-seq2seq": "tvedit.models.hf_seq2seq",
+    "hf-causal": "tvedit.models.hf_causal",
 }
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 

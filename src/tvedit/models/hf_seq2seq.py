@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tvedit.data.text import TextExample
 from tvedit.errors import InputError, MismatchError, OutputError, UsageError
 from tvedit.manifest import Manifest
-from tvedit.models.base import ModelAdapter, check_fits, check_mode, register_adapter
+from tvedit.models.base import ModelAdapter, adapter_for, check_fits, check_mode, register_adapter
 from tvedit.tensorio import Artifact, open_checkpoint, save_tensors
 
 FAMILY = "hf-seq2seq"
@@ -119,11 +119,16 @@ class HFSeq2SeqAdapter(ModelAdapter):
         except (ValueError, TypeError) as exc:
             raise InputError(f"hf-seq2seq: cannot rebuild the config: {exc}") from None
 
-    def _instantiate(self) -> nn.Module:
+    @staticmethod
+    def auto_class() -> Any:
+        """The transformers Auto class of this family's models."""
         from transformers import AutoModelForSeq2SeqLM
 
+        return AutoModelForSeq2SeqLM
+
+    def _instantiate(self) -> nn.Module:
         # Eager attention: fused SDPA kernels have no forward-mode AD (linearized fine-tuning).
-        return AutoModelForSeq2SeqLM.from_config(self.hf_config(), attn_implementation="eager")
+        return self.auto_class().from_config(self.hf_config(), attn_implementation="eager")
 
     @cached_property
     def _skeleton(self) -> nn.Module:
@@ -384,19 +389,29 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # library entry points: theta0 from a Hugging Face directory, and back
 # ------------------------------------------------------------------------------------------------
+TEXT_FAMILIES = (FAMILY, "hf-causal")
+
+
+def directory_adapter(hf_dir: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> HFSeq2SeqAdapter:
+    """The adapter of a Hugging Face directory: hf-seq2seq for an encoder-decoder config, else
+    hf-causal (models/hf_causal.py)."""
+    from tvedit.models.base import adapter_class
+
+    family = FAMILY if read_hf_config(hf_dir).get("is_encoder_decoder") else "hf-causal"
+    return adapter_class(family).from_directory(hf_dir, max_length=max_length)  # type: ignore[attr-defined,no-any-return]
+
+
 def init_from_directory(hf_dir: str | Path, output: str | Path, *, force: bool = False, max_length: int = DEFAULT_MAX_LENGTH) -> Artifact:
-    """Materialise theta0 of a local Hugging Face seq2seq directory as a tvedit checkpoint.
-
-    The tensors keep their stored dtype; the manifest records the full config and the tokenizer."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    adapter = HFSeq2SeqAdapter.from_directory(hf_dir, max_length=max_length)
+    """Materialise theta0 of a local Hugging Face directory (seq2seq or causal LM) as a tvedit
+    checkpoint. The tensors keep their stored dtype; the manifest records the full config and the
+    tokenizer."""
+    adapter = directory_adapter(hf_dir, max_length=max_length)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir), dtype="auto", attn_implementation="eager")
+        model = adapter.auto_class().from_pretrained(str(hf_dir), dtype="auto", attn_implementation="eager")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{hf_dir}: cannot load the weights: {exc}") from None
+        raise InputError(f"{hf_dir}: cannot load the weights: {str(exc).splitlines()[0]}") from None
     manifest = Manifest(kind="checkpoint", model=adapter.model_info()).with_step(
-        "init", {"model": str(Path(hf_dir).resolve()), "family": FAMILY}, []
+        "init", {"model": str(Path(hf_dir).resolve()), "family": adapter.family}, []
     )
     return save_tensors(output, adapter.state_dict(model), manifest, force=force)
 
@@ -433,13 +448,13 @@ def export_with_adapter(checkpoint: str | Path, out_dir: str | Path, *, dtype: t
 
 
 def is_text_model(model: str | None, pretrained: str | None) -> bool:
-    """Whether ``tvedit init/finetune/calibrate`` were given a seq2seq model: a Hugging Face
-    directory (as --model or --pretrained) or a tvedit checkpoint of this family."""
+    """Whether ``tvedit init/finetune/calibrate`` were given a text model: a Hugging Face
+    directory (as --model or --pretrained) or a tvedit checkpoint of a text family."""
     if any(x and is_hf_directory(x) for x in (model, pretrained)):
         return True
     if pretrained and str(pretrained).endswith(".safetensors") and Path(pretrained).is_file():
         ckpt = open_checkpoint(pretrained)
-        return ckpt.manifest is not None and ckpt.manifest.family == FAMILY
+        return ckpt.manifest is not None and ckpt.manifest.family in TEXT_FAMILIES
     return False
 
 
@@ -452,11 +467,11 @@ def load_theta0(model: str | None, pretrained: str | None, materialise: Path) ->
         ckpt = open_checkpoint(pretrained)
         if ckpt.kind != "checkpoint" or ckpt.manifest is None:
             raise InputError(f"{pretrained}: theta0 must be a checkpoint with a manifest")
-        if ckpt.manifest.family != FAMILY:
-            raise MismatchError(f"{pretrained}: is a {ckpt.manifest.family!r} checkpoint, not a {FAMILY!r} one")
-        return HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, Path(pretrained)
+        if ckpt.manifest.family not in TEXT_FAMILIES:
+            raise MismatchError(f"{pretrained}: is a {ckpt.manifest.family!r} checkpoint, not a text model ({', '.join(TEXT_FAMILIES)})")
+        return adapter_for(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, Path(pretrained)  # type: ignore[return-value]
     if source is None:
-        raise UsageError("a seq2seq theta0 is a Hugging Face directory or a tvedit checkpoint")
+        raise UsageError("a text theta0 is a Hugging Face directory or a tvedit checkpoint")
     tmp = materialise.with_name(materialise.name + ".tmp")
     art = init_from_directory(source, tmp, force=True)
     if materialise.exists():
@@ -467,4 +482,4 @@ def load_theta0(model: str | None, pretrained: str | None, materialise: Path) ->
     else:
         tmp.rename(materialise)
     ckpt = open_checkpoint(materialise)
-    return HFSeq2SeqAdapter.from_model_info(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, materialise  # type: ignore[union-attr]
+    return adapter_for(ckpt.manifest.model), dict(ckpt.items()), ckpt.sha256, materialise  # type: ignore[union-attr,return-value]

@@ -184,6 +184,32 @@ def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return total
 
 
+def product_svd(left: torch.Tensor, right: torch.Tensor, scale: float = 1.0) -> Factors:
+    """The thin SVD of scale * left @ right for left (m, r), right (r, n), without forming the
+    m x n product: QR of left and right^T, then the SVD of the small core (float64 throughout).
+    Exact up to rounding: U diag(S) V^T = scale * left @ right, U and V orthonormal, S descending."""
+    ql, rl = torch.linalg.qr(left.double())
+    qr_, rr = torch.linalg.qr(right.double().T)
+    core = svd(float(scale) * (rl @ rr.T))
+    return Factors(ql @ core.U, core.S, qr_ @ core.V)
+
+
+def split_factors(f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A = U diag(S) V^T and the singular values shared evenly:
+    B = U diag(sqrt S) (m, k), A = diag(sqrt S) V^T (k, n) (a LoRA pair at scale 1)."""
+    root = f.S.clamp(min=0).sqrt()
+    return f.U * root, (f.V * root).T.contiguous()
+
+
+def tail_energy(s: torch.Tensor, k: int) -> tuple[float, float]:
+    """(absolute, relative) Frobenius error of keeping the top k of singular values s:
+    sqrt(sum_{i>=k} s_i^2), divided by sqrt(sum_i s_i^2) for the relative one (0 for a zero matrix)."""
+    sq = s.double().pow(2)
+    total = float(sq.sum())
+    tail = float(sq[k:].sum())
+    return math.sqrt(tail), (math.sqrt(tail / total) if total > 0 else 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # merges (on the weighted matrices w_i tau_i)
 # --------------------------------------------------------------------------------------------
