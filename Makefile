@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 completions: $(STAMP)
 	$(BIN)/tvedit completions bash > completions/tvedit.bash

@@ -16,7 +16,7 @@ tensors of at most --tensor-mib), then measures in fresh processes, in one run:
 * floor + fsync: the same, then fsync the output and its directory as tvedit does before reporting
           success (docs/outputs.md); the difference is what durability costs (the floor is run twice
           around it and the faster run is kept: the first may pay for writing back the inputs);
-* startup: `python -c "import torch, tvedit.api"`, the fixed cost inside every tvedit figure;
+* startup: `python -c "import torch, tvedit.arith"`, the fixed cost inside every tvedit figure;
 * naive:  safetensors.torch.load_file for every input, sum, save_file (skipped when it would need
           more than half of this machine's memory).
 * with --verify: the fine-tuned checkpoints extracted once to dense task vectors (their manifests
@@ -115,7 +115,7 @@ def run(gib: float, n_inputs: int, tensor_mib: int, workdir: Path, cold: bool, v
         ("floor_fsync", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "fsync"]),
         ("floor_again", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "-"]),  # the first run may pay for writeback of the inputs
         ("floor_hash", [sys.executable, "-c", FLOOR, *inputs, str(out), str(size), "hash"]),  # + the sha256 of the output that the manifest needs
-        ("startup", [sys.executable, "-c", "import torch, tvedit.api"]),  # fixed cost: interpreter + torch import
+        ("startup", [sys.executable, "-c", "import torch, tvedit.arith"]),  # fixed cost: interpreter + torch import
         ("tvedit_first_use", tvedit),
         ("tvedit", tvedit),
     ]

@@ -34,7 +34,7 @@ def main() -> None:
         for p in paths[1:]:
             save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(p))
         del base
-    from tvedit import api
+    from tvedit import arith
 
     times: dict[str, list[float]] = {"first": [], "cached": []}
     for _ in range(args.repeats):
@@ -43,7 +43,7 @@ def main() -> None:
                 shutil.rmtree(d / "cache", ignore_errors=True)
             os.environ["TVEDIT_CACHE"] = str(d / "cache")
             t = time.perf_counter()
-            api.add(paths[1:], api.OutputTarget(output=d / "out.safetensors", force=True), base=paths[0], alpha=0.3)
+            arith.add(paths[1:], arith.OutputTarget(output=d / "out.safetensors", force=True), base=paths[0], alpha=0.3)
             times[kind].append(time.perf_counter() - t)
             print(kind, round(times[kind][-1], 2), flush=True)
     first, cached = min(times["first"]), min(times["cached"])

@@ -122,7 +122,7 @@ def main() -> None:
         first = measure(tv, env)
         cached = measure(tv, env)
         naive = measure([sys.executable, "-c", NAIVE, *map(str, fts), str(root / "base"), str(root / "naive")], env)
-        startup = measure([sys.executable, "-c", "import torch, tvedit.api, tvedit.hfdir"], env)
+        startup = measure([sys.executable, "-c", "import torch, tvedit.arith, tvedit.hfdir"], env)
         row = {"hidden": hidden, "model_mib": round(nbytes / 2**20, 1), "floor_s": floor["wall_s"], "floor_mib": floor["peak_rss_mib"],
                "tvedit_s": cached["wall_s"], "tvedit_mib": cached["peak_rss_mib"], "tvedit_first_s": first["wall_s"],
                "naive_s": naive["wall_s"], "naive_mib": naive["peak_rss_mib"], "startup_s": startup["wall_s"]}  # fmt: skip
@@ -138,7 +138,7 @@ def main() -> None:
               f"{r['tvedit_s'] / r['floor_s']:.2f}× | {(r['tvedit_s'] - r['startup_s']) / r['floor_s']:.2f}× | {r['tvedit_first_s']:.2f} | "
               f"{r['naive_s']:.2f} / {r['naive_mib']:.0f} |")  # fmt: skip
     startups = ", ".join(f"{r['startup_s']:.2f}" for r in rows)
-    print(f"startup (import torch, tvedit.api, tvedit.hfdir): {startups} s")
+    print(f"startup (import torch, tvedit.arith, tvedit.hfdir): {startups} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

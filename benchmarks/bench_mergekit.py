@@ -12,7 +12,7 @@ then measures, each in a fresh process, in one run (wall time and peak RSS, benc
 * tvedit:          `tvedit add RECIPE -o OUT/` (tvedit runs mergekit recipes natively,
                    docs/mergekit.md; default shard size, which asks transformers for its default);
 * tvedit 100MB:    the same with `--max-shard-size 100MB` (transformers is not imported);
-* start-up:        `python -c "import torch"`, `python -c "import torch, tvedit.api"` and, in
+* start-up:        `python -c "import torch"`, `python -c "import torch, tvedit.arith"` and, in
                    mergekit's interpreter, `python -c "import torch, mergekit.merge"`.
 
 The input hashes are cached by one tvedit run before the timed runs (a first use hashes the plain
@@ -137,8 +137,8 @@ def main() -> None:
     tv = [sys.executable, "-m", "tvedit", "add"]
     startup = {
         "import torch": measure([sys.executable, "-c", "import torch"], env),
-        "import torch, tvedit.api": measure([sys.executable, "-c", "import torch, tvedit.api"], env),
-        "import torch, tvedit.api, transformers": measure([sys.executable, "-c", "import torch, tvedit.api, transformers"], env),
+        "import torch, tvedit.arith": measure([sys.executable, "-c", "import torch, tvedit.arith"], env),
+        "import torch, tvedit.arith, transformers": measure([sys.executable, "-c", "import torch, tvedit.arith, transformers"], env),
         "mergekit: import torch, mergekit.merge": measure([mk_python, "-c", "import torch, mergekit.merge"], env),
     }
     rows = []

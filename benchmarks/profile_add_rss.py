@@ -1,8 +1,8 @@
 """Where `tvedit add` holds memory: sample the resident set size while it runs, with the code and key.
 
-Runs `tvedit ARGS...` in this process (after `import torch, tvedit.api`), reads VmRSS from
+Runs `tvedit ARGS...` in this process (after `import torch, tvedit.arith`), reads VmRSS from
 /proc/self/status every --interval seconds on a thread, together with the main thread's innermost
-tvedit function and the key `api.add` is on, and prints: a timeline of RSS steps (>= --step MiB) with what ran, the RSS after the imports (the torch
+tvedit function and the key `arith.add` is on, and prints: a timeline of RSS steps (>= --step MiB) with what ran, the RSS after the imports (the torch
 runtime), the peak and where it happened (stack and key), and the highest RSS seen per tvedit
 function and per key. torch's allocations are native, so tracemalloc cannot see them; RSS can.
 
@@ -29,13 +29,13 @@ def rss_mib() -> float:
 
 
 def where(frame) -> tuple[str, str | None, list[str]]:  # noqa: ANN001
-    """(innermost tvedit function, api.add's current key, the tvedit part of the stack)."""
+    """(innermost tvedit function, arith.add's current key, the tvedit part of the stack)."""
     stack, key = [], None
     while frame is not None:
         code = frame.f_code
         if "tvedit" in code.co_filename:
             stack.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
-            if code.co_name == "add" and code.co_filename.endswith("api.py"):
+            if code.co_name == "add" and code.co_filename.endswith("arith.py"):
                 key = frame.f_locals.get("key")
         frame = frame.f_back
     return (stack[0] if stack else "-"), key, stack
@@ -54,7 +54,7 @@ def main() -> None:
     import torch  # noqa: F401
 
     after_torch = rss_mib()
-    import tvedit.api  # noqa: F401
+    import tvedit.arith  # noqa: F401
     from tvedit.cli.app import main as tvedit_main
 
     after_imports = rss_mib()

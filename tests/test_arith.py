@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from tvedit.api import ArithOptions, add, extract, negate, scale
+from tvedit.arith import add, extract, negate, scale
+from tvedit.engine import ArithOptions
 from tvedit.errors import MismatchError
 from tvedit.ops import arith
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit import api
+from tvedit import arith, engine
 from tvedit.manifest import Manifest
 from tvedit.tensorio import CheckpointWriter, content_hash, open_checkpoint
 
@@ -37,13 +37,13 @@ def test_chunked_add_is_byte_identical(tmp_path, monkeypatch, dtype, method, vec
     p = _files(tmp_path, dtype)
     inputs = [p["ft1"], p["ft2"]]
     if vectors:  # task-vector inputs (one of them missing a key) instead of checkpoints
-        inputs = api.extract(inputs, p["base"], api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))
+        inputs = arith.extract(inputs, p["base"], arith.OutputTarget(out_dir=tmp_path / "tv"), engine.ArithOptions(layout="dense"))
         inputs = [a.path for a in inputs]
     outs = {}
     for name, mib in (("whole", "1024"), ("chunked", "0.01")):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
-        opts = api.ArithOptions(allow_missing=vectors)
-        outs[name] = api.add(inputs, tmp_path / f"{name}.safetensors", base=p["base"], alpha=0.7, weights=[1.0, 0.5], method=method, opts=opts)
+        opts = engine.ArithOptions(allow_missing=vectors)
+        outs[name] = arith.add(inputs, tmp_path / f"{name}.safetensors", base=p["base"], alpha=0.7, weights=[1.0, 0.5], method=method, opts=opts)
     assert outs["whole"].path.read_bytes() == outs["chunked"].path.read_bytes()
     ckpt = open_checkpoint(outs["chunked"].path)
     assert content_hash(ckpt) == ckpt.manifest.sha256
@@ -76,8 +76,8 @@ def _sparse_files(tmp_path: Path) -> tuple[Path, list[Path]]:
 def _whole_and_chunked(monkeypatch, tmp_path: Path, name: str, run, chunked: bool = True) -> bytes:
     """The output's bytes with whole tensors and with chunks (asserting which path each run took)."""
     calls = []
-    real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    real = engine.write_in_chunks
+    monkeypatch.setattr(engine, "write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.01"):  # 0.01 MiB: 2621 entries, 22 chunks of "big"
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
@@ -102,23 +102,23 @@ def test_chunked_merges_are_byte_identical(tmp_path, monkeypatch, method, option
     on the chunk size."""
     base, fts = _sparse_files(tmp_path)
     _whole_and_chunked(monkeypatch, tmp_path, f"{method}-{emit}",
-                       lambda out: api.add(fts, out, base=base, alpha=0.7, weights=[1.0, 0.5, -0.3], method=method,
+                       lambda out: arith.add(fts, out, base=base, alpha=0.7, weights=[1.0, 0.5, -0.3], method=method,
                                            method_options=dict(options), emit=emit).path)  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["auto", "dense", "sparse"])
 def test_chunked_extract_scale_negate_are_byte_identical(tmp_path, monkeypatch, layout):
     base, fts = _sparse_files(tmp_path)
-    opts = api.ArithOptions(layout=layout)
-    data = _whole_and_chunked(monkeypatch, tmp_path, "extract", lambda out: api.extract(fts[:1], base, out, opts)[0].path)
+    opts = engine.ArithOptions(layout=layout)
+    data = _whole_and_chunked(monkeypatch, tmp_path, "extract", lambda out: arith.extract(fts[:1], base, out, opts)[0].path)
     tv = tmp_path / "tv.safetensors"
     tv.write_bytes(data)
     assert open_checkpoint(tv).encoding("big") == {"auto": "bitmap", "dense": "dense", "sparse": "bitmap"}[layout]  # 30% dense
     expected = load_file(str(fts[0]))["big"] - load_file(str(base))["big"]
     assert torch.equal(open_checkpoint(tv).get("big"), expected)
-    dense_tv = api.extract(fts[:1], base, tmp_path / "dense-tv.safetensors", api.ArithOptions(layout="dense"))[0].path
-    _whole_and_chunked(monkeypatch, tmp_path, "scale", lambda out: api.scale([dense_tv], 0.3, out, opts)[0].path)
-    _whole_and_chunked(monkeypatch, tmp_path, "negate", lambda out: api.negate([dense_tv], out, opts)[0].path)
+    dense_tv = arith.extract(fts[:1], base, tmp_path / "dense-tv.safetensors", engine.ArithOptions(layout="dense"))[0].path
+    _whole_and_chunked(monkeypatch, tmp_path, "scale", lambda out: arith.scale([dense_tv], 0.3, out, opts)[0].path)
+    _whole_and_chunked(monkeypatch, tmp_path, "negate", lambda out: arith.negate([dense_tv], out, opts)[0].path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,7 +172,7 @@ def test_peak_rss_is_set_by_the_chunk_not_the_tensor(tmp_path):
                "--base", str(tmp_path / "base.safetensors"), "-o", str(tmp_path / f"{name}.safetensors")]  # fmt: skip
         rss[name] = measure(cmd, dict(os.environ, TVEDIT_CHUNK_MIB=mib))["peak_rss_mib"]
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
-    rss["runtime"] = measure([sys.executable, "-c", "import torch, tvedit.api"])["peak_rss_mib"]
+    rss["runtime"] = measure([sys.executable, "-c", "import torch, tvedit.arith"])["peak_rss_mib"]
     assert rss["chunked"] - rss["runtime"] < 64, rss  # less than one tensor above the torch runtime
     assert rss["whole"] - rss["chunked"] > 96, rss  # whole-tensor buffers: several 64 MiB tensors
 
@@ -184,7 +184,7 @@ def test_first_use_of_chunked_inputs_records_their_content_hash(tmp_path, monkey
     base, fts = _sparse_files(tmp_path)
     monkeypatch.setenv("TVEDIT_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("TVEDIT_CHUNK_MIB", "0.01")
-    art = api.add(fts, tmp_path / "out.safetensors", base=base, method=method)
+    art = arith.add(fts, tmp_path / "out.safetensors", base=base, method=method)
     recorded = {Path(r["path"]).name: r["sha256"] for r in art.manifest.provenance[-1]["inputs"]}
     for p in [*fts, base]:
         assert recorded[p.name] == content_hash(open_checkpoint(p)), p.name
@@ -210,7 +210,7 @@ def test_each_input_is_read_and_hashed_on_its_own_reader_thread(tmp_path, monkey
         return real(self, key, start, out)
 
     monkeypatch.setattr(Checkpoint, "get_range", spy)
-    art = api.add(fts, tmp_path / "out.safetensors", base=base)
+    art = arith.add(fts, tmp_path / "out.safetensors", base=base)
     main = threading.main_thread().name
     assert {start for _, thread, start in seen if thread == main} == {0}  # only the first range of "big"
     readers = {thread for _, thread, _ in seen if thread != main}
@@ -227,10 +227,10 @@ def test_chunked_mask_apply_is_byte_identical(tmp_path, monkeypatch, layout):
     from tvedit.masking import mask
 
     base, fts = _sparse_files(tmp_path)
-    tv = api.extract(fts[:1], base, tmp_path / "tv.safetensors", api.ArithOptions(layout="dense"))[0].path
+    tv = arith.extract(fts[:1], base, tmp_path / "tv.safetensors", engine.ArithOptions(layout="dense"))[0].path
     saved = mask("topk", [tv], tmp_path / "topk.safetensors", options={"density": 0.3}, save_mask=tmp_path / "m.safetensors").masks[0].path
     data = _whole_and_chunked(monkeypatch, tmp_path, "apply",
-                              lambda out: mask("apply", [tv], out, mask_file=saved, opts=api.ArithOptions(layout=layout)).outputs[0].path)  # fmt: skip
+                              lambda out: mask("apply", [tv], out, mask_file=saved, opts=engine.ArithOptions(layout=layout)).outputs[0].path)  # fmt: skip
     (tmp_path / "applied.safetensors").write_bytes(data)
     keep = open_checkpoint(saved).get("big")
     expected = torch.where(keep, open_checkpoint(tv).get("big"), torch.zeros(()))
@@ -252,8 +252,8 @@ def _mask_runs(monkeypatch, tmp_path: Path, name: str, run) -> list[bytes]:
     """Every file ``run(out_dir)`` writes, whole and in chunks of 2616 and of 128 entries (rows of
     457 longer than a chunk, chunks straddling rows), asserting which path each run took."""
     calls = []
-    real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    real = engine.write_in_chunks
+    monkeypatch.setattr(engine, "write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     runs = []
     for mib in ("1024", "0.01", "0.0005"):
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
@@ -279,12 +279,12 @@ def test_chunked_mask_methods_are_byte_identical(tmp_path, monkeypatch, method, 
     from tvedit.masking import mask
 
     base, fts = _sparse_files(tmp_path)
-    tvs = [a.path for a in api.extract(fts, base, api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))]
+    tvs = [a.path for a in arith.extract(fts, base, arith.OutputTarget(out_dir=tmp_path / "tv"), engine.ArithOptions(layout="dense"))]
     inputs = tvs if method in ("tall", "consensus") else tvs[:1]
 
     def run(where: Path) -> list[Path]:
         where.mkdir()
-        target = api.OutputTarget(out_dir=where / "out")
+        target = arith.OutputTarget(out_dir=where / "out")
         saved = where / ("m.safetensors" if method == "consensus" or len(inputs) == 1 else "masks")
         res = mask(method, inputs, target, options=dict(options), save_mask=saved)
         return [a.path for a in res.outputs + res.masks]
@@ -316,11 +316,11 @@ def test_chunked_mask_algebra_is_byte_identical(tmp_path, monkeypatch, method):
     from tvedit.masking import mask
 
     base, fts = _sparse_files(tmp_path)
-    tvs = [a.path for a in api.extract(fts[:2], base, api.OutputTarget(out_dir=tmp_path / "tv"), api.ArithOptions(layout="dense"))]
+    tvs = [a.path for a in arith.extract(fts[:2], base, arith.OutputTarget(out_dir=tmp_path / "tv"), engine.ArithOptions(layout="dense"))]
     masks = [mask("topk", [tv], tmp_path / f"t{i}.safetensors", options={"density": d}, save_mask=tmp_path / f"m{i}.safetensors").masks[0].path
              for i, (tv, d) in enumerate(zip(tvs, (0.3, 0.6), strict=True))]  # fmt: skip
     inputs = masks[:1] if method == "invert" else masks
-    files = _mask_runs(monkeypatch, tmp_path, method, lambda where: [a.path for a in mask(method, inputs, api.OutputTarget(out_dir=where)).outputs])
+    files = _mask_runs(monkeypatch, tmp_path, method, lambda where: [a.path for a in mask(method, inputs, arith.OutputTarget(out_dir=where)).outputs])
     got = tmp_path / "got.safetensors"
     got.write_bytes(files[0])
     a, b = (open_checkpoint(p).get("big") for p in masks)

@@ -432,7 +432,7 @@ def test_alpha_widening_reads_the_mask_files_density(env):
     assert _density(open_checkpoint(arts[0].path).manifest) == pytest.approx(mask_density, rel=1e-12)
     full = _ft(env, "full-for-mask.tv.safetensors", mode="full", emit="vector")[0]
     assert _density(open_checkpoint(full.path).manifest) is None
-    from tvedit.masking import KeyFilter
+    from tvedit.keys import KeyFilter
 
     keys = KeyFilter(include=tuple(open_checkpoint(m.path).keys()), zero_unselected=True)
     applied = run_mask("apply", [full.path], env["root"] / "applied.tv.safetensors", mask_file=m.path, keys_filter=keys)

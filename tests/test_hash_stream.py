@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvedit import api
+from tvedit import arith
 from tvedit.errors import InputError
 from tvedit.tensorio import content_hash, open_checkpoint
 
@@ -43,9 +43,9 @@ def test_first_use_reads_each_input_once_and_records_the_true_hashes(plain, tmp_
     total = sum(f.stat().st_size for f in files)
     before = _rchar()
     if op == "add":
-        arts = [api.add([plain["ft1"], plain["ft2"]], tmp_path / "m.safetensors", base=plain["base"], alpha=0.5)]
+        arts = [arith.add([plain["ft1"], plain["ft2"]], tmp_path / "m.safetensors", base=plain["base"], alpha=0.5)]
     else:
-        arts = api.extract([plain["ft1"], plain["ft2"]], plain["base"], api.OutputTarget(out_dir=tmp_path / "tv"))
+        arts = arith.extract([plain["ft1"], plain["ft2"]], plain["base"], arith.OutputTarget(out_dir=tmp_path / "tv"))
     read = _rchar() - before
     # extract reads the base once per output (two outputs): the base's bytes count twice, hashing adds nothing
     expected = total if op == "add" else total + plain["base"].stat().st_size
@@ -88,19 +88,19 @@ def test_a_file_changed_while_streamed_is_refused(plain):
 def test_a_first_use_base_is_checked_against_the_recorded_hash_without_a_second_read(plain, tmp_path, monkeypatch):
     from tvedit.errors import MismatchError
 
-    tvs = [a.path for a in api.extract([plain["ft1"], plain["ft2"]], plain["base"], api.OutputTarget(out_dir=tmp_path / "tv"))]
+    tvs = [a.path for a in arith.extract([plain["ft1"], plain["ft2"]], plain["base"], arith.OutputTarget(out_dir=tmp_path / "tv"))]
     copy = tmp_path / "base-copy.safetensors"  # the same tensors under a new name: not in the hash cache
     shutil.copy(plain["base"], copy)
     assert open_checkpoint(copy).known_sha256() is None
     files = [*tvs, copy]
     before = _rchar()
-    art = api.add(tvs, tmp_path / "m.safetensors", base=copy)
+    art = arith.add(tvs, tmp_path / "m.safetensors", base=copy)
     assert _rchar() - before < 1.1 * sum(f.stat().st_size for f in files)  # no separate pass over the base
     assert art.manifest.base["sha256"] == content_hash(open_checkpoint(plain["base"]))
 
     wrong = tmp_path / "wrong.safetensors"  # a different base seen for the first time
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in open_checkpoint(plain["base"]).items()}, str(wrong))
     with pytest.raises(MismatchError, match="differs from the base"):
-        api.add(tvs, tmp_path / "bad.safetensors", base=wrong)
+        arith.add(tvs, tmp_path / "bad.safetensors", base=wrong)
     assert not (tmp_path / "bad.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if "tvedit-tmp" in p.name]

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvedit import api, headers
+from tvedit import arith, engine, headers
 from tvedit.errors import TveditError
 from tvedit.manifest import METADATA_KEY
 from tvedit.pipeline import InputSpec, OutputTarget
@@ -51,9 +51,9 @@ def vector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ft["d.weight"] += torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)
     save_file(base, str(root / "base.safetensors"))
     save_file(ft, str(root / "ft.safetensors"))
-    tv = api.extract([InputSpec(root / "ft.safetensors")], InputSpec(root / "base.safetensors"), OutputTarget(root / "tv.safetensors"), api.ArithOptions())[0]
+    tv = arith.extract([InputSpec(root / "ft.safetensors")], InputSpec(root / "base.safetensors"), OutputTarget(root / "tv.safetensors"), engine.ArithOptions())[0]
     from tvedit.compress import compress
-    from tvedit.masking import KeyFilter
+    from tvedit.keys import KeyFilter
 
     lr = compress([InputSpec(tv.path)], OutputTarget(root / "lr.safetensors"), rank=2, keys_filter=KeyFilter(("d.weight",), ()))[0]
     return {"base": root / "base.safetensors", "tv": tv.path, "lr": lr.path, "root": root}
@@ -138,7 +138,7 @@ def _use(path: Path, base: Path, out: Path) -> None:
     ckpt = open_checkpoint(path)
     for key in ckpt.keys():
         ckpt.get(key)
-    api.add([InputSpec(path)], OutputTarget(out, force=True), base=InputSpec(base), alpha=0.5)
+    arith.add([InputSpec(path)], OutputTarget(out, force=True), base=InputSpec(base), alpha=0.5)
 
 
 def _mutants(source: Path, seed: int, n: int) -> list[bytes]:

@@ -271,11 +271,11 @@ def test_export_hf_any_architecture(llama: dict[str, Path], tmp_path: Path) -> N
 def test_sharded_directory_outputs_do_not_depend_on_the_chunk_size(llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emit: str) -> None:
     """Huge tensors go in chunks into a sharded directory too (checkpoints, and task vectors that the
     shard's writer may re-encode sparse): every file is byte-identical to the whole-tensor run."""
-    from tvedit import api
+    from tvedit import engine
 
     calls: list[str] = []
-    real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    real = engine.write_in_chunks
+    monkeypatch.setattr(engine, "write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)

@@ -40,7 +40,7 @@ def _run_without_tvedit(block: str, cwd: Path) -> str:
 
 def test_open_clip_block(tmp_path: Path) -> None:
     from tests.test_evaluate import TINY
-    from tvedit import api
+    from tvedit import arith
     from tvedit.manifest import Manifest
     from tvedit.models.open_clip import OpenClipAdapter
     from tvedit.tensorio import save_tensors
@@ -52,18 +52,18 @@ def test_open_clip_block(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
     save_tensors(tmp_path / "ft.safetensors", ft, Manifest(kind="checkpoint", model=adapter.model_info()))
-    api.add([tmp_path / "ft.safetensors"], tmp_path / "merged.safetensors", base=tmp_path / "base.safetensors", alpha=0.5)
+    arith.add([tmp_path / "ft.safetensors"], tmp_path / "merged.safetensors", base=tmp_path / "base.safetensors", alpha=0.5)
     (block,) = [b for b in _blocks() if "open_clip" in b]
     assert "loaded CLIP" in _run_without_tvedit(block, tmp_path)
 
 
 def test_transformers_block(tmp_path: Path) -> None:
     from tests.tiny_t5 import write_tiny_t5
-    from tvedit import api
+    from tvedit import arith
     from tvedit.finetune import run
 
     write_tiny_t5(tmp_path / "tiny-t5")
     run.init(str(tmp_path / "tiny-t5"), None, tmp_path / "theta0.safetensors")
-    api.add([tmp_path / "theta0.safetensors"], tmp_path / "merged.safetensors", base=tmp_path / "theta0.safetensors", alpha=0.5)
+    arith.add([tmp_path / "theta0.safetensors"], tmp_path / "merged.safetensors", base=tmp_path / "theta0.safetensors", alpha=0.5)
     (block,) = [b for b in _blocks() if "transformers" in b]
     assert "loaded T5ForConditionalGeneration" in _run_without_tvedit(block, tmp_path)

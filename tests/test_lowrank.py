@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit.api import ArithOptions, add, extract, scale
+from tvedit.arith import add, extract, scale
 from tvedit.compress import check_rank_options, compress
+from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
-from tvedit.masking import KeyFilter
+from tvedit.keys import KeyFilter
 from tvedit.tensorio import open_checkpoint
 
 from .conftest import make_state, perturb

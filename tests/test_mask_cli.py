@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvedit import masking
-from tvedit.api import ArithOptions, extract
+from tvedit.arith import extract
+from tvedit.engine import ArithOptions
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.pipeline import OutputTarget

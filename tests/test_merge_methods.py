@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit.api import ArithOptions, add, extract
+from tvedit.arith import add, extract
+from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.merging import METHODS
 from tvedit.ops import sparsify

@@ -119,11 +119,11 @@ def test_recipes_go_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_p
                                                    "density": [{"filter": "mlp", "value": 0.02}, {"value": 0.5}]}},
         {"model": "m1.safetensors", "parameters": {"weight": -0.5, "density": [{"filter": "attn", "value": 1.0}, {"value": 0.4}]}},
     ], parameters={"lambda": 1.5, "normalize": True})  # fmt: skip
-    from tvedit import api
+    from tvedit import engine
 
     calls: list[str] = []
-    real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    real = engine.write_in_chunks
+    monkeypatch.setattr(engine, "write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries (a.mlp.weight: 384, b.norm.weight: 300)
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
@@ -154,11 +154,11 @@ def test_every_recipe_method_goes_in_chunks_with_the_same_bytes(models: dict[str
         {"model": "m0.safetensors", "parameters": {"weight": 0.7, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}], **extra}},
         {"model": "m1.safetensors", "parameters": {"weight": -0.5, "density": 0.4, **extra}},
     ], parameters={"lambda": 1.5, "rescale": rescale})  # fmt: skip
-    from tvedit import api
+    from tvedit import engine
 
     calls: list[str] = []
-    real = api._write_in_chunks
-    monkeypatch.setattr(api, "_write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
+    real = engine.write_in_chunks
+    monkeypatch.setattr(engine, "write_in_chunks", lambda w, key, *a, **k: (calls.append(key), real(w, key, *a, **k)))
     outs = []
     for mib in ("1024", "0.0005", "0.00006"):  # chunks of 128 and of 8 entries
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)

@@ -107,7 +107,7 @@ def test_extract_family_mismatch(cli, ckpts: dict[str, Path], tmp_path: Path) ->
 
 
 def test_library_rejects_unknown_words() -> None:
-    from tvedit.api import ArithOptions
+    from tvedit.engine import ArithOptions
     from tvedit.errors import UsageError
 
     assert ArithOptions(allow_mismatch={"base"}).allow_mismatch == frozenset({"base"})

@@ -31,6 +31,14 @@ def test_aggregate_is_mean_and_sample_sd() -> None:
     assert _aggregate(seeds[:1])["addition"]["merged"] == {"mean": 0.5, "sd": 0.0}
 
 
+def _in_process(args, log) -> int:
+    """What `tvedit study` passes as the study's command runner: tvedit commands in this process."""
+    from tvedit.cli.app import app
+    from tvedit.cli.study_cmds import run_in_process
+
+    return run_in_process(app, args, log)
+
+
 def _write_plan(path: Path, **extra) -> Path:
     plan = {"theta0": "none", "tasks": {"a": "a", "b": "b"}, "regimes": {"full": {"lr": [1e-4, 1e-3]}}, **extra}
     path.write_text(yaml.safe_dump(plan))
@@ -235,7 +243,7 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     path = tiny_study["root"] / "sweep.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tiny_study["root"] / "sweep-out"
-    result = Sweep(load_plan(path), out).run()
+    result = Sweep(load_plan(path), out, run_command=_in_process).run()
     assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(result))
     (axis,) = result["axes"]
     assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
@@ -254,7 +262,7 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert checked == 12
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
-    assert Sweep(load_plan(path), out).run() == result
+    assert Sweep(load_plan(path), out, run_command=_in_process).run() == result
     assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
 
 

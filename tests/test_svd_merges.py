@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit.api import ArithOptions, add, extract
+from tvedit.arith import add, extract
 from tvedit.cli.arith_cmds import _check_method_options, parse_options
+from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.ops import svd
 from tvedit.tensorio import open_checkpoint

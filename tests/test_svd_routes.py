@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvedit.api import ArithOptions, add, extract
+from tvedit.arith import add, extract
+from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.merging import svd_route
 from tvedit.ops import svd

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.tiny_t5 import first_letter_examples, write_tiny_t5
-from tvedit import api
+from tvedit import arith
 from tvedit.data.text import TextExample, TextTaskSpec, parse_example
 from tvedit.errors import InputError, MismatchError, OutputError
 from tvedit.manifest import Manifest
@@ -201,9 +201,9 @@ def test_merged_model_exports_as_a_loadable_hf_directory(tiny: dict[str, Path], 
     g = torch.Generator().manual_seed(1)
     tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
     save_tensors(tmp_path / "ft.safetensors", tuned, Manifest(kind="checkpoint", model=manifest.model))
-    api.extract([tmp_path / "ft.safetensors"], tiny["base"], tmp_path / "tau.safetensors")
-    api.negate([tmp_path / "tau.safetensors"], tmp_path / "neg.safetensors")
-    merged = api.add([tmp_path / "neg.safetensors"], tmp_path / "merged.safetensors", base=tiny["base"], alpha=0.5)
+    arith.extract([tmp_path / "ft.safetensors"], tiny["base"], tmp_path / "tau.safetensors")
+    arith.negate([tmp_path / "tau.safetensors"], tmp_path / "neg.safetensors")
+    merged = arith.add([tmp_path / "neg.safetensors"], tmp_path / "merged.safetensors", base=tiny["base"], alpha=0.5)
     out = export_directory(merged.path, tmp_path / "hf-out")
 
     adapter, ours, merged_state = _adapter_and_model(merged.path)

@@ -7,16 +7,16 @@ The library does everything the CLI does::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
+from tvedit.version import __version__
+
 __all__ = ["Manifest", "add", "extract", "negate", "open_checkpoint", "scale", "__version__"]
-_WHERE = {"add": "tvedit.api", "extract": "tvedit.api", "negate": "tvedit.api", "scale": "tvedit.api",
+_WHERE = {"add": "tvedit.arith", "extract": "tvedit.arith", "negate": "tvedit.arith", "scale": "tvedit.arith",
           "Manifest": "tvedit.manifest", "open_checkpoint": "tvedit.tensorio"}  # fmt: skip
 
 if TYPE_CHECKING:
-    from tvedit.api import add, extract, negate, scale
+    from tvedit.arith import add, extract, negate, scale
     from tvedit.manifest import Manifest
     from tvedit.tensorio import open_checkpoint
 

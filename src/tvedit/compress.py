@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tvedit.api import ArithOptions, Progress, Slot, _input_record, _spec, _target
+from tvedit.engine import ArithOptions, Progress, Slot, as_spec, as_target, input_record
 from tvedit.errors import InputError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.merging import svd_route
@@ -45,7 +45,7 @@ def compress(
     rank: int | None = None,
     rank_fraction: float | None = None,
     energy: float | None = None,
-    keys_filter: Any = None,  # masking.KeyFilter: the matrices to factor (default: every 2-D floating tensor)
+    keys_filter: Any = None,  # keys.KeyFilter: the matrices to factor (default: every 2-D floating tensor)
     factor_dtype: torch.dtype | None = None,  # storage dtype of U, S, V; default the tensor's
     opts: ArithOptions | None = None,
     progress: Progress | None = None,
@@ -54,8 +54,8 @@ def compress(
     criterion = check_rank_options(rank, rank_fraction, energy)
     route = svd_route()
     opts = opts or ArithOptions()
-    specs = [_spec(s) for s in inputs]
-    target = _target(target)
+    specs = [as_spec(s) for s in inputs]
+    target = as_target(target)
     ckpts = [open_checkpoint(s.path) for s in specs]
     for c in ckpts:
         if c.kind != "task-vector":
@@ -69,7 +69,7 @@ def compress(
     artifacts = []
     for spec, ckpt, out in zip(specs, ckpts, paths, strict=True):
         assert ckpt.manifest is not None
-        manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step("compress", params, [_input_record(spec, ckpt)])
+        manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step("compress", params, [input_record(spec, ckpt)])
         keys = ckpt.keys()
         slot = Slot(torch.float64 if opts.compute_dtype == torch.float64 else torch.float32)
         with CheckpointWriter(out, manifest, keys, force=target.force, inputs=[s.path for s in specs], layout=opts.layout, ephemeral=target.ephemeral) as w:

@@ -590,12 +590,7 @@ def export(
     if src_manifest.regime == "linearized":
         raise MismatchError(f"{checkpoint}: holds linearized weights, which only mean something under f_lin; a Hugging Face model would run them non-linearly")
     source = Path(like) if like is not None else recorded_source(ckpt.manifest)
-    if source is None:
-        if src_manifest.family == "hf-seq2seq":  # a tokenizer that needs no file (ByT5), recorded config
-            from tvedit.models.hf_seq2seq import export_with_adapter
-
-            path = export_with_adapter(checkpoint, out_dir, dtype=dtype, force=force)
-            return Artifact(path, Checkpoint(path).manifest or src_manifest)
+    if source is None:  # (models/hf_seq2seq.export_hf writes a seq2seq checkpoint from its recorded config)
         raise MismatchError(f"{checkpoint}: model family {src_manifest.family!r} records no Hugging Face directory to take the config and tokenizer from; pass --like HF_DIR")
     if hf_root(source) is None:
         raise InputError(f"{source}: not a Hugging Face directory (no config.json)")

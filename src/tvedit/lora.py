@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tvedit import hfdir, safeio
-from tvedit.api import chunk_numel
+from tvedit.engine import chunk_numel
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest, base_ref
 from tvedit.ops import svd
@@ -496,7 +496,7 @@ def adapter_config(root: Path, ranks: dict[str, int], kinds: dict[str, str], sav
 
 
 def model_card(result: LoraExport, config: dict[str, Any], vector: dict[str, Any], base: dict[str, Any], criterion: dict[str, Any]) -> str:
-    from tvedit import __version__
+    from tvedit.version import __version__
 
     lines = [
         "---", f"base_model: {base['path']}", "library_name: peft", "tags:", "- tvedit", "- lora", "---", "",

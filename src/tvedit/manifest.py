@@ -83,7 +83,7 @@ class Manifest:
 
     def with_step(self, op: str, params: dict[str, Any], inputs: list[dict[str, Any]]) -> Manifest:
         """A copy with one more provenance step appended (the input provenance is kept)."""
-        from tvedit import __version__
+        from tvedit.version import __version__
 
         step = {"op": op, "tvedit": __version__, "params": params, "inputs": inputs}
         data = self.to_dict()

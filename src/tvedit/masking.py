@@ -2,7 +2,7 @@
 
 One table (``MASK_METHODS``) lists every method: what it reads (task vectors or masks), whether
 its inputs are processed jointly (TALL, consensus, intersect, union) or one by one, and a pure
-per-key function built on tvedit.ops.sparsify. Like api.py, everything streams key by key in sorted
+per-key function built on tvedit.ops.sparsify. Like arith.py, everything streams key by key in sorted
 order, and every check that the headers allow (method, option values, key filters, input kinds,
 keys and shapes of masks against vectors, output paths) is made before the first tensor is read,
 so bad input fails fast and leaves no output. Semantics: docs/methods.md.
@@ -10,7 +10,6 @@ so bad input fails fast and leaves no output. Semantics: docs/methods.md.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -21,17 +20,11 @@ from typing import Any
 
 import torch
 
-from tvedit import api
-from tvedit.api import (
-    ArithOptions,
-    Progress,
-    Slot,
-    _input_record,
-    _spec,
-    _target,
-)
+from tvedit import engine
 from tvedit.checks import finite_number
+from tvedit.engine import ArithOptions, Progress, Slot, as_spec, as_target, input_record
 from tvedit.errors import InputError, MismatchError, UsageError
+from tvedit.keys import KeyFilter
 from tvedit.manifest import Manifest
 from tvedit.ops import sparsify
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
@@ -163,7 +156,7 @@ def _breadcrumbs_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -
     o = ctx.options
     n = math.prod(shape)
     seg = shape[-1] if (o["scope"] == "row" and len(shape) >= 1) else n
-    step = api.chunk_numel()
+    step = engine.chunk_numel()
     if 0 < seg <= step:
         def rows(pieces: list[torch.Tensor], _start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             keeps = [sparsify.breadcrumbs_mask(p.view(-1, seg), o["density"], o["beta"]).reshape(-1) for p in pieces]
@@ -277,27 +270,6 @@ def resolve_options(method: MaskMethod, options: dict[str, Any]) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 # key selection
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeyFilter:
-    """fnmatch globs: a key is selected when it matches some include (or none are given) and no exclude."""
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    zero_unselected: bool = False  # unselected tensors are zeroed instead of passed through
-
-    def selects(self, key: str) -> bool:
-        if self.include and not any(fnmatch.fnmatchcase(key, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(key, p) for p in self.exclude)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.include or self.exclude or self.zero_unselected)
-
-    def params(self) -> dict[str, Any]:
-        return {"include": list(self.include), "exclude": list(self.exclude), "unselected": "zero" if self.zero_unselected else "keep"}
-
-
 @dataclass
 class MaskResult:
     """What ``mask`` wrote: the outputs (task vectors, or masks for the mask algebra) and saved masks."""
@@ -377,12 +349,12 @@ def mask(
         raise UsageError(f"mask {method}: --save-mask does not apply (the output is already the result)")
     if (mask_file is None) != (method != "apply"):
         raise UsageError("--mask MASK is required by mask apply" if mask_file is None else f"mask {method}: --mask applies only to mask apply")
-    specs = [_spec(s) for s in inputs]
+    specs = [as_spec(s) for s in inputs]
     if not specs:
         raise UsageError("mask needs at least one input")
     if m.outputs == "one" and len(specs) < 2:
         raise UsageError(f"mask {method} needs at least two masks")
-    target = _target(target)
+    target = as_target(target)
 
     ckpts = [open_checkpoint(s.path) for s in specs]
     for c in ckpts:
@@ -391,7 +363,7 @@ def mask(
     if m.joint:
         for c, keys in zip(ckpts[1:], selected[1:], strict=True):
             _same_keys(ckpts[0], selected[0], c, keys, "input")
-    mask_spec = _spec(mask_file) if mask_file is not None else None
+    mask_spec = as_spec(mask_file) if mask_file is not None else None
     mask_ckpt = open_checkpoint(mask_spec.path) if mask_spec is not None else None
     if mask_ckpt is not None:
         _check_kind(mask_ckpt, MASK_METHODS["invert"])
@@ -425,8 +397,8 @@ def mask(
     params = {"method": method, **resolved, **({} if m.takes == "mask" else keys_filter.params()), **opts.params()}
     if mask_ckpt is not None and mask_ckpt.manifest is not None and mask_ckpt.manifest.density is not None:
         params["mask_density"] = mask_ckpt.manifest.density  # the kept fraction: evaluate widens alpha by its inverse
-    records = [_input_record(s, c, nested=m.joint) for s, c in zip(specs, ckpts, strict=True)]
-    mask_record = [{**_input_record(mask_spec, mask_ckpt), "role": "mask"}] if mask_spec and mask_ckpt else []
+    records = [input_record(s, c, nested=m.joint) for s, c in zip(specs, ckpts, strict=True)]
+    mask_record = [{**input_record(mask_spec, mask_ckpt), "role": "mask"}] if mask_spec and mask_ckpt else []
 
     state: dict[str, Any] = {}
     if resolved.get("scope") == "global":
@@ -461,19 +433,19 @@ def mask(
                 for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
             ]  # fmt: skip
             slot = Slot(opts.compute_dtype)  # the chunks of mask apply
-            sources = api.VectorSources(g_ckpts, None, opts, [])  # the chunks of the other methods
+            sources = engine.VectorSources(g_ckpts, None, opts, [])  # the chunks of the other methods
             for key in g_keys:
                 if key in g_selected and (m.elementwise or m.plan is not None) and _goes_in_chunks(g_ckpts, key, m):
                     ctx = KeyContext(key, group, resolved, state)
                     _write_key_in_chunks(m, ctx, g_ckpts, sources, writers, mask_writers, out_paths[group[0]], opts)
-                elif key in g_selected and m.name == "apply" and g_ckpts[0].is_floating(key) and api.goes_in_chunks(g_ckpts[0], key) and mask_ckpt is not None:
+                elif key in g_selected and m.name == "apply" and g_ckpts[0].is_floating(key) and engine.goes_in_chunks(g_ckpts[0], key) and mask_ckpt is not None:
                     c = g_ckpts[0]  # apply: one input per group; tau * m a chunk at a time
 
                     def apply_range(start: int, count: int, c: Checkpoint = c, key: str = key, slot: Slot = slot) -> torch.Tensor:
                         assert mask_ckpt is not None
                         return sparsify.masked(slot.load_range(c, key, start, count), mask_ckpt.get_mask_range(key, start, count))
 
-                    api._write_in_chunks(writers[0], key, c.info(key).shape, opts.dtype or c.info(key).dtype, apply_range, out_paths[group[0]], opts, check=False)
+                    engine.write_in_chunks(writers[0], key, c.info(key).shape, opts.dtype or c.info(key).dtype, apply_range, out_paths[group[0]], opts, check=False)
                 elif key in g_selected:
                     tensors = [_load(c, key, m, opts) for c in g_ckpts]
                     ctx = KeyContext(key, group, resolved, state, mask_ckpt.get(key) if mask_ckpt is not None else None)
@@ -499,11 +471,11 @@ def mask(
 def _goes_in_chunks(ckpts: list[Checkpoint], key: str, method: MaskMethod) -> bool:
     """Every input holds ``key`` huge and stored densely (masks: bit-packed)."""
     if method.takes == "mask":
-        return all(key in c and math.prod(c.info(key).shape) > api.chunk_numel() and c.encoding(key) == "mask" for c in ckpts)
-    return all(key in c and api.goes_in_chunks(c, key) for c in ckpts)
+        return all(key in c and math.prod(c.info(key).shape) > engine.chunk_numel() and c.encoding(key) == "mask" for c in ckpts)
+    return all(key in c and engine.goes_in_chunks(c, key) for c in ckpts)
 
 
-def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint], sources: api.VectorSources,
+def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint], sources: engine.VectorSources,
                          writers: list[CheckpointWriter], mask_writers: list[CheckpointWriter], out: Path, opts: ArithOptions) -> None:
     """One huge key of every output and saved mask, a chunk at a time, from one pass over the
     inputs (after the key pass the method's plan makes): the bytes of the whole-tensor path."""
@@ -516,7 +488,7 @@ def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint]
         return sources.vector_ranges(key, start, count)
 
     def ranges(start: int, count: int) -> Iterator[list[torch.Tensor]]:
-        step = api.chunk_numel()
+        step = engine.chunk_numel()
         for at in range(start, start + count, step):
             yield pieces(at, min(step, start + count - at))
 
@@ -530,7 +502,7 @@ def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint]
         return [*results[: len(writers)], *keeps[: len(mask_writers)]]
 
     dtypes = [torch.bool if m.takes == "mask" else (opts.dtype or c.info(key).dtype) for c in ckpts][: len(writers)]
-    api._write_in_chunks([*writers, *mask_writers], key, shape, [*dtypes, *[torch.bool] * len(mask_writers)], compute, out, opts, check=False, step=plan.step)
+    engine.write_in_chunks([*writers, *mask_writers], key, shape, [*dtypes, *[torch.bool] * len(mask_writers)], compute, out, opts, check=False, step=plan.step)
 
 
 def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:
@@ -543,7 +515,7 @@ def _stream(ckpts: list[Checkpoint], selected: list[list[str]], opts: ArithOptio
 
     def stream():
         for i, (c, keys) in enumerate(zip(ckpts, selected, strict=True)):
-            sources = api.VectorSources([c], None, opts, keys)
+            sources = engine.VectorSources([c], None, opts, keys)
             for key in keys:
                 for (piece,) in sources.vector_chunks(key):
                     yield i, key, piece

@@ -2,7 +2,7 @@
 
 A YAML file with a ``merge_method`` key is a mergekit configuration. This module parses and
 validates it (every error is one line, exit 2, before any tensor is read) and supplies the merge
-method that ``api.add`` streams key by key, with mergekit's semantics (generalized task arithmetic:
+method that ``arith.add`` streams key by key, with mergekit's semantics (generalized task arithmetic:
 per-model sparsification, weighting, optional TIES sign consensus, normalisation, lambda).
 mergekit is not a dependency: the semantics are written down in docs/mergekit.md and implemented
 here from that description. The random draws (DARE, DELLA) use tvedit's seeded per-(input, key)
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tvedit.api import chunk_numel
+from tvedit.engine import chunk_numel
 from tvedit.errors import InputError, UsageError
 from tvedit.merging import MergeContext, MergeMethod
 from tvedit.ops import sparsify
@@ -367,10 +367,10 @@ def gta_merge(
 
 
 # --------------------------------------------------------------------------------------------
-# the merge method handed to api.add
+# the merge method handed to arith.add
 # --------------------------------------------------------------------------------------------
 def merge_method(recipe: Recipe, seed: int = 0) -> tuple[MergeMethod, list[str]]:
-    """The method for ``api.add(custom=...)`` and the list it fills with the keys that breadcrumbs
+    """The method for ``arith.add(custom=...)`` and the list it fills with the keys that breadcrumbs
     zeroed because gamma * n < 1 (for a warning). Every method goes a chunk at a time on huge
     tensors: a key pass finds each input's cuts and l1 norms over the whole tensor; a tensor merged
     whole is one chunk, so both paths compute the same values by construction."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tvedit._lazy import lazy
 from tvedit.checks import finite_number
 from tvedit.errors import UsageError
+from tvedit.keys import KeyFilter
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +157,7 @@ OPTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
 def _vector_stream(sources: Any) -> sparsify.Stream:
-    """Each input's task-vector tensors, key by key (sources: api.VectorSources); re-iterable."""
+    """Each input's task-vector tensors, key by key (sources: engine.VectorSources); re-iterable."""
 
     def stream():
         for key in sources.keys:
@@ -331,8 +332,6 @@ def svd_route() -> str:
 
 def _prepare_svd(method: str) -> PrepareFn:
     def prepare(sources: Any, options: dict[str, Any]) -> dict[str, Any]:
-        from tvedit.masking import KeyFilter  # masking imports api, which imports this module
-
         resolve_options(method, options)
         if "rank_fraction" in options and options["rank_fraction"] is None:
             options["rank_fraction"] = 1.0 / len(sources.inputs)  # recorded resolved, like the DARE seed

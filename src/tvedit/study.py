@@ -204,6 +204,10 @@ class Step:
 
 
 Runner = Callable[[Sequence[Step]], None]
+# Runs one tvedit command (its arguments) with its output to a log; returns its exit code. The CLI
+# passes one that runs in this process (cli/study_cmds.run_in_process: no interpreter start and no
+# torch import per command); without one, every command is a subprocess (``python -m tvedit``).
+RunCommand = Callable[[Sequence[str], Any], int]
 
 
 def _fmt(x: float) -> str:
@@ -211,8 +215,9 @@ def _fmt(x: float) -> str:
 
 
 class Study:
-    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None):
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None, run_command: RunCommand | None = None):
         self.plan = plan
+        self.run_command = run_command
         self.out = Path(out)
         self.say = progress or (lambda msg: None)
         self.theta0 = self.out / "theta0.safetensors"
@@ -237,8 +242,8 @@ class Study:
                 path.write_text(text)
             log = logs / (step.label.replace("/", "_") + ".log")
             with open(log, "w") as fh:
-                if self.plan.jobs == 1:
-                    rc = _in_process(step.args, fh)
+                if self.plan.jobs == 1 and self.run_command is not None:
+                    rc = self.run_command(step.args, fh)
                 else:
                     rc = subprocess.call([sys.executable, "-m", "tvedit", *step.args], stdout=fh, stderr=subprocess.STDOUT, env=env)
             return step, rc, log
@@ -531,10 +536,11 @@ class Sweep:
     """Every point of every axis is a study in ``OUT/sweep/AXIS/VALUE/`` (resumable: outputs that
     exist are reused); ``sweep.json`` gathers the headline numbers and ``sweep.png`` draws them."""
 
-    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None):
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None, run_command: RunCommand | None = None):
         self.plan = plan
         self.out = Path(out)
         self.say = progress or (lambda msg: None)
+        self.run_command = run_command
         self.axes = sweep_axes(plan)
 
     def point_dir(self, axis: Axis, value: Any) -> Path:
@@ -544,7 +550,7 @@ class Sweep:
         for axis in self.axes:
             for value in axis.values:
                 self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
-                Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say).run()
+                Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say, self.run_command).run()
         result = self.collect()
         write_sweep_outputs(result, self.out)
         return result
@@ -576,26 +582,6 @@ def write_sweep_outputs(result: dict[str, Any], out: Path) -> None:
         sweep_figure(result, out / "sweep.png")
     except (ImportError, UsageError):  # pragma: no cover - matplotlib is the [plot] extra
         pass
-
-
-def _in_process(args: Sequence[str], log: Any) -> int:
-    """Run one tvedit command in this process (jobs = 1: no interpreter start, no torch import per
-    command), its output to ``log``; returns its exit code."""
-    import contextlib
-
-    import click
-
-    from tvedit.cli.app import app
-
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            rc = app(list(args), standalone_mode=False)
-        except click.ClickException as exc:  # bad command line: what click would print, exit 2
-            exc.show(file=log)
-            rc = exc.exit_code
-        except SystemExit as exc:  # pragma: no cover - typer may still exit
-            rc = exc.code
-    return int(rc or 0)
 
 
 def _option(v: Any) -> str:

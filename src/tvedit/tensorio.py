@@ -254,7 +254,7 @@ class Checkpoint:
         self._partial: dict[str, tuple[Any, int]] = {}  # key -> (sha256 so far, next byte) for range reads
         self._stamp: str | None = None
         # the hash this file must have and the file that records it: a first-use --base checked at
-        # commit (api.check_base) instead of hashed up front
+        # commit (engine.check_base) instead of hashed up front
         self.expected: tuple[str, Path] | None = None
         self._verifying = False  # hashing what is read, to compare with the recorded hash (verify_streamed)
         stored = {key: (info["dtype"], list(info["shape"])) for _, _, key, info in entries}
@@ -490,7 +490,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 _entry_digest = headers.entry_digest
 combine_digests = headers.combine_digests
-_cache_dir = headers.cache_dir
 
 
 def content_hash(ckpt: Checkpoint) -> str:

@@ -6,8 +6,8 @@ import importlib
 
 import typer
 
-from tvedit import __version__
 from tvedit.errors import EXIT_CODES
+from tvedit.version import __version__
 
 # One line per command module; each module has register(app).
 COMMAND_MODULES = (

@@ -39,10 +39,10 @@ VERIFY_HELP = (
 LIKE_HELP = "Copy config and tokenizer files from this Hugging Face directory (default: the base's directory)."
 
 
-def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None, verify_inputs: bool = False):
+def arith_options(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None, verify_inputs: bool = False):
     import torch
 
-    from tvedit.api import ArithOptions, parse_mismatch
+    from tvedit.engine import ArithOptions, parse_mismatch
 
     if compute not in ("float32", "float64"):
         raise UsageError(f"--compute-dtype must be float32 or float64, not {compute!r}")
@@ -59,7 +59,7 @@ def _opts(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite:
     )
 
 
-def _inputs(args: list[str]):
+def resolve_cli_inputs(args: list[str]):
     from tvedit.pipeline import resolve_inputs
 
     if not args:
@@ -67,7 +67,7 @@ def _inputs(args: list[str]):
     return resolve_inputs(args)
 
 
-def _target(raw_output: str | None, out_dir: Path | None, force: bool, fmt: str = "safetensors", max_shard_size: str | None = None, like: Path | None = None):
+def cli_target(raw_output: str | None, out_dir: Path | None, force: bool, fmt: str = "safetensors", max_shard_size: str | None = None, like: Path | None = None):
     from tvedit import hfdir
     from tvedit.pipeline import output_target
 
@@ -111,14 +111,14 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Task vectors tau = theta* - theta0, one per fine-tuned checkpoint (floating tensors only)."""
-        from tvedit import api
+        from tvedit import arith
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
-        inputs = _inputs(finetuned)
-        target = _target(output, out_dir, force, fmt, max_shard_size)
+        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
+        inputs = resolve_cli_inputs(finetuned)
+        target = cli_target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar("extract") as bar:
-            arts = api.extract(inputs.items, InputSpec(base), target, opts, bar)
+            arts = arith.extract(inputs.items, InputSpec(base), target, opts, bar)
         report(arts, json_mode(as_json))
 
     @app.command()
@@ -148,23 +148,23 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
-        from tvedit import api
+        from tvedit import arith
         from tvedit.pipeline import InputSpec
 
-        opts = _opts(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
+        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
         recipe = _mergekit_recipe(inputs)
         if recipe is not None:
             given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]
             if given or emit != "checkpoint" or any(not o.startswith("seed=") for o in option):
                 raise UsageError(f"{inputs[0]}: a mergekit recipe sets method, weights and base itself; only --option seed=N applies ({(given or ['--option/--emit'])[0]} given)")
-            target = _target(output, None, force, fmt, max_shard_size, like)
+            target = cli_target(output, None, force, fmt, max_shard_size, like)
             _run_mergekit(recipe, option, opts, target, dtype, compute_dtype, as_json)
             return
         cli_options = parse_options(option)
         cli_options.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v})
         if method is not None:  # options given with --method are checked before stdin or any file is read
             _check_method_options(method, cli_options)
-        resolved = _inputs(inputs)
+        resolved = resolve_cli_inputs(inputs)
         recipe = resolved.options
         check_recipe(recipe, recipe_name(inputs))
         method = method or recipe.get("method", "sum")
@@ -175,22 +175,22 @@ def register(app: typer.Typer) -> None:
             alpha = finite_number(recipe.get("alpha", 1.0), f"{recipe_name(inputs)}: alpha")
         weight_list = parse_weights(weights, len(resolved.items)) if weights else None
         base_path = base or (Path(recipe["base"]) if recipe.get("base") else None)
-        target = _target(output, None, force, fmt, max_shard_size, like)
+        target = cli_target(output, None, force, fmt, max_shard_size, like)
         with progress_bar(f"add ({method})") as bar:
-            art = api.add(
+            art = arith.add(
                 resolved.items, target, base=InputSpec(base_path) if base_path else None, alpha=alpha,
                 weights=weight_list, method=method, method_options=method_options, emit=emit, opts=opts, progress=bar,
             )  # fmt: skip
         report([art], json_mode(as_json))
 
     def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs) -> None:
-        from tvedit import api
+        from tvedit import arith
 
-        opts = _opts(dtype, compute_dtype, False, allow_nonfinite, layout, verify_inputs=verify_inputs)
-        resolved = _inputs(inputs)
-        target = _target(output, out_dir, force, fmt, max_shard_size)
+        opts = arith_options(dtype, compute_dtype, False, allow_nonfinite, layout, verify_inputs=verify_inputs)
+        resolved = resolve_cli_inputs(inputs)
+        target = cli_target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar(op) as bar:
-            arts = api.scale(resolved.items, by, target, opts, bar, _op=op)
+            arts = arith.scale(resolved.items, by, target, opts, bar, _op=op)
         report(arts, json_mode(as_json))
 
     @app.command()
@@ -254,7 +254,7 @@ def _mergekit_recipe(args: list[str]):
 def _run_mergekit(recipe, option: list[str], opts, target, dtype: str | None, compute_dtype: str, as_json: bool) -> None:
     import torch
 
-    from tvedit import api, hfdir, mergekit
+    from tvedit import arith, hfdir, mergekit
     from tvedit.pipeline import InputSpec
 
     seed = parse_options(option).get("seed", 0)
@@ -266,7 +266,7 @@ def _run_mergekit(recipe, option: list[str], opts, target, dtype: str | None, co
         opts.compute_dtype = torch.float64
     method, zeroed = mergekit.merge_method(recipe, seed)
     with progress_bar(f"add (mergekit {recipe.method_name})") as bar:
-        art = api.add(
+        art = arith.add(
             [InputSpec(p) for p in recipe.models], target, base=InputSpec(recipe.base), alpha=1.0,
             method=method.name, method_options=mergekit.provenance_options(recipe, seed), opts=opts, progress=bar, custom=method,
         )  # fmt: skip

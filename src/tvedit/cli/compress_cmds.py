@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from tvedit.cli.arith_cmds import COMPUTE_HELP, LAYOUT_HELP, _inputs, _opts, _target
+from tvedit.cli.arith_cmds import (
+    COMPUTE_HELP,
+    LAYOUT_HELP,
+    arith_options,
+    cli_target,
+    resolve_cli_inputs,
+)
 from tvedit.cli.common import (
     FINITE,
     FORCE_HELP,
@@ -42,13 +48,13 @@ def register(app: typer.Typer) -> None:
         """Store each 2-D tensor of task vectors as its truncated SVD: KEY::U, KEY::S, KEY::V (every command reads it back dense)."""
         from tvedit.compress import check_rank_options
         from tvedit.compress import compress as run
-        from tvedit.masking import KeyFilter
+        from tvedit.keys import KeyFilter
 
         check_rank_options(rank, rank_fraction, energy)
-        opts = _opts(None, compute_dtype, False, False, layout)
+        opts = arith_options(None, compute_dtype, False, False, layout)
         dtype = parse_dtype_option(factor_dtype)
-        resolved = _inputs(inputs)
-        target = _target(output, out_dir, force)
+        resolved = resolve_cli_inputs(inputs)
+        target = cli_target(output, out_dir, force)
         with progress_bar("compress") as bar:
             arts = run(
                 resolved.items, target, rank=rank, rank_fraction=rank_fraction, energy=energy,

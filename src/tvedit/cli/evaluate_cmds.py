@@ -252,7 +252,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Accuracy of a checkpoint or of theta0 + alpha * sum(vectors) on each task's test split, and the
         task-addition, task-negation and weight-disentanglement protocols (docs/evaluate.md)."""
-        from tvedit.api import parse_mismatch
+        from tvedit.engine import parse_mismatch
 
         allowed = parse_mismatch(allow_mismatch)
         if allowed - {"base", "regime"}:

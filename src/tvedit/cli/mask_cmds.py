@@ -9,11 +9,11 @@ import typer
 from tvedit.cli.arith_cmds import (
     COMPUTE_HELP,
     LAYOUT_HELP,
-    _inputs,
-    _opts,
-    _target,
+    arith_options,
     check_recipe,
+    cli_target,
     recipe_name,
+    resolve_cli_inputs,
 )
 from tvedit.cli.common import (
     FINITE,
@@ -74,23 +74,24 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
-        from tvedit.masking import MASK_METHODS, KeyFilter
+        from tvedit.keys import KeyFilter
+        from tvedit.masking import MASK_METHODS
         from tvedit.masking import mask as run_mask
         from tvedit.pipeline import InputSpec
 
         if method not in MASK_METHODS:
             raise UsageError(f"unknown mask method {method!r}; choose one of: {', '.join(MASK_METHODS)}")
         options = {"density": density, "scope": scope, "seed": seed, "rescale": rescale, "beta": beta, "lambda": lam, "min_agree": min_agree}
-        opts = _opts(dtype, compute_dtype, False, False, layout)
+        opts = arith_options(dtype, compute_dtype, False, False, layout)
         # validate options before reading stdin or any file
         from tvedit.masking import resolve_options
 
         resolve_options(MASK_METHODS[method], options)
-        resolved = _inputs(inputs)
+        resolved = resolve_cli_inputs(inputs)
         check_recipe(resolved.options, recipe_name(inputs))
         if mask_file is None and resolved.options.get("mask"):
             mask_file = Path(resolved.options["mask"])
-        target = _target(output, out_dir, force)
+        target = cli_target(output, out_dir, force)
         if save_mask is not None:
             check_output_parent(save_mask)
         keys_filter = KeyFilter(tuple(include), tuple(exclude), zero_unselected)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
         if plan.sweep:
             from tvedit.study import Sweep, point_label, point_plan
 
-            sweep = Sweep(plan, output, progress=say)
+            sweep = Sweep(plan, output, progress=say, run_command=functools.partial(run_in_process, app))
             if dry_run:
                 for axis in sweep.axes:
                     for value in axis.values:
@@ -79,7 +82,7 @@ def register(app: typer.Typer) -> None:
             else:
                 err_console.print(f"sweep written to {output}/ (sweep.json, sweep.png; one study per point under sweep/)")
             return
-        s = Study(plan, output, progress=say)
+        s = Study(plan, output, progress=say, run_command=functools.partial(run_in_process, app))
         if dry_run:
             first = plan.seeds[0]
             steps = [s.init_step()] + [s.finetune_step(r, x, first, t) for r in plan.regimes for x in plan.lrs(r) for t in plan.tasks]
@@ -97,3 +100,21 @@ def register(app: typer.Typer) -> None:
 
             Console().print(Markdown((output / "results.md").read_text()))
             err_console.print(f"study written to {output}/ (study.json, results.md, study.png)")
+
+
+def run_in_process(app: typer.Typer, args: Sequence[str], log: Any) -> int:
+    """Run one tvedit command in this process (a study with jobs = 1: no interpreter start, no torch
+    import per command), its output to ``log``; returns its exit code (study.RunCommand)."""
+    import contextlib
+
+    from tvedit.cli.common import PARSER_ERRORS, print_error, usage_error_line
+
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            rc = app(list(args), standalone_mode=False)
+        except PARSER_ERRORS as exc:  # bad command line: the one line main() prints, exit 2
+            print_error(usage_error_line(exc))
+            rc = getattr(exc, "exit_code", 2)
+        except SystemExit as exc:  # pragma: no cover - typer may still exit
+            rc = exc.code
+    return int(rc or 0)

@@ -37,7 +37,9 @@ def register(app: typer.Typer) -> None:
         if like is not None and hfdir.hf_root(like) is None:
             raise UsageError(f"--like {like}: not a Hugging Face directory (no config.json)")
         shard = hfdir.parse_size(max_shard_size) if max_shard_size is not None else None
-        art = hfdir.export(checkpoint, output, like=like, dtype=parse_dtype_option(dtype), force=force, max_shard_size=shard)
+        from tvedit.models.hf_seq2seq import export_hf
+
+        art = export_hf(checkpoint, output, like=like, dtype=parse_dtype_option(dtype), force=force, max_shard_size=shard)
         if json_mode(as_json):
             print_json({"path": str(art.path), "kind": "hf-directory", "source": str(checkpoint), "sha256": art.manifest.sha256})
         else:

@@ -131,10 +131,10 @@ def zero_shot_head(theta0: Theta0, model: torch.nn.Module, task: Task) -> Tensor
         return task.head(theta0.adapter)
     from safetensors.torch import load_file, save_file
 
-    from tvedit.tensorio import _cache_dir
+    from tvedit.headers import cache_dir
 
     key = hashlib.sha256(json.dumps([theta0.sha256, task.data.classes, task.templates]).encode()).hexdigest()
-    cache = _cache_dir() / "heads" / f"{key}.safetensors"
+    cache = cache_dir() / "heads" / f"{key}.safetensors"
     device = next(model.parameters()).device
     if cache.exists():
         try:

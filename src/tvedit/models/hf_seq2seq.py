@@ -416,11 +416,24 @@ def init_from_directory(hf_dir: str | Path, output: str | Path, *, force: bool =
     return save_tensors(output, adapter.state_dict(model), manifest, force=force)
 
 
-def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path | None = None, dtype: torch.dtype | None = None, force: bool = False) -> Path:
-    """Write a tvedit checkpoint as a Hugging Face directory (any architecture: hfdir.export)."""
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path | None = None, dtype: torch.dtype | None = None, force: bool = False, max_shard_size: int | None = None) -> Artifact:
+    """Write a tvedit checkpoint as a Hugging Face directory (any architecture: hfdir.export). A
+    seq2seq checkpoint that records no directory (a tokenizer that needs no file, e.g. ByT5, and its
+    config in the manifest) is written through this adapter instead."""
     from tvedit import hfdir
+    from tvedit.tensorio import Checkpoint
 
-    return hfdir.export(checkpoint, out_dir, like=like, dtype=dtype, force=force).path
+    ckpt = Checkpoint(checkpoint)
+    manifest = ckpt.manifest or Manifest()
+    if like is None and manifest.family == FAMILY and ckpt.kind == "checkpoint" and manifest.regime != "linearized" and hfdir.recorded_source(manifest) is None:
+        path = export_with_adapter(checkpoint, out_dir, dtype=dtype, force=force)
+        return Artifact(path, Checkpoint(path).manifest or manifest)
+    return hfdir.export(checkpoint, out_dir, like=like, dtype=dtype, force=force, max_shard_size=max_shard_size)
+
+
+def export_directory(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path | None = None, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """``export_hf``'s directory."""
+    return export_hf(checkpoint, out_dir, like=like, dtype=dtype, force=force).path
 
 
 def export_with_adapter(checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None, force: bool = False) -> Path:

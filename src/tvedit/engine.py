@@ -1,9 +1,12 @@
-"""The library entry points behind the arithmetic commands: extract, add, scale, negate.
+"""The one streaming executor under every tensor command.
 
-Every operation streams: inputs are memory-mapped, one key is processed at a time (its tensors from
-every input, computed in float32), written, and freed. All checks that can be made from the headers
-(keys, shapes, bases, regimes) are made before the first tensor is read, so bad input fails fast
-and leaves no output behind.
+Given input checkpoints, an output target and a per-key computation, it does what every command
+needs and none should write again: opening and checking inputs (keys, shapes, bases, regimes,
+families; all from the headers, before the first tensor is read), base resolution, read-ahead on a
+background thread per input (hashing what is read), going in chunks of ``TVEDIT_CHUNK_MIB`` for huge
+tensors, encoding, exclusive durable writing (``open_writer``), and the checks of what is written.
+Commands (``arith``, ``masking``, ``compress``, ``mergekit``) keep only their semantics: which keys,
+which pure function of ``ops/``, which manifest step.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,9 @@ import torch
 
 from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
-from tvedit.manifest import Manifest, base_candidates, base_ref
-from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
-from tvedit.ops.svd import Factors
-from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
-from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
+from tvedit.manifest import Manifest, base_candidates
+from tvedit.pipeline import InputSpec, OutputTarget
+from tvedit.tensorio import Checkpoint, CheckpointWriter, open_checkpoint
 
 Progress = Callable[[int, int, str], None]
 
@@ -75,11 +76,11 @@ def parse_mismatch(value: str | Iterable[str] | None) -> frozenset[str]:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _spec(x: InputSpec | str | os.PathLike[str]) -> InputSpec:
+def as_spec(x: InputSpec | str | os.PathLike[str]) -> InputSpec:
     return x if isinstance(x, InputSpec) else InputSpec(Path(x))
 
 
-def _target(x: OutputTarget | str | os.PathLike[str] | None, force: bool = False) -> OutputTarget:
+def as_target(x: OutputTarget | str | os.PathLike[str] | None, force: bool = False) -> OutputTarget:
     if isinstance(x, OutputTarget):
         return x
     if x is None:
@@ -92,7 +93,7 @@ def _target(x: OutputTarget | str | os.PathLike[str] | None, force: bool = False
 PENDING_HASH = "0" * 64
 
 
-def _hash_of(ckpt: Checkpoint, final: bool = True) -> str:
+def hash_of(ckpt: Checkpoint, final: bool = True) -> str:
     """``ckpt``'s content hash; before the stream (``final=False``) a placeholder for a file
     without a known hash, which is then hashed as it is read (no separate hashing pass)."""
     if final or ckpt.known_sha256() is not None:
@@ -100,11 +101,11 @@ def _hash_of(ckpt: Checkpoint, final: bool = True) -> str:
     return PENDING_HASH if ckpt.hash_while_reading() else ckpt.sha256
 
 
-def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None, nested: bool = False, final: bool = True) -> dict[str, Any]:
+def input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None, nested: bool = False, final: bool = True) -> dict[str, Any]:
     """One input in a provenance step; ``nested`` embeds the input's own provenance (multi-input ops)."""
     rec: dict[str, Any] = {
         "path": None if spec.ephemeral else str(spec.path),
-        "sha256": _hash_of(ckpt, final),
+        "sha256": hash_of(ckpt, final),
         "kind": ckpt.kind,
     }
     if weight is not None:
@@ -114,7 +115,7 @@ def _input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None
     return rec
 
 
-def _check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> None:
+def check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> None:
     if opts.allow_nonfinite or not t.is_floating_point() or t.numel() == 0:
         return
     lo, hi = torch.aminmax(t)  # one pass, no temporary: NaN propagates and Inf shows at an end
@@ -122,7 +123,7 @@ def _check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> N
         raise NumericError(f"{out}: key {key!r}: result contains NaN or Inf (use --allow-nonfinite to keep it)")
 
 
-def _model_of(*ckpts: Checkpoint | None, like: Path | None = None) -> dict[str, Any]:
+def model_of(*ckpts: Checkpoint | None, like: Path | None = None) -> dict[str, Any]:
     for c in ckpts:
         if c is not None and c.manifest and c.manifest.family != "unknown":
             return dict(c.manifest.model)
@@ -133,18 +134,18 @@ def _model_of(*ckpts: Checkpoint | None, like: Path | None = None) -> dict[str, 
     return hfdir.model_info(like) if like is not None else {"family": "unknown"}
 
 
-def _family_group(family: str) -> str:
+def family_group(family: str) -> str:
     return "hf" if family.startswith("hf") else family  # hf and hf-seq2seq weights mix
 
 
-def _check_families(ckpts: Iterable[Checkpoint], opts: ArithOptions) -> None:
-    fams = {(_family_group(c.manifest.family), c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
+def check_families(ckpts: Iterable[Checkpoint], opts: ArithOptions) -> None:
+    fams = {(family_group(c.manifest.family), c.path) for c in ckpts if c.manifest and c.manifest.family != "unknown"}
     if len({f for f, _ in fams}) > 1 and "family" not in opts.allow_mismatch:
         listing = ", ".join(f"{p} ({f})" for f, p in sorted(fams, key=str))
         raise MismatchError(f"inputs come from different model families: {listing} (use --allow-mismatch family to mix)")
 
 
-def _regime(ckpts: Sequence[Checkpoint], opts: ArithOptions) -> str:
+def regime_of(ckpts: Sequence[Checkpoint], opts: ArithOptions) -> str:
     regimes = {c.path: (c.manifest.regime if c.manifest else "nonlinear") for c in ckpts}
     if len(set(regimes.values())) > 1:
         if "regime" not in opts.allow_mismatch:
@@ -154,36 +155,36 @@ def _regime(ckpts: Sequence[Checkpoint], opts: ArithOptions) -> str:
     return next(iter(regimes.values())) if regimes else "nonlinear"
 
 
-def _check_shapes(base: Checkpoint, other: Checkpoint, keys: Iterable[str]) -> None:
+def check_shapes(base: Checkpoint, other: Checkpoint, keys: Iterable[str]) -> None:
     for key in keys:
         a, b = base.info(key).shape, other.info(key).shape
         if a != b:
             raise MismatchError(f"{other.path}: key {key!r}: shape {list(b)} does not match {list(a)} in {base.path}")
 
 
-def _float_keys(ckpt: Checkpoint) -> list[str]:
+def float_keys(ckpt: Checkpoint) -> list[str]:
     return [k for k in ckpt.keys() if ckpt.is_floating(k)]
 
 
-def _open_all(specs: Sequence[InputSpec]) -> list[Checkpoint]:
+def open_all(specs: Sequence[InputSpec]) -> list[Checkpoint]:
     return [open_checkpoint(s.path) for s in specs]
 
 
-def _out_dtype(opts: ArithOptions, fallback: torch.dtype) -> torch.dtype:
+def out_dtype(opts: ArithOptions, fallback: torch.dtype) -> torch.dtype:
     return opts.dtype or fallback
 
 
-def _out_sizes(keys: Sequence[str], refs: Sequence[Checkpoint | None], opts: ArithOptions) -> dict[str, int]:
+def out_sizes(keys: Sequence[str], refs: Sequence[Checkpoint | None], opts: ArithOptions) -> dict[str, int]:
     """Output bytes per key (dense): the shape and dtype of the first reference holding it."""
     sizes = {}
     for key in keys:
         info = next(c.info(key) for c in refs if c is not None and key in c)
         dtype = opts.dtype if (opts.dtype is not None and info.dtype.is_floating_point) else info.dtype
-        sizes[key] = _numel(info.shape) * dtype.itemsize
+        sizes[key] = numel(info.shape) * dtype.itemsize
     return sizes
 
 
-def _open_writer(
+def open_writer(
     target: OutputTarget, out: Path, manifest: Manifest, keys: Sequence[str], protect: Sequence[Path],
     opts: ArithOptions, refs: Sequence[Checkpoint | None], base: Checkpoint | None = None,
 ) -> CheckpointWriter | hfdir.HFDirWriter:
@@ -196,7 +197,7 @@ def _open_writer(
         raise UsageError(f"{out}: a Hugging Face directory needs a config.json, and no input is a Hugging Face directory; pass --like HF_DIR")
     drop = hfdir.tied_aliases(root or target.hf.like, base, keys)
     return hfdir.HFDirWriter(
-        out, manifest, _out_sizes(keys, refs, opts), options=target.hf, force=target.force, inputs=protect,
+        out, manifest, out_sizes(keys, refs, opts), options=target.hf, force=target.force, inputs=protect,
         layout=opts.layout, source=source, drop=drop,
     )  # fmt: skip
 
@@ -217,13 +218,13 @@ def chunk_numel() -> int:
 def goes_in_chunks(ckpt: Checkpoint, key: str) -> bool:
     """A dense-stored tensor larger than one chunk: element-wise work on it goes a chunk at a time
     (sparse and low-rank storage is decoded whole; it is small)."""
-    return _numel(ckpt.info(key).shape) > chunk_numel() and not ckpt.is_sparse(key)
+    return numel(ckpt.info(key).shape) > chunk_numel() and not ckpt.is_sparse(key)
 
 
 # --------------------------------------------------------------------------------------------
 # workspace: (N+2) buffers of the largest tensor, allocated once and reused for every key
 # --------------------------------------------------------------------------------------------
-def _numel(shape: Sequence[int]) -> int:
+def numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -233,7 +234,7 @@ def _numel(shape: Sequence[int]) -> int:
 _READER: ThreadPoolExecutor | None = None
 
 
-def _reader() -> ThreadPoolExecutor:
+def reader() -> ThreadPoolExecutor:
     """The background threads that read the next chunk ahead (Slot.load_range): one per slot in
     flight (a slot has at most one read ahead), so each input is read, and on first use hashed
     (Checkpoint.get_range; sha256 releases the GIL), on its own thread, beside the others and
@@ -263,7 +264,7 @@ class Slot:
         self._ahead: tuple[tuple[int, str, int, int], Future[Any]] | None = None
 
     def _work(self, shape: Sequence[int]) -> torch.Tensor:
-        n = _numel(shape)
+        n = numel(shape)
         if self.work.numel() < n:
             self.work = torch.empty(n, dtype=self.compute_dtype)
         return self.work[:n].view(tuple(shape))
@@ -290,7 +291,7 @@ class Slot:
         elif info.dtype == self.compute_dtype:
             ckpt.get(key, out=work)
         else:
-            nbytes = _numel(info.shape) * info.dtype.itemsize
+            nbytes = numel(info.shape) * info.dtype.itemsize
             raw = self._raw(nbytes).view(info.dtype).view(info.shape)
             work.copy_(ckpt.get(key, out=raw))
         return work
@@ -305,13 +306,13 @@ class Slot:
             raw = self.raw[:nbytes].view(info.dtype)
         else:
             raw = ckpt.get_range(key, start, self._raw(nbytes).view(info.dtype))
-        total, after = _numel(info.shape), start + count
+        total, after = numel(info.shape), start + count
         if after < total:  # read the next range of the same size ahead
             n_next = min(count, total - after)
             if self.spare.numel() < n_next * item:
                 self.spare = torch.empty(n_next * item, dtype=torch.uint8)
             buf = self.spare[: n_next * item].view(info.dtype)
-            self._ahead = ((id(ckpt), key, after, n_next), _reader().submit(ckpt.get_range, key, after, buf))
+            self._ahead = ((id(ckpt), key, after, n_next), reader().submit(ckpt.get_range, key, after, buf))
         if info.dtype == self.compute_dtype:
             return raw  # the caller may modify it: the next read ahead goes into the other buffer
         return self._work((count,)).copy_(raw)
@@ -396,7 +397,7 @@ class VectorSources:
         if not self.chunked(key):
             yield self.vectors(key)
             return
-        n, step = _numel(self._shape(key)), step or chunk_numel()
+        n, step = numel(self._shape(key)), step or chunk_numel()
         for start in range(0, n, step):
             yield self.vector_ranges(key, start, min(step, n - start))
 
@@ -407,23 +408,23 @@ class VectorSources:
         raise MismatchError(f"key {key!r} is in no input")
 
 
-def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: ArithOptions) -> list[str]:
+def vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: ArithOptions) -> list[str]:
     """Keys of the merged task vector, after checking keys and shapes across all inputs."""
     for c in inputs:
         if c.kind == "mask":
             raise MismatchError(f"{c.path}: is a mask, not a task vector or checkpoint (use tvedit mask --apply)")
     if base is not None:
-        keys = _float_keys(base)
+        keys = float_keys(base)
         for c in inputs:
-            extra = sorted(set(_float_keys(c)) - set(keys))
+            extra = sorted(set(float_keys(c)) - set(keys))
             if extra:
                 raise MismatchError(f"{c.path}: key {extra[0]!r} is not in the base {base.path}")
             present = [k for k in keys if k in c]
-            _check_shapes(base, c, present)
+            check_shapes(base, c, present)
     else:
-        keys = sorted({k for c in inputs for k in _float_keys(c)})
+        keys = sorted({k for c in inputs for k in float_keys(c)})
         for c in inputs[1:]:
-            _check_shapes(inputs[0], c, [k for k in c.keys() if k in inputs[0]])
+            check_shapes(inputs[0], c, [k for k in c.keys() if k in inputs[0]])
     if not opts.allow_missing:
         for c in inputs:
             for k in keys:
@@ -432,13 +433,13 @@ def _vector_keys(inputs: Sequence[Checkpoint], base: Checkpoint | None, opts: Ar
     return keys
 
 
-def _check_base_hash(ckpt: Checkpoint, want: str, source: Path) -> None:
+def check_base_hash(ckpt: Checkpoint, want: str, source: Path) -> None:
     """``ckpt`` (a --base) has the hash ``want`` that the task vector ``source`` records."""
     if ckpt.sha256 != want:
         raise MismatchError(f"{ckpt.path}: base hash {ckpt.sha256[:12]} differs from the base {want[:12]} recorded in {source} (use --allow-mismatch base to use it anyway)")
 
 
-def _verify_start(ckpts: Iterable[Checkpoint | None], opts: ArithOptions) -> None:
+def verify_start(ckpts: Iterable[Checkpoint | None], opts: ArithOptions) -> None:
     """With --verify-inputs: hash each input with a recorded hash while the operation reads it."""
     if opts.verify_inputs:
         for c in ckpts:
@@ -446,7 +447,7 @@ def _verify_start(ckpts: Iterable[Checkpoint | None], opts: ArithOptions) -> Non
                 c.verify_while_reading()
 
 
-def _verify_end(ckpts: Iterable[Checkpoint | None]) -> None:
+def verify_end(ckpts: Iterable[Checkpoint | None]) -> None:
     """Before a commit: every input being verified hashes to its recorded hash (else InputError)."""
     for c in ckpts:
         if c is not None:
@@ -456,10 +457,10 @@ def _verify_end(ckpts: Iterable[Checkpoint | None]) -> None:
 def check_base(ckpt: Checkpoint | None) -> None:
     """The deferred check of a first-use --base against the hash its task vectors record."""
     if ckpt is not None and ckpt.expected is not None:
-        _check_base_hash(ckpt, *ckpt.expected)
+        check_base_hash(ckpt, *ckpt.expected)
 
 
-def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: Sequence[InputSpec], needed: bool, opts: ArithOptions) -> Checkpoint | None:
+def resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: Sequence[InputSpec], needed: bool, opts: ArithOptions) -> Checkpoint | None:
     """theta0 from --base or from the base recorded in the inputs; all must agree by hash."""
     recorded: dict[str, tuple[str | None, Path]] = {}
     for c in inputs:
@@ -479,7 +480,7 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
                 # before the output is committed (check_base), instead of one more pass up front
                 ckpt.expected = (want, source)
                 return ckpt
-            _check_base_hash(ckpt, want, source)
+            check_base_hash(ckpt, want, source)
         return ckpt
     if not needed:
         return None
@@ -497,200 +498,7 @@ def _resolve_base(base: InputSpec | None, inputs: Sequence[Checkpoint], specs: S
     raise MismatchError(f"{found[0]}: base recorded in {src} has changed (hash {got[:12]} != {want[:12]}); pass --base")
 
 
-# --------------------------------------------------------------------------------------------
-# extract
-# --------------------------------------------------------------------------------------------
-def extract(
-    finetuned: Sequence[InputSpec | str | os.PathLike[str]],
-    base: InputSpec | str | os.PathLike[str],
-    target: OutputTarget | str | os.PathLike[str] | None,
-    opts: ArithOptions | None = None,
-    progress: Progress | None = None,
-) -> list[Artifact]:
-    """tau = theta* - theta0 for each fine-tuned checkpoint (floating tensors only)."""
-    opts = opts or ArithOptions()
-    specs = [_spec(f) for f in finetuned]
-    base_spec = _spec(base)
-    target = _target(target)
-    base_ckpt = open_checkpoint(base_spec.path)
-    if base_ckpt.kind != "checkpoint":
-        raise InputError(f"{base_spec.path}: --base must be a checkpoint, not a {base_ckpt.kind}")
-    ckpts = _open_all(specs)
-    for c in ckpts:
-        if c.kind != "checkpoint":
-            raise InputError(f"{c.path}: is a {c.kind}; extract takes fine-tuned checkpoints")
-    _check_families([base_ckpt, *ckpts], opts)
-    hfdir.check_inputs(base_ckpt, ckpts)
-    keys_per = [_vector_keys([c], base_ckpt, opts) for c in ckpts]
-    paths = [target.path_for(s, "tv", len(specs)) for s in specs]
-    _verify_start([base_ckpt, *ckpts], opts)
-    artifacts = []
-    for spec, ckpt, keys, out in zip(specs, ckpts, keys_per, paths, strict=True):
-        src = ckpt.manifest or Manifest()
-
-        def manifest_for(final: bool, src: Manifest = src, spec: InputSpec = spec, ckpt: Checkpoint = ckpt) -> Manifest:
-            return Manifest(
-                kind="task-vector",
-                model=_model_of(ckpt, base_ckpt),
-                regime=src.regime,
-                base=base_ref(_hash_of(base_ckpt, final), None if base_spec.ephemeral else str(base_spec.path)),
-                task=src.task,
-                provenance=list(src.provenance),
-            ).with_step("extract", opts.params(), [_input_record(spec, ckpt, final=final), _input_record(base_spec, base_ckpt, final=final)])
-
-        inputs = [s.path for s in specs] + [base_spec.path]
-        sources = VectorSources([ckpt], base_ckpt, opts, keys)
-        with _open_writer(target, out, manifest_for(False), keys, inputs, opts, [base_ckpt, ckpt], base_ckpt) as w:
-            for i, key in enumerate(keys):
-                dtype = _out_dtype(opts, base_ckpt.info(key).dtype)
-                if sources.chunked(key):
-                    _write_in_chunks(w, key, sources._shape(key), dtype, lambda s, c, k=key, src=sources: src.vector_ranges(k, s, c)[0], out, opts)
-                else:
-                    (tau,) = sources.vectors(key)  # theta* - theta0 (zero where allowed missing)
-                    _check_finite(tau, out, key, opts)
-                    w.write(key, tau.to(dtype))
-                if progress:
-                    progress(i + 1, len(keys), key)
-            _verify_end([base_ckpt, ckpt])
-            w.manifest = manifest_for(True)  # the input hashes, computed while streaming
-            artifacts.append(w.commit())
-    consume_ephemeral(specs + [base_spec])
-    return artifacts
-
-
-# --------------------------------------------------------------------------------------------
-# add (and every merge method)
-# --------------------------------------------------------------------------------------------
-def add(
-    inputs: Sequence[InputSpec | str | os.PathLike[str]],
-    target: OutputTarget | str | os.PathLike[str] | None,
-    *,
-    base: InputSpec | str | os.PathLike[str] | None = None,
-    alpha: float = 1.0,
-    weights: Sequence[float] | None = None,
-    method: str = "sum",
-    method_options: dict[str, Any] | None = None,
-    emit: str = "checkpoint",
-    opts: ArithOptions | None = None,
-    progress: Progress | None = None,
-    custom: MergeMethod | None = None,
-) -> Artifact:
-    """theta0 + alpha * merge(w_i tau_i) as a checkpoint, or alpha * merge(...) as a task vector.
-
-    ``custom``: a merge method built outside the table (a mergekit recipe: mergekit.py)."""
-    opts = opts or ArithOptions()
-    merge = custom or get_method(method)
-    method_options = dict(method_options or {})
-    if method in OPTION_DEFAULTS:
-        resolve_options(method, dict(method_options))  # bad option values fail before any file is opened
-    if emit not in ("checkpoint", "vector"):
-        raise UsageError(f"--emit must be 'checkpoint' or 'vector', not {emit!r}")
-    specs = [_spec(s) for s in inputs]
-    if not specs:
-        raise UsageError("add needs at least one input")
-    if weights is None:
-        weights = [s.weight if s.weight is not None else 1.0 for s in specs]
-    if len(weights) != len(specs):
-        raise UsageError(f"{len(weights)} weights for {len(specs)} inputs")
-    target = _target(target)
-    base_spec = _spec(base) if base is not None else None
-    ckpts = _open_all(specs)
-    base_ckpt = _resolve_base(base_spec, ckpts, specs, emit == "checkpoint", opts)
-    if base_ckpt is not None and base_spec is None:
-        base_spec = InputSpec(base_ckpt.path)
-    _check_families([c for c in [base_ckpt, *ckpts] if c is not None], opts)
-    hfdir.check_inputs(base_ckpt, ckpts)
-    regime = _regime(ckpts, opts)
-    keys = _vector_keys(ckpts, base_ckpt, opts)
-    out = target.path_for(None, "merged" if emit == "checkpoint" else "sum", 1)
-    _verify_start([base_ckpt, *ckpts], opts)
-    sources = VectorSources(ckpts, base_ckpt, opts, keys)
-    state = merge.prepare(sources, method_options) if merge.prepare else {}
-
-    params = {"alpha": alpha, "method": method, "method_options": method_options, "emit": emit, **opts.params()}
-    if target.hf is not None:
-        params.update(target.hf.params())
-
-    def manifest_for(final: bool) -> Manifest:
-        records = [_input_record(s, c, w, nested=True, final=final) for s, c, w in zip(specs, ckpts, weights, strict=True)]
-        if base_ckpt is not None and base_spec is not None:
-            records.append({**_input_record(base_spec, base_ckpt, final=final), "role": "base"})
-        return Manifest(
-            kind="checkpoint" if emit == "checkpoint" else "task-vector",
-            model=_model_of(base_ckpt, *ckpts, like=target.hf.like if target.hf is not None else None),
-            regime=regime,
-            base=base_ref(_hash_of(base_ckpt, final), str(base_ckpt.path)) if base_ckpt is not None else (ckpts[0].manifest.base if ckpts[0].manifest else None),
-            task={"merged": [c.manifest.task for c in ckpts if c.manifest and c.manifest.task]} if emit == "vector" else None,
-        ).with_step("add", params, records)
-
-    manifest = manifest_for(False)
-
-    protect = [s.path for s in specs] + ([base_spec.path] if base_spec else [])
-    all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
-    key_set = set(keys)
-    acc = Slot(opts.compute_dtype)
-    with _open_writer(target, out, manifest, all_keys, protect, opts, [base_ckpt, *ckpts], base_ckpt) as w:
-        for i, key in enumerate(all_keys):
-            if key not in key_set:  # integer/bool tensors: copied from theta0
-                assert base_ckpt is not None
-                w.write(key, base_ckpt.get(key))
-                continue
-            shape = sources._shape(key)
-            ref = base_ckpt if base_ckpt is not None else next(c for c in ckpts if key in c)
-            dtype = _out_dtype(opts, ref.info(key).dtype)
-            if merge.chunkable(method_options, key) and sources.chunked(key):
-                ctx = MergeContext(key, list(weights), method_options, state)
-                compute = _merge_ranges(sources, key, merge, ctx, alpha, emit == "checkpoint", acc)
-                _write_in_chunks(w, key, shape, dtype, compute, out, opts, step=ctx.key_state.get("step"))
-                if progress:
-                    progress(i + 1, len(all_keys), key)
-                continue
-            ctx = MergeContext(key, list(weights), method_options, state, out=acc.buffer(shape), numel=_numel(shape))
-            merged = merge.merge(sources.vectors(key), ctx)
-            if isinstance(merged, Factors):  # a low-rank result (tsv lowrank=true)
-                if emit == "vector":
-                    merged.S.mul_(alpha)
-                    for part in (merged.U, merged.S, merged.V):
-                        _check_finite(part, out, key, opts)
-                    w.write_lowrank(key, merged.to(dtype))
-                    if progress:
-                        progress(i + 1, len(all_keys), key)
-                    continue
-                merged = merged.dense()
-            if emit == "checkpoint":
-                result = merged.mul_(alpha).add_(sources.base(key))  # theta0 + alpha * merged, in place
-            else:
-                result = merged.mul_(alpha)
-            _check_finite(result, out, key, opts)
-            w.write(key, result.to(dtype))
-            if progress:
-                progress(i + 1, len(all_keys), key)
-        check_base(base_ckpt)  # before anything is committed
-        _verify_end([base_ckpt, *ckpts])
-        w.manifest = manifest_for(True)  # the input hashes, computed while streaming
-        artifact = w.commit()
-    consume_ephemeral(specs)
-    return artifact
-
-
-def _merge_ranges(sources: VectorSources, key: str, merge: MergeMethod, ctx: MergeContext, alpha: float, checkpoint: bool, acc: Slot) -> Callable[[int, int], torch.Tensor]:
-    """``(start, count) -> [theta0 +] alpha * merge(tau_i)`` over a range of one huge key, for a
-    method that works chunk by chunk (after its per-key pass, e.g. TIES's magnitude cuts)."""
-    ctx.shape = sources._shape(key)
-    ctx.numel = _numel(ctx.shape)
-    if merge.key_pass is not None:  # it may set key_state["step"]: entries per chunk (e.g. whole rows)
-        merge.key_pass(lambda step=None: sources.vector_chunks(key, step), ctx)
-
-    def compute(start: int, count: int) -> torch.Tensor:
-        base = sources.base_range(key, start, count) if checkpoint else None
-        vectors = sources.vector_ranges(key, start, count, base)
-        merged = merge.merge(vectors, replace(ctx, out=acc.buffer((count,)), start=start)).mul_(alpha)
-        return merged.add_(base) if base is not None else merged
-
-    return compute
-
-
-def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute: Callable[[int, int], Any],
+def write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute: Callable[[int, int], Any],
                      out: Path, opts: ArithOptions, check: bool = True, step: int | None = None) -> None:
     """Write one huge tensor whose entries ``start .. start+count`` (flattened) ``compute`` returns
     in the compute dtype (a buffer it may reuse): memory is set by the chunk size, not the tensor.
@@ -700,13 +508,13 @@ def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute
     returns one tensor per writer, so that one pass over the inputs feeds several outputs (mask's
     outputs and saved masks). ``step``: entries per chunk (default chunk_numel(); whole rows for a
     method that ranks rows)."""
-    n, step = _numel(shape), step or chunk_numel()
+    n, step = numel(shape), step or chunk_numel()
     writers, dtypes = (w, list(dtype)) if isinstance(w, list) else ([w], [dtype])
     converted = [torch.empty(0, dtype=d) for d in dtypes]
 
     def convert(j: int, chunk: torch.Tensor, count: int) -> torch.Tensor:
         if check:
-            _check_finite(chunk, out, key, opts)
+            check_finite(chunk, out, key, opts)
         if chunk.dtype == dtypes[j]:
             return chunk
         if converted[j].numel() < count:
@@ -726,61 +534,3 @@ def _write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute
             sink.add(convert(j, chunk, count))
     for sink in sinks:
         sink.close()
-
-
-# --------------------------------------------------------------------------------------------
-# scale / negate
-# --------------------------------------------------------------------------------------------
-def scale(
-    inputs: Sequence[InputSpec | str | os.PathLike[str]],
-    by: float,
-    target: OutputTarget | str | os.PathLike[str] | None,
-    opts: ArithOptions | None = None,
-    progress: Progress | None = None,
-    _op: str = "scale",
-) -> list[Artifact]:
-    """c * tau for each task vector (negate is c = -1)."""
-    opts = opts or ArithOptions()
-    specs = [_spec(s) for s in inputs]
-    target = _target(target)
-    ckpts = _open_all(specs)
-    for c in ckpts:
-        if c.kind != "task-vector":
-            raise InputError(f"{c.path}: is a {c.kind}; {_op} works on task vectors (run tvedit extract first)")
-    suffix = "neg" if _op == "negate" else "scaled"
-    paths = [target.path_for(s, suffix, len(specs)) for s in specs]
-    artifacts = []
-    for spec, ckpt, out in zip(specs, ckpts, paths, strict=True):
-        assert ckpt.manifest is not None
-        params = {"by": by, **opts.params()} if _op == "scale" else opts.params()
-        manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [_input_record(spec, ckpt)])
-        keys = ckpt.keys()
-        slot = Slot(opts.compute_dtype)
-        _verify_start([ckpt], opts)
-        with _open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
-            for i, key in enumerate(keys):
-                dtype = _out_dtype(opts, ckpt.info(key).dtype) if ckpt.is_floating(key) else None
-                if dtype is not None and goes_in_chunks(ckpt, key):
-                    _write_in_chunks(w, key, ckpt.info(key).shape, dtype, lambda s, c, k=key, ck=ckpt, sl=slot: sl.load_range(ck, k, s, c).mul_(by), out, opts)
-                elif dtype is not None:
-                    r = slot.load(ckpt, key).mul_(by)  # c * tau, in place, in the compute dtype
-                    _check_finite(r, out, key, opts)
-                    w.write(key, r.to(dtype))
-                else:
-                    w.write(key, ckpt.get(key))
-                if progress:
-                    progress(i + 1, len(keys), key)
-            _verify_end([ckpt])
-            artifacts.append(w.commit())
-    consume_ephemeral(specs)
-    return artifacts
-
-
-def negate(
-    inputs: Sequence[InputSpec | str | os.PathLike[str]],
-    target: OutputTarget | str | os.PathLike[str] | None,
-    opts: ArithOptions | None = None,
-    progress: Progress | None = None,
-) -> list[Artifact]:
-    """-tau for each task vector."""
-    return scale(inputs, -1.0, target, opts, progress, _op="negate")
