@@ -29,7 +29,7 @@ import torch
 
 from tvedit.manifest import Manifest
 from tvedit.masking import mask
-from tvedit.tensorio import save_tensors
+from tvedit.writer import save_tensors
 
 TARGETS = {0.1: 0.20, 0.01: 0.03}  # for float32 and bfloat16 alike
 METHODS = (("topk", {}), ("topk", {"scope": "global"}), ("dare", {"seed": 0}), ("breadcrumbs", {}))

@@ -62,7 +62,7 @@ def save_theta0(state: dict[str, torch.Tensor], meta: dict, output: Path):
     ``pretrain`` provenance step). The architecture is named after the file (``tiny_clip``)."""
     from tvedit.manifest import Manifest
     from tvedit.models.open_clip import OpenClipAdapter
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     model = OpenClipAdapter(Path(output).stem, TINY_CLIP).model_info()
     manifest = Manifest(kind="checkpoint", model=model).with_step("pretrain", meta, [])

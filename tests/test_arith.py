@@ -73,7 +73,7 @@ def test_emit_vector_and_unary_ops(ckpts: dict[str, Path], tmp_path: Path) -> No
         assert torch.equal(n[k], -t[k]) and torch.equal(h[k], 0.5 * t[k])
     vec = add([tau.path, neg.path], tmp_path / "v.safetensors", emit="vector", alpha=2.0)
     assert vec.kind == "task-vector"
-    from tvedit.tensorio import load_tensors
+    from tvedit.reader import load_tensors
 
     v, _ = load_tensors(vec.path)
     assert all(torch.count_nonzero(x) == 0 for x in v.values())  # tau + (-tau) = 0
@@ -100,7 +100,7 @@ def test_allow_missing_treats_missing_as_zero(ckpts: dict[str, Path], tmp_path: 
         extract([tmp_path / "partial.safetensors"], ckpts["base"], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
     (tau,) = extract([tmp_path / "partial.safetensors"], ckpts["base"], tmp_path / "x.safetensors", ArithOptions(allow_missing=True))
-    from tvedit.tensorio import load_tensors
+    from tvedit.reader import load_tensors
 
     tensors, _ = load_tensors(tau.path)  # an all-zero tensor is stored sparse: read the logical view
     assert torch.count_nonzero(tensors["layer.1.weight"]) == 0
@@ -108,7 +108,8 @@ def test_allow_missing_treats_missing_as_zero(ckpts: dict[str, Path], tmp_path: 
 
 def test_sparse_layout_roundtrip(tmp_path: Path) -> None:
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import load_tensors, save_tensors
+    from tvedit.reader import load_tensors
+    from tvedit.writer import save_tensors
 
     g = torch.Generator().manual_seed(0)
     dense = torch.randn(300, 40, generator=g)

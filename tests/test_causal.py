@@ -19,7 +19,7 @@ from tvedit.finetune import run
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.models import adapter_for
 from tvedit.models.hf_causal import HFCausalAdapter
-from tvedit.tensorio import load_tensors
+from tvedit.reader import load_tensors
 
 from .tiny_hf import write_tiny_llama, write_tokenizer
 
@@ -126,7 +126,7 @@ def test_scores_equal_a_direct_transformers_computation(models: dict[str, Path],
 
 
 def load_tensors_from(directory: Path) -> dict[str, torch.Tensor]:
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     ckpt = open_checkpoint(directory)
     return {k: ckpt.get(k) for k in ckpt.keys()}

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from tvedit import arith, engine
 from tvedit.manifest import Manifest
-from tvedit.tensorio import CheckpointWriter, content_hash, open_checkpoint
+from tvedit.reader import content_hash, open_checkpoint
+from tvedit.writer import CheckpointWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _measure import measure  # noqa: E402
@@ -126,9 +127,9 @@ def test_chunked_extract_scale_negate_are_byte_identical(tmp_path, monkeypatch, 
 def test_write_chunks_stores_what_write_stores(tmp_path, monkeypatch, dtype, density):
     """Every encoding (index list, block16, bitmap, dense) comes out byte-identical whether the
     tensor is written whole or in odd-sized chunks, re-encoded in pieces of one block16 block."""
-    import tvedit.tensorio as tio
+    import tvedit.writer as writer_module
 
-    monkeypatch.setattr(tio, "_CONVERT_NUMEL", 1)  # re-encode in pieces of 65,536 entries
+    monkeypatch.setattr(writer_module, "CONVERT_NUMEL", 1)  # re-encode in pieces of 65,536 entries
     g = torch.Generator().manual_seed(2)
     n = 300_001
     t = (torch.randn(n, generator=g) * (torch.rand(n, generator=g) < density)).to(dtype)
@@ -196,7 +197,7 @@ def test_each_input_is_read_and_hashed_on_its_own_reader_thread(tmp_path, monkey
     import threading
     import time
 
-    from tvedit.tensorio import Checkpoint
+    from tvedit.reader import Checkpoint
 
     base, fts = _sparse_files(tmp_path)
     monkeypatch.setenv("TVEDIT_CACHE", str(tmp_path / "empty-cache"))

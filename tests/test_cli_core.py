@@ -124,7 +124,8 @@ def test_base_hash_and_regime_mismatch(cli, ckpts: dict[str, Path], tmp_path: Pa
     _assert_error(cli("add", "t1.safetensors", "--base", "other.safetensors", "-o", "o.safetensors"), 4, "other.safetensors", "differs")
     # a linearized vector cannot be mixed with a non-linear one (tests/test_mismatch.py: --allow-mismatch)
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import load_tensors, save_tensors
+    from tvedit.reader import load_tensors
+    from tvedit.writer import save_tensors
 
     tensors, manifest = load_tensors(tmp_path / "t1.safetensors")
     assert manifest is not None

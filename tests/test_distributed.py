@@ -13,7 +13,7 @@ import torch
 
 from tests.tiny_clip import make_image_folder, write_config
 from tvedit.finetune import run
-from tvedit.tensorio import load_tensors
+from tvedit.reader import load_tensors
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from tvedit.errors import EXIT_CODES
 from tvedit.manifest import METADATA_KEY
-from tvedit.tensorio import open_checkpoint
+from tvedit.reader import open_checkpoint
 
 from .conftest import make_state, perturb
 

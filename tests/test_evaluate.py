@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tvedit.manifest import Manifest, base_ref
-from tvedit.tensorio import save_tensors
+from tvedit.writer import save_tensors
 
 TINY = {
     "embed_dim": 16,
@@ -96,7 +96,7 @@ def test_accuracy_matches_hand_computed(tiny: dict[str, Path]) -> None:
     """Accuracy of theta0 on the test split equals argmax(normalised image features @ head) by hand."""
     from tvedit.data import load_image_data
     from tvedit.models.open_clip import OpenClipAdapter
-    from tvedit.tensorio import load_tensors
+    from tvedit.reader import load_tensors
 
     s = _session(tiny)
     state, manifest = load_tensors(tiny["base"])
@@ -118,7 +118,7 @@ def test_accuracy_matches_hand_computed(tiny: dict[str, Path]) -> None:
 
 
 def test_alpha_zero_is_theta0_and_edit_matches_materialised_model(tiny: dict[str, Path]) -> None:
-    from tvedit.tensorio import load_tensors
+    from tvedit.reader import load_tensors
 
     s = _session(tiny)
     ev = s.ev
@@ -165,7 +165,7 @@ def test_vectors_linearized_under_another_flin_are_refused(tiny: dict[str, Path]
     one recording this tvedit's definition is accepted."""
     from tvedit.errors import MismatchError
     from tvedit.evaluate import open_session
-    from tvedit.tensorio import load_tensors
+    from tvedit.reader import load_tensors
 
     paths = {}
     for tag, extra in (("old", {}), ("new", {"flin": "features"})):

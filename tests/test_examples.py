@@ -136,7 +136,7 @@ def test_study_example_small(tmp_path: Path) -> None:
 
 def test_pretrain_writes_a_tvedit_checkpoint(tmp_path: Path) -> None:
     _run([sys.executable, str(EXAMPLES / "pretrain_tiny_clip.py"), str(tmp_path / "none"), "tiny_clip.safetensors", "--random", "--dtype", "bfloat16"], tmp_path)
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     made, shipped = open_checkpoint(tmp_path / "tiny_clip.safetensors"), open_checkpoint(EXAMPLES / "theta0" / "tiny_clip.safetensors")
     assert made.manifest.model == shipped.manifest.model  # the same form as the shipped artifact

@@ -19,7 +19,7 @@ from tvedit.finetune.calibration import calibrate_mask, round_densities, select_
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.finetune.optim import MaskedAdamW, lr_at
 from tvedit.models.base import ModelAdapter
-from tvedit.tensorio import load_tensors, open_checkpoint
+from tvedit.reader import load_tensors, open_checkpoint
 
 FAST = {"batch_size": 8, "steps": 4, "warmup": 1, "lr": 1e-3, "log_every": 1}
 

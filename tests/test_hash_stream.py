@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from tvedit import arith
 from tvedit.errors import InputError
-from tvedit.tensorio import content_hash, open_checkpoint
+from tvedit.reader import content_hash, open_checkpoint
 
 
 def _rchar() -> int:

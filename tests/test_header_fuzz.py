@@ -30,7 +30,7 @@ from tvedit import arith, engine, headers
 from tvedit.errors import TveditError
 from tvedit.manifest import METADATA_KEY
 from tvedit.pipeline import InputSpec, OutputTarget
-from tvedit.tensorio import open_checkpoint
+from tvedit.reader import open_checkpoint
 
 SEED = 16
 N_MUTANTS = 160

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tvedit.tensorio import content_hash, open_checkpoint
+from tvedit.reader import content_hash, open_checkpoint
 
 from .tiny_hf import finetuned_copy, write_tiny_llama
 from .tiny_t5 import write_tiny_t5

@@ -17,7 +17,8 @@ import torch
 from tvedit import safeio
 from tvedit.errors import OutputError
 from tvedit.manifest import Manifest
-from tvedit.tensorio import content_hash, open_checkpoint, save_tensors
+from tvedit.reader import content_hash, open_checkpoint
+from tvedit.writer import save_tensors
 
 
 def _env(**extra: str) -> dict[str, str]:

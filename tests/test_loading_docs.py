@@ -43,7 +43,7 @@ def test_open_clip_block(tmp_path: Path) -> None:
     from tvedit import arith
     from tvedit.manifest import Manifest
     from tvedit.models.open_clip import OpenClipAdapter
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     adapter = OpenClipAdapter("tiny", TINY)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvedit.tensorio import load_tensors, open_checkpoint
+from tvedit.reader import load_tensors, open_checkpoint
 
 from .tiny_hf import finetuned_copy, write_tiny_llama
 
@@ -187,7 +187,7 @@ def test_import_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
 
 def test_two_imported_adapters_merge_with_ties_like_dense_vectors(llama: Path, tmp_path: Path) -> None:
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     taus = []
     for i, targets in enumerate((["q_proj", "v_proj"], ["q_proj", "up_proj"])):
@@ -306,7 +306,7 @@ def test_export_energy_gives_per_module_ranks_and_gpt2_conv1d(tmp_path: Path) ->
 
     ckpt = open_checkpoint(base)
     save_path = tmp_path / "tau.safetensors"
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     save_tensors(save_path, tau, Manifest(kind="task-vector", base=base_ref(ckpt.sha256, str(base))))
     code, out, err = run("export-lora", save_path, "--base", base, "--energy", 1.0, "-o", tmp_path / "adapter", "--json")

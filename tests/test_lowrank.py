@@ -15,7 +15,7 @@ from tvedit.compress import check_rank_options, compress
 from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.keys import KeyFilter
-from tvedit.tensorio import open_checkpoint
+from tvedit.reader import open_checkpoint
 
 from .conftest import make_state, perturb
 
@@ -117,7 +117,7 @@ def vit_like(tmp_path: Path, dtype: torch.dtype = torch.float32) -> Path:
     tau = {f"blocks.{i}.{k}": torch.randn(s, generator=g).to(dtype) for i in range(2) for k, s in shapes.items()}
     path = tmp_path / f"vit-{dtype}.safetensors".replace("torch.", "")
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     save_tensors(path, tau, Manifest(kind="task-vector"), layout="dense")
     return path

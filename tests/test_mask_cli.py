@@ -20,7 +20,8 @@ from tvedit.engine import ArithOptions
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.pipeline import OutputTarget
-from tvedit.tensorio import open_checkpoint, save_tensors
+from tvedit.reader import open_checkpoint
+from tvedit.writer import save_tensors
 
 from .conftest import make_state, perturb
 from .test_sparsify import ref_breadcrumbs, ref_keep, ref_topk

@@ -14,7 +14,7 @@ from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.merging import METHODS
 from tvedit.ops import sparsify
-from tvedit.tensorio import open_checkpoint
+from tvedit.reader import open_checkpoint
 
 from .conftest import make_state, perturb
 from .test_sparsify import ref_ties, ref_topk

@@ -23,7 +23,8 @@ def _one_line(proc) -> str:
 def mixes(cli, ckpts: dict[str, Path], tmp_path: Path) -> dict[str, tuple[str, ...]]:
     """Pairs of task vectors that disagree on exactly one check each."""
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import load_tensors, save_tensors
+    from tvedit.reader import load_tensors
+    from tvedit.writer import save_tensors
 
     save_file(make_state(7), str(tmp_path / "other.safetensors"))
     cli("extract", "ft1.safetensors", "--base", "base.safetensors", "-o", "t1.safetensors", check=True)
@@ -58,7 +59,7 @@ def test_force_does_not_mix(cli, mixes, tmp_path: Path, what: str) -> None:
     proc = cli("add", *mixes[what], "--allow-mismatch", what, "-o", "o.safetensors", "--force", check=True)
     (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert record["manifest"]["provenance"][-1]["params"]["allow_mismatch"] == [what]
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     assert open_checkpoint(tmp_path / "o.safetensors").manifest.provenance[-1]["params"]["allow_mismatch"] == [what]
 
@@ -95,7 +96,7 @@ def test_unknown_mismatch_word_is_usage_error(cli, ckpts: dict[str, Path], tmp_p
 
 def test_extract_family_mismatch(cli, ckpts: dict[str, Path], tmp_path: Path) -> None:
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     save_tensors(tmp_path / "b.safetensors", make_state(0), Manifest(model={"family": "open_clip"}))
     save_tensors(tmp_path / "f.safetensors", perturb(make_state(0), 1), Manifest(model={"family": "hf"}))

@@ -335,7 +335,7 @@ def test_an_intermediate_is_held_from_its_commit_and_removed_unless_handed_on(tm
     """The writer side of the registry, in process: commit -> held (clean would skip it) ->
     release removes it; hand_on keeps it for the next command."""
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import CheckpointWriter
+    from tvedit.writer import CheckpointWriter
 
     scratch = _scratch()
 

@@ -28,7 +28,7 @@ def _one_line(proc) -> str:
 # ---------------------------------------------------------------------------------------------
 def test_vector_used_from_another_directory(cli, ckpts: dict[str, Path], tmp_path: Path) -> None:
     cli("extract", "ft1.safetensors", "--base", "base.safetensors", "-o", "tau.safetensors", check=True)
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     recorded = open_checkpoint(tmp_path / "tau.safetensors").manifest.base
     assert recorded["path"] == str(tmp_path / "base.safetensors")  # absolute, although typed relative
@@ -42,7 +42,8 @@ def test_vector_used_from_another_directory(cli, ckpts: dict[str, Path], tmp_pat
 
 def test_relative_and_moved_bases_resolve_by_the_vector(cli, ckpts: dict[str, Path], tmp_path: Path) -> None:
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import load_tensors, save_tensors
+    from tvedit.reader import load_tensors
+    from tvedit.writer import save_tensors
 
     cli("extract", "ft1.safetensors", "--base", "base.safetensors", "-o", "tau.safetensors", check=True)
     tensors, manifest = load_tensors(tmp_path / "tau.safetensors")
@@ -133,7 +134,7 @@ def test_verify_inputs_refuses_a_bit_flip(cli, ckpts: dict[str, Path], tmp_path:
 # the shipped theta0 is a tvedit checkpoint that every command takes as it is
 # ---------------------------------------------------------------------------------------------
 def test_shipped_theta0_is_a_tvedit_checkpoint(cli, tmp_path: Path) -> None:
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     assert THETA0.stat().st_size <= 25 * 1000 * 1000
     ckpt = open_checkpoint(THETA0)
@@ -157,7 +158,7 @@ def test_shipped_theta0_taken_as_it_is(cli, tmp_path: Path) -> None:
     assert json.loads(ev.stdout)["task"] == "t"
     cli("finetune", "-p", str(THETA0), "--train", "task/train", "--steps", "2", "--batch-size", "4", "--warmup", "0",
         "--emit", "vector", "-o", "tau.safetensors", "--device", "cpu", check=True)  # fmt: skip
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     tau = open_checkpoint(tmp_path / "tau.safetensors").manifest
     assert tau.base["path"] == str(THETA0) and tau.base["sha256"] == open_checkpoint(THETA0).sha256

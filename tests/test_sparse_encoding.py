@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tvedit.encodings import BLOCK16, decode_sparse, encode_sparse
 from tvedit.manifest import METADATA_KEY, Manifest
-from tvedit.tensorio import BLOCK16, decode_sparse, encode_sparse, open_checkpoint, save_tensors
+from tvedit.reader import open_checkpoint
+from tvedit.writer import save_tensors
 
 
 def _sparse(shape: tuple[int, ...], density: float, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tvedit.manifest import Manifest
-from tvedit.tensorio import save_tensors
+from tvedit.writer import save_tensors
 
 PROBE = r"""
 import json, sys
@@ -62,7 +62,7 @@ def test_arithmetic_imports_no_model_library(ckpts, tmp_path):
 
 def test_header_summary_matches_the_tensor_view(vector, tmp_path, cli):
     from tvedit.cli.info_cmds import summarize
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     light, full = summarize(vector, tensors=False, verify=True), summarize(vector, tensors=True, verify=False)
     for field in ("kind", "sha256", "tensors", "parameters", "bytes", "dtypes", "manifest"):

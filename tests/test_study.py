@@ -211,7 +211,7 @@ def test_study_end_to_end_numbers_come_from_reports(tiny_study: dict[str, Path],
             curve = row["seeds"][0]["loss"]["a"]
             assert curve and curve[-1][0] == 3  # the training log, up to the last step
     # sparse vectors: zero outside the mask, the regime recorded in the vector
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     sparse = open_checkpoint(out / "runs" / "sparse" / "lr0.01" / "seed0" / "a.safetensors")
     assert sparse.manifest.provenance[-1]["params"]["mode"] == "sparse"
@@ -233,8 +233,8 @@ def test_study_end_to_end_numbers_come_from_reports(tiny_study: dict[str, Path],
 def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path]) -> None:
     """A tiny sweep (2 points of steps, 1 seed, constant lr along the axis), in-process: every
     number in sweep.json is the one in its point's study.json; a second run reuses every point."""
+    from tvedit.reader import open_checkpoint
     from tvedit.study import Sweep, load_plan
-    from tvedit.tensorio import open_checkpoint
 
     plan = yaml.safe_load(tiny_study["plan"].read_text())
     plan.update(seeds=[0], regimes={"full": {"lr": 1e-3}, "sparse": {"lr": 1e-2, "density": 0.5, "calib_batches": 2, "rounds": 2}},
@@ -319,7 +319,7 @@ def test_evaluate_merged_sum_equals_plain_addition(cli, tmp_path: Path) -> None:
     from tests.test_evaluate import CLASSES  # noqa: F401  (same tiny setup as test_evaluate)
     from tvedit.manifest import Manifest, base_ref
     from tvedit.models.open_clip import OpenClipAdapter
-    from tvedit.tensorio import save_tensors
+    from tvedit.writer import save_tensors
 
     adapter = OpenClipAdapter("tiny", TINY)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from tvedit.cli.arith_cmds import _check_method_options, parse_options
 from tvedit.engine import ArithOptions
 from tvedit.errors import UsageError
 from tvedit.ops import svd
-from tvedit.tensorio import open_checkpoint
+from tvedit.reader import open_checkpoint
 
 from .conftest import make_state, perturb
 

@@ -17,7 +17,8 @@ from tvedit.errors import InputError, MismatchError, OutputError
 from tvedit.manifest import Manifest
 from tvedit.models import adapter_for, linearized
 from tvedit.models.hf_seq2seq import export_directory, init_from_directory, sequence_loglik
-from tvedit.tensorio import load_tensors, save_tensors
+from tvedit.reader import load_tensors
+from tvedit.writer import save_tensors
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,7 +14,7 @@ from tests.tiny_t5 import first_letter_examples, write_task, write_tiny_t5
 from tvedit.finetune import run
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.models.hf_seq2seq import RECIPE
-from tvedit.tensorio import load_tensors
+from tvedit.reader import load_tensors
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,16 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tvedit.encodings import pack_bits, unpack_bits
 from tvedit.errors import InputError, OutputError
 from tvedit.manifest import Manifest
-from tvedit.tensorio import (
-    CheckpointWriter,
-    content_hash,
-    open_checkpoint,
-    pack_bits,
-    save_tensors,
-    unpack_bits,
-)
+from tvedit.reader import content_hash, open_checkpoint
+from tvedit.writer import CheckpointWriter, save_tensors
 
 
 def test_manifest_roundtrip_through_file(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ from tvedit.version import __version__
 
 __all__ = ["Manifest", "add", "extract", "negate", "open_checkpoint", "scale", "__version__"]
 _WHERE = {"add": "tvedit.arith", "extract": "tvedit.arith", "negate": "tvedit.arith", "scale": "tvedit.arith",
-          "Manifest": "tvedit.manifest", "open_checkpoint": "tvedit.tensorio"}  # fmt: skip
+          "Manifest": "tvedit.manifest", "open_checkpoint": "tvedit.reader"}  # fmt: skip
 
 if TYPE_CHECKING:
     from tvedit.arith import add, extract, negate, scale
     from tvedit.manifest import Manifest
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
 
 def __getattr__(name: str) -> Any:  # imported on first use: `tvedit --help` need not import torch

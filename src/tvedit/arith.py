@@ -45,7 +45,8 @@ from tvedit.manifest import Manifest, base_ref
 from tvedit.merging import OPTION_DEFAULTS, MergeContext, MergeMethod, get_method, resolve_options
 from tvedit.ops.svd import Factors
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
-from tvedit.tensorio import Artifact, Checkpoint, open_checkpoint
+from tvedit.reader import Checkpoint, open_checkpoint
+from tvedit.writer import Artifact
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Streams key by key: each selected 2-D floating tensor is read (in float32), decomposed once (the
 route of $TVEDIT_SVD, tvedit.ops.svd), cut to the rank chosen by exactly one of ``rank``,
 ``rank_fraction`` or ``energy`` (svd.choose_rank), and
-written as ``KEY::U``, ``KEY::S``, ``KEY::V`` (tensorio.CheckpointWriter.write_lowrank; the dense
+written as ``KEY::U``, ``KEY::S``, ``KEY::V`` (writer.CheckpointWriter.write_lowrank; the dense
 truncated product when the factors would not be smaller). Every other tensor is copied. Semantics
 and layout: docs/methods.md ("Low-rank task vectors"), docs/manifest.md ("Low-rank layout").
 """
@@ -22,7 +22,8 @@ from tvedit.manifest import Manifest
 from tvedit.merging import svd_route
 from tvedit.ops import svd
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
-from tvedit.tensorio import Artifact, CheckpointWriter, open_checkpoint
+from tvedit.reader import open_checkpoint
+from tvedit.writer import Artifact, CheckpointWriter
 
 
 def check_rank_options(rank: int | None, rank_fraction: float | None, energy: float | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 
 from tvedit.errors import InputError
 from tvedit.manifest import Manifest
-from tvedit.tensorio import Artifact, save_tensors
+from tvedit.writer import Artifact, save_tensors
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
 

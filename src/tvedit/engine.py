@@ -24,7 +24,8 @@ from tvedit import hfdir
 from tvedit.errors import InputError, MismatchError, NumericError, UsageError
 from tvedit.manifest import Manifest, base_candidates
 from tvedit.pipeline import InputSpec, OutputTarget
-from tvedit.tensorio import Checkpoint, CheckpointWriter, open_checkpoint
+from tvedit.reader import Checkpoint, open_checkpoint
+from tvedit.writer import CheckpointWriter
 
 Progress = Callable[[int, int, str], None]
 

@@ -1,7 +1,7 @@
 """safetensors headers, file resolution and content hashes without torch.
 
 ``tvedit info`` (without ``--tensors``) and the hash cache need only these: they parse headers and
-hash raw bytes, so they start in a fraction of the time an ``import torch`` takes. ``tensorio``
+hash raw bytes, so they start in a fraction of the time an ``import torch`` takes. ``reader``
 builds its tensor views on the same functions.
 """
 

@@ -26,14 +26,8 @@ import torch
 from tvedit import safeio
 from tvedit.errors import InputError, MismatchError, OutputError, UsageError
 from tvedit.manifest import Manifest
-from tvedit.tensorio import (
-    Artifact,
-    Checkpoint,
-    CheckpointWriter,
-    WrittenData,
-    combine_digests,
-    layout_of,
-)
+from tvedit.reader import Checkpoint, combine_digests
+from tvedit.writer import Artifact, CheckpointWriter, WrittenData, layout_of
 
 FAMILY = "hf"
 INDEX_NAME = "model.safetensors.index.json"

@@ -34,7 +34,8 @@ from tvedit.engine import chunk_numel
 from tvedit.errors import InputError, MismatchError, UsageError
 from tvedit.manifest import Manifest, base_ref
 from tvedit.ops import svd
-from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, open_checkpoint
+from tvedit.reader import Checkpoint, open_checkpoint
+from tvedit.writer import Artifact, CheckpointWriter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

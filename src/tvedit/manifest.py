@@ -34,7 +34,7 @@ class Manifest:
     sparse: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-tensor sparse encoding
     task: dict[str, Any] | None = None  # task name, class names, templates (finetune outputs)
     provenance: list[dict[str, Any]] = field(default_factory=list)
-    sha256: str | None = None  # content hash of the stored tensors (see tensorio.content_hash)
+    sha256: str | None = None  # content hash of the stored tensors (see reader.content_hash)
     format: str = FORMAT
 
     def __post_init__(self) -> None:

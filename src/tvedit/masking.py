@@ -28,7 +28,8 @@ from tvedit.keys import KeyFilter
 from tvedit.manifest import Manifest
 from tvedit.ops import sparsify
 from tvedit.pipeline import InputSpec, OutputTarget, consume_ephemeral
-from tvedit.tensorio import Artifact, Checkpoint, CheckpointWriter, check_output, open_checkpoint
+from tvedit.reader import Checkpoint, open_checkpoint
+from tvedit.writer import Artifact, CheckpointWriter, check_output
 
 
 @dataclass

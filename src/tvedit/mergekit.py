@@ -163,7 +163,7 @@ def parse(path: Path, data: dict[str, Any]) -> Recipe:
         raise UsageError(f"{where}: tokenizer_source {tok!r} is not supported (tvedit keeps the base model's tokenizer: 'base')")
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None:
-            from tvedit.tensorio import parse_dtype
+            from tvedit.encodings import parse_dtype
 
             try:
                 parse_dtype(str(data[key]))

@@ -157,7 +157,7 @@ def json_mode(flag: bool) -> bool:
 def parse_dtype_option(value: str | None):  # -> torch.dtype | None
     if value is None:
         return None
-    from tvedit.tensorio import parse_dtype
+    from tvedit.encodings import parse_dtype
 
     try:
         return parse_dtype(value)

@@ -430,7 +430,7 @@ def _mask_plot(
     import torch
 
     from tvedit.evaluate.plots import mask_figure, mask_layer_stats
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     if output is None:
         raise UsageError("--mask-plot needs -o FIGURE.png")

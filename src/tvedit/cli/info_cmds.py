@@ -39,7 +39,7 @@ def summarize(path: Path, tensors: bool, verify: bool) -> dict:
 def _tensor_stats(path: Path) -> dict:
     import torch
 
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     ckpt = open_checkpoint(path)
     rows = []

@@ -65,7 +65,7 @@ def open_session(
     """
     from tvedit.evaluate.data import load_task
     from tvedit.evaluate.runner import Evaluator, Session, load_vector, open_base
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -130,7 +130,7 @@ def open_session(
 
 def _recorded_base(paths: Sequence[Path]) -> Path:
     from tvedit.manifest import base_candidates
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     for p in paths:
         m = open_checkpoint(p).manifest

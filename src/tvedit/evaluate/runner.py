@@ -416,7 +416,7 @@ def load_vector(
     allow_base_mismatch: bool = False,
 ) -> LoadedVector:
     """Read a task vector (or a fine-tuned checkpoint, extracted against ``base_tensors``) as float32."""
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     ckpt = open_checkpoint(path)
     m = ckpt.manifest
@@ -474,7 +474,7 @@ def _density(m: Any) -> float | None:
 
 def open_base(path: Path) -> tuple[ModelAdapter, dict[str, Tensor], str]:
     """theta0's adapter, tensors (read once) and content hash."""
-    from tvedit.tensorio import open_checkpoint
+    from tvedit.reader import open_checkpoint
 
     ckpt = open_checkpoint(path)
     if ckpt.kind != "checkpoint":

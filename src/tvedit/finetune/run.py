@@ -23,7 +23,8 @@ from tvedit.manifest import Manifest, base_ref
 from tvedit.models import hf_seq2seq
 from tvedit.models.base import pick_device
 from tvedit.models.open_clip import OpenClipAdapter, load_pretrained
-from tvedit.tensorio import Artifact, check_output, open_checkpoint, save_tensors
+from tvedit.reader import open_checkpoint
+from tvedit.writer import Artifact, check_output, save_tensors
 
 Progress = Callable[[int, int, str], None]
 

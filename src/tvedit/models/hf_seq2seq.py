@@ -29,7 +29,8 @@ from tvedit.data.text import TextExample
 from tvedit.errors import InputError, MismatchError, OutputError, UsageError
 from tvedit.manifest import Manifest
 from tvedit.models.base import ModelAdapter, adapter_for, check_fits, check_mode, register_adapter
-from tvedit.tensorio import Artifact, open_checkpoint, save_tensors
+from tvedit.reader import open_checkpoint
+from tvedit.writer import Artifact, save_tensors
 
 FAMILY = "hf-seq2seq"
 DEFAULT_MAX_LENGTH = 128  # TaLoS text setup (input and answer, in tokens)
@@ -421,7 +422,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, like: str | Path |
     seq2seq checkpoint that records no directory (a tokenizer that needs no file, e.g. ByT5, and its
     config in the manifest) is written through this adapter instead."""
     from tvedit import hfdir
-    from tvedit.tensorio import Checkpoint
+    from tvedit.reader import Checkpoint
 
     ckpt = Checkpoint(checkpoint)
     manifest = ckpt.manifest or Manifest()

@@ -196,7 +196,7 @@ def load_pretrained(adapter: OpenClipAdapter | None, pretrained: str, seed: int 
         return adapter, adapter.state_dict(model), {"pretrained": "none", "seed": seed}
     if path.exists():
         if path.suffix == ".safetensors" or path.is_dir():
-            from tvedit.tensorio import load_tensors
+            from tvedit.reader import load_tensors
 
             state, manifest = load_tensors(path)
             if manifest is not None and manifest.kind != "checkpoint":
