@@ -4,8 +4,6 @@ fine-tunes + base -> one `tvedit add` -> from_pretrained offline, weights = thet
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,50 +13,19 @@ from safetensors.torch import load_file
 
 from tvedit.reader import content_hash, open_checkpoint
 
-from .tiny_hf import finetuned_copy, write_tiny_llama
+from .tiny_hf import directory_weights, finetuned_copy, offline, run_cli, write_tiny_llama  # noqa: F401 (offline: a fixture)
 from .tiny_t5 import write_tiny_t5
 
 ALPHA = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def run(*args: str):
-    """The CLI in-process (no subprocess start-up): (exit code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from tvedit.cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _weights(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+pytestmark = pytest.mark.usefixtures("offline")  # every test here: offline, one torch thread
 
 
 def _expected(base: Path, fts: list[Path], alpha: float = ALPHA) -> dict[str, torch.Tensor]:
     """theta0 + alpha * sum_i (theta_i - theta0), in float32, cast to the stored dtype."""
-    b = _weights(base)
-    f = [_weights(p) for p in fts]
+    b = directory_weights(base)
+    f = [directory_weights(p) for p in fts]
     out = {}
     for k, v in b.items():
         if not v.is_floating_point():
@@ -89,7 +56,7 @@ def test_llama_add_writes_a_directory_from_pretrained_loads(llama: dict[str, Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    code, stdout, stderr = run("add", *_fts(llama), "--base", llama["base"], "--alpha", ALPHA, "-o", f"{out}/", "--json")
+    code, stdout, stderr = run_cli("add", *_fts(llama), "--base", llama["base"], "--alpha", ALPHA, "-o", f"{out}/", "--json")
     assert code == 0, stderr
     record = json.loads(stdout.strip().splitlines()[-1])
     assert record["path"] == str(out) and record["kind"] == "checkpoint"
@@ -116,11 +83,11 @@ def test_llama_add_writes_a_directory_from_pretrained_loads(llama: dict[str, Pat
         assert rec["sha256"] in card
     assert "alpha: `0.5`" in card and "LlamaForCausalLM" in card
     # an existing non-empty directory needs --force; with it, it is replaced, and nothing is left beside it
-    code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "-o", out)
+    code, _, stderr = run_cli("add", *_fts(llama), "--base", llama["base"], "-o", out)
     assert code == 6 and "--force" in stderr and len(stderr.strip().splitlines()) == 1
-    code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "-o", out, "--force", "--alpha", "0.25")
+    code, _, stderr = run_cli("add", *_fts(llama), "--base", llama["base"], "-o", out, "--force", "--alpha", "0.25")
     assert code == 0, stderr
-    assert torch.equal(_weights(out)["lm_head.weight"], _expected(llama["base"], _fts(llama), 0.25)["lm_head.weight"])
+    assert torch.equal(directory_weights(out)["lm_head.weight"], _expected(llama["base"], _fts(llama), 0.25)["lm_head.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
@@ -128,18 +95,18 @@ def test_sharded_output_loads_and_matches_one_file(llama: dict[str, Path], tmp_p
     from transformers import AutoModelForCausalLM
 
     one, many = tmp_path / "one", tmp_path / "many"
-    assert run("add", *_fts(llama), "--base", llama["base"], "-o", f"{one}/")[0] == 0
-    code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "--format", "hf", "-o", many, "--max-shard-size", "5KB")
+    assert run_cli("add", *_fts(llama), "--base", llama["base"], "-o", f"{one}/")[0] == 0
+    code, _, stderr = run_cli("add", *_fts(llama), "--base", llama["base"], "--format", "hf", "-o", many, "--max-shard-size", "5KB")
     assert code == 0, stderr
     shards = sorted(many.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (many / "model.safetensors").exists()
     index = json.loads((many / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == sorted(_weights(one))
+    assert sorted(index["weight_map"]) == sorted(directory_weights(one))
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _weights(one).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in directory_weights(one).values())
     sizes = {s.name: 0 for s in shards}
     for key, name in index["weight_map"].items():
-        t = _weights(one)[key]
+        t = directory_weights(one)[key]
         sizes[name] += t.numel() * t.element_size()
     assert all(n <= 5000 or len([k for k, v in index["weight_map"].items() if v == name]) == 1 for name, n in sizes.items())
     manifests = set()
@@ -153,23 +120,23 @@ def test_sharded_output_loads_and_matches_one_file(llama: dict[str, Path], tmp_p
     b = AutoModelForCausalLM.from_pretrained(str(many), local_files_only=True).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a sharded directory is an input too: the sum of one vector is itself
-    code, _, stderr = run("extract", many, "--base", llama["base"], "-o", tmp_path / "tv.safetensors")
+    code, _, stderr = run_cli("extract", many, "--base", llama["base"], "-o", tmp_path / "tv.safetensors")
     assert code == 0, stderr
     tv = load_file(str(tmp_path / "tv.safetensors"))
-    base = _weights(llama["base"])
+    base = directory_weights(llama["base"])
     k = "model.layers.0.mlp.up_proj.weight"
-    torch.testing.assert_close(tv[k], (_weights(many)[k].float() - base[k].float()).to(torch.bfloat16))
+    torch.testing.assert_close(tv[k], (directory_weights(many)[k].float() - base[k].float()).to(torch.bfloat16))
 
 
 def test_tied_embeddings_are_left_out_as_save_pretrained_does(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     base = write_tiny_llama(tmp_path / "base", tie_word_embeddings=True)
-    assert "lm_head.weight" not in _weights(base)  # save_pretrained leaves the tied head out
+    assert "lm_head.weight" not in directory_weights(base)  # save_pretrained leaves the tied head out
     fts = [finetuned_copy(base, tmp_path / f"ft{i}", seed=i + 1) for i in range(3)]
-    code, _, stderr = run("add", *fts, "--base", base, "-o", f"{tmp_path / 'out'}/", "--alpha", ALPHA)
+    code, _, stderr = run_cli("add", *fts, "--base", base, "-o", f"{tmp_path / 'out'}/", "--alpha", ALPHA)
     assert code == 0, stderr
-    assert "lm_head.weight" not in _weights(tmp_path / "out")
+    assert "lm_head.weight" not in directory_weights(tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True)
     expected = _expected(base, fts)["model.embed_tokens.weight"]
     assert torch.equal(model.lm_head.weight, expected) and torch.equal(model.model.embed_tokens.weight, expected)
@@ -189,11 +156,11 @@ def test_tied_alias_stored_in_the_base_is_dropped(tmp_path: Path) -> None:
         s = load_file(str(ft / "model.safetensors"))
         s["lm_head.weight"] = s["model.embed_tokens.weight"].clone()
         save_file(s, str(ft / "model.safetensors"), metadata={"format": "pt"})
-    assert run("add", *fts, "--base", base, "-o", f"{tmp_path / 'out'}/", "--method", "dare-ties")[0] == 0
-    assert "lm_head.weight" not in _weights(tmp_path / "out")
+    assert run_cli("add", *fts, "--base", base, "-o", f"{tmp_path / 'out'}/", "--method", "dare-ties")[0] == 0
+    assert "lm_head.weight" not in directory_weights(tmp_path / "out")
     assert "tied" in (tmp_path / "out" / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True)
-    assert torch.equal(model.lm_head.weight, _weights(tmp_path / "out")["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.weight, directory_weights(tmp_path / "out")["model.embed_tokens.weight"])
 
 
 def test_t5_add_writes_a_seq2seq_directory(tmp_path: Path) -> None:
@@ -201,7 +168,7 @@ def test_t5_add_writes_a_seq2seq_directory(tmp_path: Path) -> None:
 
     base = write_tiny_t5(tmp_path / "base")
     fts = [finetuned_copy(base, tmp_path / f"ft{i}", seed=i + 1) for i in range(3)]
-    code, _, stderr = run("add", *fts, "--base", base, "--alpha", ALPHA, "-o", f"{tmp_path / 'out'}/")
+    code, _, stderr = run_cli("add", *fts, "--base", base, "--alpha", ALPHA, "-o", f"{tmp_path / 'out'}/")
     assert code == 0, stderr
     out = tmp_path / "out"
     model = AutoModelForSeq2SeqLM.from_pretrained(str(out), local_files_only=True)
@@ -219,7 +186,7 @@ def test_t5_add_writes_a_seq2seq_directory(tmp_path: Path) -> None:
 
 def test_configs_that_disagree_are_one_line_errors(llama: dict[str, Path], tmp_path: Path) -> None:
     other = write_tiny_llama(tmp_path / "wide", hidden_size=32)
-    code, _, stderr = run("add", llama["ft0"], other, "--base", llama["base"], "-o", f"{tmp_path / 'out'}/")
+    code, _, stderr = run_cli("add", llama["ft0"], other, "--base", llama["base"], "-o", f"{tmp_path / 'out'}/")
     assert code == 4
     line = stderr.strip()
     assert len(line.splitlines()) == 1
@@ -232,7 +199,7 @@ def test_differing_tokenizer_is_a_warning_naming_the_file(llama: dict[str, Path]
     tok = json.loads((ft / "tokenizer.json").read_text())
     tok["model"]["vocab"]["w59"], tok["model"]["vocab"]["w58"] = tok["model"]["vocab"]["w58"], tok["model"]["vocab"]["w59"]
     (ft / "tokenizer.json").write_text(json.dumps(tok))
-    code, _, stderr = run("add", ft, llama["ft0"], "--base", llama["base"], "-o", tmp_path / "m.safetensors")
+    code, _, stderr = run_cli("add", ft, llama["ft0"], "--base", llama["base"], "-o", tmp_path / "m.safetensors")
     assert code == 0, stderr
     warnings = [ln for ln in stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and str(ft / "tokenizer.json") in warnings[0]
@@ -241,10 +208,10 @@ def test_differing_tokenizer_is_a_warning_naming_the_file(llama: dict[str, Path]
 def test_export_hf_any_architecture(llama: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert run("add", *_fts(llama), "--base", llama["base"], "-o", tmp_path / "m.safetensors")[0] == 0
+    assert run_cli("add", *_fts(llama), "--base", llama["base"], "-o", tmp_path / "m.safetensors")[0] == 0
     for args in ([], ["--like", str(llama["base"])]):  # the recorded source directory, or --like
         out = tmp_path / f"hf{len(args)}"
-        code, _, stderr = run("export-hf", tmp_path / "m.safetensors", "-o", out, *args)
+        code, _, stderr = run_cli("export-hf", tmp_path / "m.safetensors", "-o", out, *args)
         assert code == 0, stderr
         assert (out / "tokenizer.json").read_bytes() == (llama["base"] / "tokenizer.json").read_bytes()
         model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
@@ -254,16 +221,16 @@ def test_export_hf_any_architecture(llama: dict[str, Path], tmp_path: Path) -> N
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_bytes((llama["base"] / "config.json").read_bytes())
-    code, _, stderr = run("export-hf", tmp_path / "m.safetensors", "-o", tmp_path / "hf-bare", "--like", bare, "--dtype", "float32")
+    code, _, stderr = run_cli("export-hf", tmp_path / "m.safetensors", "-o", tmp_path / "hf-bare", "--like", bare, "--dtype", "float32")
     assert code == 0, stderr
     assert "generation_config.json" in stderr and "tokenizer" in stderr
     assert "config.json says bfloat16" in stderr  # the copied config is not rewritten
-    assert _weights(tmp_path / "hf-bare")["lm_head.weight"].dtype == torch.float32
+    assert directory_weights(tmp_path / "hf-bare")["lm_head.weight"].dtype == torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-bare"), local_files_only=True, dtype=torch.float32)
     assert torch.equal(model.lm_head.weight, load_file(str(tmp_path / "m.safetensors"))["lm_head.weight"].float())
     # --like of another architecture: one-line mismatch
     t5 = write_tiny_t5(tmp_path / "t5")
-    code, _, stderr = run("export-hf", tmp_path / "m.safetensors", "-o", tmp_path / "hf-t5", "--like", t5)
+    code, _, stderr = run_cli("export-hf", tmp_path / "m.safetensors", "-o", tmp_path / "hf-t5", "--like", t5)
     assert code == 4 and len(stderr.strip().splitlines()) == 1 and not (tmp_path / "hf-t5").exists()
 
 
@@ -281,7 +248,7 @@ def test_sharded_directory_outputs_do_not_depend_on_the_chunk_size(llama: dict[s
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
         out = tmp_path / mib / "out"  # the model card names the directory
         out.parent.mkdir()  # an output directory is created, its parent must exist
-        code, _, stderr = run("add", *_fts(llama), "--base", llama["base"], "--emit", emit, "--format", "hf", "-o", out,
+        code, _, stderr = run_cli("add", *_fts(llama), "--base", llama["base"], "--emit", emit, "--format", "hf", "-o", out,
                               "--max-shard-size", "20KB", "--alpha", "0.4")  # fmt: skip
         assert code == 0, stderr
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,45 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from tvedit.reader import load_tensors, open_checkpoint
 
-from .tiny_hf import finetuned_copy, write_tiny_llama
+from .tiny_hf import directory_weights, finetuned_copy, offline, run_cli, write_tiny_llama  # noqa: F401 (offline: a fixture)
 
 peft = pytest.importorskip("peft")
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def run(*args: object):
-    """The CLI in-process: (exit code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from tvedit.cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _weights(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+pytestmark = pytest.mark.usefixtures("offline")  # every test here: offline, one torch thread
 
 
 def _gpt2(path: Path, seed: int = 0) -> Path:
@@ -104,17 +71,17 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------------------------
 def test_import_then_add_gives_w_plus_scaled_ba(llama: Path, tmp_path: Path) -> None:
     adapter = _adapter(llama, tmp_path / "ad", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    code, out, err = run("import", adapter, "-o", tmp_path / "tau.safetensors", "--json")
+    code, out, err = run_cli("import", adapter, "-o", tmp_path / "tau.safetensors", "--json")
     assert code == 0, err
     record = json.loads(out)
     assert record["kind"] == "task-vector" and record["manifest"]["base"]["path"] == str(llama)  # from adapter_config.json
     tau = open_checkpoint(tmp_path / "tau.safetensors")
     assert tau.encoding("model.layers.0.self_attn.q_proj.weight") == "lowrank"
     assert tau.encoding("model.layers.0.mlp.up_proj.weight") != "lowrank" and not tau.get("model.layers.0.mlp.up_proj.weight").any()
-    code, _, err = run("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
+    code, _, err = run_cli("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
     assert code == 0, err
     merged, _ = load_tensors(tmp_path / "merged.safetensors")
-    base = _weights(llama)
+    base = directory_weights(llama)
     lora = load_file(str(adapter / "adapter_model.safetensors"))
     scale = 8 / 4
     checked = 0
@@ -146,17 +113,17 @@ def test_import_rslora_patterns_embedding_and_modules_to_save(llama: Path, tmp_p
     state = load_file(str(adapter / "adapter_model.safetensors"))
     state["base_model.model.lm_head.weight"] = state["base_model.model.lm_head.weight"] + 0.25
     save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    code, _, err = run("import", adapter, "--base", llama, "-o", tmp_path / "tau.safetensors")
+    code, _, err = run_cli("import", adapter, "--base", llama, "-o", tmp_path / "tau.safetensors")
     assert code == 0, err
     tau = open_checkpoint(tmp_path / "tau.safetensors")
     assert tau.manifest.sparse["model.layers.0.self_attn.q_proj.weight"]["rank"] == 2
     assert tau.encoding("model.embed_tokens.weight") == "lowrank"
     assert torch.allclose(tau.get("lm_head.weight"), torch.full((64, 16), 0.25), atol=1e-6)
-    code, _, err = run("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
+    code, _, err = run_cli("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
     assert code == 0, err
     merged, _ = load_tensors(tmp_path / "merged.safetensors")
     peft_merged = _peft_merged(llama, adapter)
-    base = _weights(llama)
+    base = directory_weights(llama)
     moved = 0
     for key in merged:
         assert torch.allclose(merged[key], peft_merged[key], rtol=0, atol=1e-5), key
@@ -174,15 +141,15 @@ def test_import_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     base = _gpt2(tmp_path / "gpt2")
     adapter = _adapter(base, tmp_path / "ad", 3, r=2, lora_alpha=4, target_modules=["c_attn"])
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    code, _, err = run("import", adapter, "-o", tmp_path / "tau.safetensors")
+    code, _, err = run_cli("import", adapter, "-o", tmp_path / "tau.safetensors")
     assert code == 0, err
-    code, _, err = run("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
+    code, _, err = run_cli("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
     assert code == 0, err
     merged, _ = load_tensors(tmp_path / "merged.safetensors")
     peft_merged = _peft_merged(base, adapter)
     for key in merged:
         assert torch.allclose(merged[key], peft_merged[key], rtol=0, atol=1e-5), key
-    assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], _weights(base)["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], directory_weights(base)["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_two_imported_adapters_merge_with_ties_like_dense_vectors(llama: Path, tmp_path: Path) -> None:
@@ -192,7 +159,7 @@ def test_two_imported_adapters_merge_with_ties_like_dense_vectors(llama: Path, t
     taus = []
     for i, targets in enumerate((["q_proj", "v_proj"], ["q_proj", "up_proj"])):
         adapter = _adapter(llama, tmp_path / f"ad{i}", 10 + i, r=2, lora_alpha=2, target_modules=targets)
-        code, _, err = run("import", adapter, "-o", tmp_path / f"tau{i}.safetensors")
+        code, _, err = run_cli("import", adapter, "-o", tmp_path / f"tau{i}.safetensors")
         assert code == 0, err
         taus.append(tmp_path / f"tau{i}.safetensors")
     dense = []
@@ -200,14 +167,14 @@ def test_two_imported_adapters_merge_with_ties_like_dense_vectors(llama: Path, t
         tensors, manifest = load_tensors(t)
         dense.append(save_tensors(tmp_path / f"dense{i}.safetensors", tensors, Manifest.from_dict({**manifest.to_dict(), "sparse": {}, "layout": "dense"})).path)
     for name, inputs in (("lr", taus), ("dense", dense)):
-        code, _, err = run("add", *inputs, "--method", "ties", "--option", "density=0.5", "--alpha", "0.7", "-o", tmp_path / f"ties_{name}.safetensors")
+        code, _, err = run_cli("add", *inputs, "--method", "ties", "--option", "density=0.5", "--alpha", "0.7", "-o", tmp_path / f"ties_{name}.safetensors")
         assert code == 0, err
     a, _ = load_tensors(tmp_path / "ties_lr.safetensors")
     b, _ = load_tensors(tmp_path / "ties_dense.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    base = _weights(llama)
+    base = directory_weights(llama)
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(a["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
 
@@ -217,24 +184,24 @@ def test_import_bad_adapters(llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "tau.safetensors"
     # a directory without adapter_config.json: exit 3
     (tmp_path / "empty").mkdir()
-    code, _, err = run("import", tmp_path / "empty", "-o", out)
+    code, _, err = run_cli("import", tmp_path / "empty", "-o", out)
     assert code == 3 and "adapter_config.json" in err and len(err.strip().splitlines()) == 1
     # an adapter for another base: a missing key (GPT-2) or another shape (4 key/value heads): exit 4 naming the key
     gpt2 = _gpt2(tmp_path / "gpt2")
-    code, _, err = run("import", adapter, "--base", gpt2, "-o", out)
+    code, _, err = run_cli("import", adapter, "--base", gpt2, "-o", out)
     assert code == 4 and "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in err, err
     other = write_tiny_llama(tmp_path / "other", dtype="float32", num_key_value_heads=2)
-    code, _, err = run("import", adapter, "--base", other, "-o", out)
+    code, _, err = run_cli("import", adapter, "--base", other, "-o", out)
     assert code == 4 and "v_proj.lora_A.weight" in err and "[16, 16]" in err, err
     assert not out.exists()
     # DoRA: refused in one line
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    code, _, err = run("import", adapter, "-o", out)
+    code, _, err = run_cli("import", adapter, "-o", out)
     assert code == 3 and "DoRA" in err and len(err.strip().splitlines()) == 1
     # a base that is not local: --base is needed
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/not-here"}))
-    code, _, err = run("import", adapter, "-o", out)
+    code, _, err = run_cli("import", adapter, "-o", out)
     assert code == 2 and "--base" in err
     assert not out.exists()
 
@@ -243,7 +210,7 @@ def test_import_bad_adapters(llama: Path, tmp_path: Path) -> None:
 # export
 # --------------------------------------------------------------------------------------------
 def _extract(base: Path, finetuned: Path, out: Path) -> Path:
-    code, _, err = run("extract", finetuned, "--base", base, "-o", out)
+    code, _, err = run_cli("extract", finetuned, "--base", base, "-o", out)
     assert code == 0, err
     return out
 
@@ -251,7 +218,7 @@ def _extract(base: Path, finetuned: Path, out: Path) -> Path:
 def test_export_full_rank_loads_in_peft_and_merges_to_theta0_plus_tau(llama: Path, tmp_path: Path) -> None:
     ft = finetuned_copy(llama, tmp_path / "ft", seed=5, scale=0.05)
     tau = _extract(llama, ft, tmp_path / "tau.safetensors")
-    code, out, err = run("export-lora", tau, "--base", llama, "--rank", 64, "--modules-to-save", "-o", tmp_path / "adapter", "--json")
+    code, out, err = run_cli("export-lora", tau, "--base", llama, "--rank", 64, "--modules-to-save", "-o", tmp_path / "adapter", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["relative_error"] < 1e-6 and not report["dropped"]
@@ -259,7 +226,7 @@ def test_export_full_rank_loads_in_peft_and_merges_to_theta0_plus_tau(llama: Pat
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "model.embed_tokens" in config["target_modules"] and "lm_head" in config["target_modules"]
     merged = _peft_merged(llama, tmp_path / "adapter")
-    theta0, theta1 = _weights(llama), _weights(ft)
+    theta0, theta1 = directory_weights(llama), directory_weights(ft)
     for key, w in theta1.items():
         assert torch.allclose(merged[key], w, rtol=0, atol=1e-5), key  # θ0 + τ
     assert "Truncation error per tensor" in (tmp_path / "adapter" / "README.md").read_text()
@@ -269,13 +236,13 @@ def test_export_full_rank_loads_in_peft_and_merges_to_theta0_plus_tau(llama: Pat
 def test_export_truncated_rank_reports_the_error_it_makes(llama: Path, tmp_path: Path) -> None:
     ft = finetuned_copy(llama, tmp_path / "ft", seed=6, scale=0.05)
     tau = _extract(llama, ft, tmp_path / "tau.safetensors")
-    code, out, err = run("export-lora", tau, "--base", llama, "--rank", 2, "-o", tmp_path / "adapter", "--json")
+    code, out, err = run_cli("export-lora", tau, "--base", llama, "--rank", 2, "-o", tmp_path / "adapter", "--json")
     assert code == 0, err
     report = json.loads(out)
     dropped = {d["key"] for d in report["dropped"]}
     assert dropped == {"model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight", "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"}
     merged = _peft_merged(llama, tmp_path / "adapter")
-    theta0, theta1 = _weights(llama), _weights(ft)
+    theta0, theta1 = directory_weights(llama), directory_weights(ft)
     err_sq = norm_sq = 0.0
     rows = {r["key"]: r for r in report["tensors"]}
     for key in theta0:
@@ -297,7 +264,7 @@ def test_export_energy_gives_per_module_ranks_and_gpt2_conv1d(tmp_path: Path) ->
     """--energy picks a rank per matrix (rank_pattern/alpha_pattern in the config); GPT-2's Conv1D
     weights go out with fan_in_fan_out and come back as θ0 + τ."""
     base = _gpt2(tmp_path / "gpt2")
-    theta0 = _weights(base)
+    theta0 = directory_weights(base)
     g = torch.Generator().manual_seed(0)
     tau = {k: torch.zeros_like(v) for k, v in theta0.items()}
     tau["transformer.h.0.attn.c_attn.weight"] = torch.randn(16, 1, generator=g) @ torch.randn(1, 48, generator=g)  # rank 1
@@ -309,7 +276,7 @@ def test_export_energy_gives_per_module_ranks_and_gpt2_conv1d(tmp_path: Path) ->
     from tvedit.writer import save_tensors
 
     save_tensors(save_path, tau, Manifest(kind="task-vector", base=base_ref(ckpt.sha256, str(base))))
-    code, out, err = run("export-lora", save_path, "--base", base, "--energy", 1.0, "-o", tmp_path / "adapter", "--json")
+    code, out, err = run_cli("export-lora", save_path, "--base", base, "--energy", 1.0, "-o", tmp_path / "adapter", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert {r["key"]: r["rank"] for r in report["tensors"]} == {"transformer.h.0.attn.c_attn.weight": 1, "transformer.h.1.mlp.c_fc.weight": 16}
@@ -326,11 +293,11 @@ def test_export_refuses_bad_input(llama: Path, tmp_path: Path) -> None:
     ft = finetuned_copy(llama, tmp_path / "ft", seed=7)
     tau = _extract(llama, ft, tmp_path / "tau.safetensors")
     other = write_tiny_llama(tmp_path / "other", seed=1, dtype="float32")
-    code, _, err = run("export-lora", tau, "--base", other, "--rank", 2, "-o", tmp_path / "a")
+    code, _, err = run_cli("export-lora", tau, "--base", other, "--rank", 2, "-o", tmp_path / "a")
     assert code == 4 and "recorded" in err
-    code, _, err = run("export-lora", tau, "--base", llama, "-o", tmp_path / "a")
+    code, _, err = run_cli("export-lora", tau, "--base", llama, "-o", tmp_path / "a")
     assert code == 2 and "--rank" in err
-    code, _, err = run("export-lora", ft, "--base", llama, "--rank", 2, "-o", tmp_path / "a")
+    code, _, err = run_cli("export-lora", ft, "--base", llama, "--rank", 2, "-o", tmp_path / "a")
     assert code == 3
     assert not (tmp_path / "a").exists()
 
@@ -343,12 +310,12 @@ def test_import_lora_bias_and_pickled_adapter(tmp_path: Path) -> None:
     state = load_file(str(adapter / "adapter_model.safetensors"))
     state = {k: (v + 0.5 if k.endswith("lora_B.bias") else v) for k, v in state.items()}  # a trained (non-zero) bias
     save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    code, _, err = run("import", adapter, "-o", tmp_path / "tau.safetensors")
+    code, _, err = run_cli("import", adapter, "-o", tmp_path / "tau.safetensors")
     assert code == 0, err
     tau, _ = load_tensors(tmp_path / "tau.safetensors")
     bias = state["base_model.model.transformer.h.1.mlp.c_proj.lora_B.bias"]
     assert torch.allclose(tau["transformer.h.1.mlp.c_proj.bias"], 3.0 * bias, rtol=0, atol=1e-6)
-    code, _, err = run("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
+    code, _, err = run_cli("add", tmp_path / "tau.safetensors", "-o", tmp_path / "merged.safetensors")
     assert code == 0, err
     merged, _ = load_tensors(tmp_path / "merged.safetensors")
     peft_merged = _peft_merged(base, adapter)
@@ -358,7 +325,7 @@ def test_import_lora_bias_and_pickled_adapter(tmp_path: Path) -> None:
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     torch.save(state, pickled / "adapter_model.bin")
-    code, _, err = run("import", pickled, "-o", tmp_path / "tau_bin.safetensors")
+    code, _, err = run_cli("import", pickled, "-o", tmp_path / "tau_bin.safetensors")
     assert code == 0, err
     again, _ = load_tensors(tmp_path / "tau_bin.safetensors")
     assert all(torch.equal(again[k], tau[k]) for k in tau)

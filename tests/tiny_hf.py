@@ -3,8 +3,13 @@ and fine-tuned copies of any saved directory (perturbed weights, same config and
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+import torch
 
 LLAMA_CONFIG = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -51,4 +56,42 @@ def finetuned_copy(base: str | Path, out: str | Path, seed: int, scale: float = 
             if v.is_floating_point():
                 state[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype)
         save_file(state, str(f), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    """Hugging Face libraries offline and torch on one thread for a test module (use it autouse)."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """The CLI in-process (no subprocess start-up): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from tvedit.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def directory_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's safetensors files."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
     return out
