@@ -64,7 +64,7 @@ def test_signal_removes_the_temporary_and_exits_conventionally(ckpts, tmp_path, 
     proc = _add_held(ckpts, "out.safetensors", tmp_path / "never")
     _wait_for(_held(tmp_path), proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == code
     assert err.strip().splitlines() == [f"interrupted ({name}): unfinished output removed"]
     assert not (tmp_path / "out.safetensors").exists()
@@ -76,7 +76,7 @@ def test_sigkill_leftover_is_removed_by_the_next_write_and_by_clean(ckpts, tmp_p
         proc = _add_held(ckpts, "out.safetensors", tmp_path / "never")
         _wait_for(_held(tmp_path), proc)
         proc.kill()
-        proc.wait(timeout=30)
+        proc.wait(timeout=600)
         (left,) = _temps(tmp_path)
         assert left.stat().st_size > 0 and safeio.is_stale(left)
         return left
@@ -151,7 +151,7 @@ def test_two_writers_of_one_output_exactly_one_wins(ckpts, tmp_path):
     procs = [_add_held(ckpts, "same.safetensors", gate) for _ in range(2)]
     _wait_for(_held(tmp_path, 2))  # both passed the up-front exists check
     gate.touch()
-    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 6], results
     loser = next(err for rc, err in results if rc == 6)
