@@ -235,8 +235,10 @@ def test_finetune_sigterm_saves_resume_state_first(tmp_path, cli):
 
     theta0 = run.init(str(write_config(tmp_path)), "none", tmp_path / "theta0.safetensors", seed=0).path
     data = make_image_folder(tmp_path / "colours", classes=3, per_class=6)
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")  # no fallback warning: stderr is the one line
     common = ["finetune", "--pretrained", str(theta0), "--train", str(data), "--mode", "full", "--steps", "500",
-              "--batch-size", "4", "--warmup", "1", "--lr", "1e-3", "--checkpoint-every", "1000"]  # fmt: skip
+              "--batch-size", "4", "--warmup", "1", "--lr", "1e-3", "--checkpoint-every", "1000",
+              "--templates", str(tmp_path / "templates.txt")]  # fmt: skip
     proc = _start([*common, "-o", "ft.safetensors"], tmp_path)
     log = tmp_path / "ft.train.jsonl"
     _wait_for(lambda: log.exists() and log.stat().st_size > 0, proc)  # the first step is done
