@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .conftest import make_state, perturb
-from .test_hfdir import run
+from .tiny_hf import run_cli
 
 SHAPES = {"a.mlp.weight": (24, 16), "a.attn.weight": (16, 16), "b.norm.weight": (300,), "c.bias": (7,)}
 
@@ -35,7 +35,7 @@ def _recipe(tmp_path: Path, method: str, models: list[dict], **top) -> Path:
 
 def _merge(tmp_path: Path, recipe: Path, *extra: str) -> dict[str, torch.Tensor]:
     out = tmp_path / "out.safetensors"
-    code, _, stderr = run("add", recipe, "-o", out, "--force", *extra)
+    code, _, stderr = run_cli("add", recipe, "-o", out, "--force", *extra)
     assert code == 0, stderr
     return load_file(str(out))
 
@@ -128,7 +128,7 @@ def test_recipes_go_in_chunks_with_the_same_bytes(models: dict[str, Path], tmp_p
     for mib in ("1024", "0.0005"):  # 0.0005 MiB: chunks of 131 entries (a.mlp.weight: 384, b.norm.weight: 300)
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
         out = tmp_path / f"out-{mib}.safetensors"
-        code, _, stderr = run("add", recipe, "-o", out)
+        code, _, stderr = run_cli("add", recipe, "-o", out)
         assert code == 0, stderr
         outs.append(out.read_bytes())
     assert calls == ["a.attn.weight", "a.mlp.weight", "b.norm.weight"]  # the three tensors over 131 entries, in the second run
@@ -164,7 +164,7 @@ def test_every_recipe_method_goes_in_chunks_with_the_same_bytes(models: dict[str
         monkeypatch.setenv("TVEDIT_CHUNK_MIB", mib)
         calls.clear()
         out = tmp_path / f"out-{mib}.safetensors"
-        code, _, stderr = run("add", recipe, "-o", out)
+        code, _, stderr = run_cli("add", recipe, "-o", out)
         assert code == 0, stderr
         outs.append(out.read_bytes())
         assert calls == ([] if mib == "1024" else ["a.attn.weight", "a.mlp.weight", "b.norm.weight"]), (mib, calls)  # c.bias: 7 entries
@@ -251,14 +251,14 @@ def test_recipe_errors_are_one_line_before_any_read(tmp_path: Path) -> None:
     }
     for method, (top, expect) in cases.items():
         recipe = _recipe(tmp_path, method, [{"model": "m0.safetensors", "parameters": {"weight": 1.0}}], **top)
-        code, _, stderr = run("add", recipe, "-o", tmp_path / "o.safetensors")
+        code, _, stderr = run_cli("add", recipe, "-o", tmp_path / "o.safetensors")
         assert code == 2, (method, stderr)
         assert len(stderr.strip().splitlines()) == 1 and expect in stderr and "recipe.yml" in stderr, stderr
     recipe = _recipe(tmp_path, "ties", [{"model": "m0.safetensors"}])
-    code, _, stderr = run("add", recipe, "-o", tmp_path / "o.safetensors")
+    code, _, stderr = run_cli("add", recipe, "-o", tmp_path / "o.safetensors")
     assert code == 2 and "weight" in stderr
     recipe = _recipe(tmp_path, "ties", [{"model": "m0.safetensors", "parameters": {"weight": 1.0}}])
-    code, _, stderr = run("add", recipe, "--alpha", "0.5", "-o", tmp_path / "o.safetensors")
+    code, _, stderr = run_cli("add", recipe, "--alpha", "0.5", "-o", tmp_path / "o.safetensors")
     assert code == 2 and "--alpha" in stderr
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -277,7 +277,7 @@ def test_mergekit_recipe_to_hf_directory(tmp_path: Path) -> None:
         "merge_method: ties\nbase_model: base\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
         "  - model: ft0\n    parameters: {weight: 1.0, density: 0.5}\n  - model: ft1\n    parameters: {weight: 0.5, density: 0.5}\n"
     )
-    code, _, stderr = run("add", recipe, "-o", f"{tmp_path / 'out'}/")
+    code, _, stderr = run_cli("add", recipe, "-o", f"{tmp_path / 'out'}/")
     assert code == 0, stderr
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True)
     b = load_file(str(base / "model.safetensors"))
