@@ -18,7 +18,7 @@ demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
