@@ -8,23 +8,23 @@ _tvedit() {
   fi
   local opts="--help"
   case "${COMP_WORDS[1]}" in
-    add) opts="--alpha -a --weights -w --base -b --method -m --option --include --exclude --emit --output -o --format --max-shard-size --like --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --allow-mismatch --force -f --verify-inputs --json --help" ;;
+    add) opts="--alpha -a --weights -w --base -b --method -m --option --include --exclude --emit --output -o --format --max-shard-size --like --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --allow-mismatch --force -f --verify-inputs --device --json --help" ;;
     calibrate) opts="--model -m --pretrained -p --train --output -o --config --task --class-names --templates --density --rounds --calib-batches --calib-batch-size --batch-size --soft-value --fisher --seed --device --force -f --json --help" ;;
     clean) opts="--dry-run -n --json --help" ;;
     completions) opts=" --help" ;;
-    compress) opts="--rank --rank-fraction --energy --factor-dtype --include --exclude --output -o --out-dir --compute-dtype --layout --force -f --json --help" ;;
+    compress) opts="--rank --rank-fraction --energy --factor-dtype --include --exclude --output -o --out-dir --compute-dtype --layout --force -f --device --json --help" ;;
     evaluate) opts="--task -t --base -b --alpha -a --protocol -p --control --threshold --grid --merged --no-widen --grid-range --grid-size --points --linearize --max-examples --batch-size --device --bf16 --no-bf16 --min-accuracy --gate --metric --max-perplexity --mask-plot --output -o --report --allow-mismatch --force -f --json --help" ;;
     export-hf) opts="--output -o --like --dtype --max-shard-size --force -f --json --help" ;;
     export-lora) opts="--output -o --base --rank --energy --modules-to-save --force -f --json --help" ;;
-    extract) opts="--base -b --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --allow-mismatch --force -f --verify-inputs --json --help" ;;
+    extract) opts="--base -b --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --allow-mismatch --force -f --verify-inputs --device --json --help" ;;
     finetune) opts="--model -m --pretrained -p --train --mode --output -o --config --emit --task --class-names --templates --mask --lr --weight-decay --batch-size --micro-batch --steps --warmup --schedule --grad-clip --clip-scope --label-smoothing --seed --attn-bias --density --rounds --calib-batches --soft-value --fisher --num-workers --grad-checkpointing --checkpoint-every --stop-after --resume --eval-every --patience --device --force -f --json --help" ;;
     import) opts="--output -o --base --trust-pickle --kind --strip-prefix --force -f --json --help" ;;
     info) opts="--tensors -t --verify --json --help" ;;
     init) opts="--model -m --pretrained -p --output -o --seed --force -f --json --help" ;;
-    mask) opts="--density -k --scope --seed --rescale --beta --lambda --min-agree --mask --save-mask --include --exclude --zero-unselected --output -o --out-dir --dtype --compute-dtype --layout --force -f --json --help" ;;
+    mask) opts="--density -k --scope --seed --rescale --beta --lambda --min-agree --mask --save-mask --include --exclude --zero-unselected --output -o --out-dir --dtype --compute-dtype --layout --force -f --device --json --help" ;;
     methods) opts="--json --help" ;;
-    negate) opts="--output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --force -f --verify-inputs --json --help" ;;
-    scale) opts="--by -c --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-nonfinite --force -f --verify-inputs --json --help" ;;
+    negate) opts="--output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --force -f --verify-inputs --device --json --help" ;;
+    scale) opts="--by -c --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-nonfinite --force -f --verify-inputs --device --json --help" ;;
     study) opts="--output -o --seeds --lr --jobs -j --device --dry-run --json --help" ;;
   esac
   if [[ "$cur" == -* ]]; then

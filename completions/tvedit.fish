@@ -39,6 +39,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from add' -l allow-nonfinite -d 'W
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l allow-mismatch -r -d 'Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized vs non-linear), family (model families)'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
+complete -c tvedit -n '__fish_seen_subcommand_from add' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from add' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -F
 complete -c tvedit -n '__fish_seen_subcommand_from calibrate' -l model -s m -r -d 'An open_clip model name (ViT-B-32) or a model-config JSON in open_clips format (embed_dim, vision_cfg, text_cfg)'
@@ -76,6 +77,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from compress' -l out-dir -r -d 'D
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -l compute-dtype -r -d 'Accumulate in float32 (default) or float64'
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from compress' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from compress' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -F
 complete -c tvedit -n '__fish_seen_subcommand_from evaluate' -l task -s t -r -d 'NAME=DIR: a tasks data (DIR/train + DIR/test image folders, or a text task)'
@@ -134,6 +136,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from extract' -l allow-nonfinite -
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l allow-mismatch -r -d 'Let inputs disagree on these checks, comma-separated: base (theta0 hashes), regime (linearized vs non-linear), family (model families)'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
+complete -c tvedit -n '__fish_seen_subcommand_from extract' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from extract' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -F
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l model -s m -r -d 'An open_clip model name (ViT-B-32) or a model-config JSON in open_clips format (embed_dim, vision_cfg, text_cfg)'
@@ -212,6 +215,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from mask' -l dtype -r -d 'Output 
 complete -c tvedit -n '__fish_seen_subcommand_from mask' -l compute-dtype -r -d 'Accumulate in float32 (default) or float64'
 complete -c tvedit -n '__fish_seen_subcommand_from mask' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from mask' -l force -s f -d 'Overwrite an existing output file (never an input)'
+complete -c tvedit -n '__fish_seen_subcommand_from mask' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from mask' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from methods' -F
 complete -c tvedit -n '__fish_seen_subcommand_from methods' -l json -d 'Print JSON'
@@ -225,6 +229,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from negate' -l compute-dtype -r -
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l layout -r -d 'Task-vector storage: auto (sparse when a tensor is at most half non-zero), dense, sparse'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
+complete -c tvedit -n '__fish_seen_subcommand_from negate' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from negate' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -F
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l by -s c -r -d 'The coefficient c in c * tau'
@@ -238,6 +243,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from scale' -l layout -r -d 'Task-
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l allow-nonfinite -d 'Write results that contain NaN/Inf instead of failing'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l verify-inputs -d 'Hash every input as it is read and fail (exit 3, nothing written) when one does not match the content hash its manifest records (or the hash cached on its first use)'
+complete -c tvedit -n '__fish_seen_subcommand_from scale' -l device -r -d 'Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available)'
 complete -c tvedit -n '__fish_seen_subcommand_from scale' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -F
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l output -s o -r -d 'Output directory: study'

@@ -205,7 +205,7 @@ def test_cli_add_method_tsv_builds_the_checkpoint(cli, tvs: list[Path], tmp_path
     assert proc.returncode == 0, proc.stderr
     params = json.loads(proc.stdout)["manifest"]["provenance"][-1]["params"]
     assert params["method"] == "tsv"
-    assert params["method_options"] == {"rank_fraction": 0.2, "lowrank": False, "other": "mean", "include": [], "exclude": ["proj"], "device": "cpu"}
+    assert params["method_options"] == {"rank_fraction": 0.2, "lowrank": False, "other": "mean", "include": [], "exclude": ["proj"], "device": "inputs"}
     base, got = load_file(str(tmp_path / "base.safetensors")), load_file(str(tmp_path / "merged.safetensors"))
     taus = [dense(p) for p in tvs]
     for k in SHAPES:

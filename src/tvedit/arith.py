@@ -180,7 +180,7 @@ def add(
     protect = [s.path for s in specs] + ([base_spec.path] if base_spec else [])
     all_keys = base_ckpt.keys() if (emit == "checkpoint" and base_ckpt is not None) else keys
     key_set = set(keys)
-    acc = Slot(opts.compute_dtype)
+    acc = Slot(opts.compute_dtype, opts.device)
     with open_writer(target, out, manifest, all_keys, protect, opts, [base_ckpt, *ckpts], base_ckpt) as w:
         for i, key in enumerate(all_keys):
             if key not in key_set:  # integer/bool tensors: copied from theta0
@@ -270,7 +270,7 @@ def scale(
         params = {"by": by, **opts.params()} if _op == "scale" else opts.params()
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step(_op, params, [input_record(spec, ckpt)])
         keys = ckpt.keys()
-        slot = Slot(opts.compute_dtype)
+        slot = Slot(opts.compute_dtype, opts.device)
         verify_start([ckpt], opts)
         with open_writer(target, out, manifest, keys, [s.path for s in specs], opts, [ckpt]) as w:
             for i, key in enumerate(keys):

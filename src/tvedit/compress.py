@@ -65,6 +65,7 @@ def compress(
         "rank": rank, "rank_fraction": rank_fraction, "energy": energy,
         "factor_dtype": str(factor_dtype).replace("torch.", "") if factor_dtype else None,
         **(keys_filter.params() if keys_filter is not None else {}),
+        **({"device": str(opts.device)} if opts.device is not None else {}),
     }  # fmt: skip
     paths = [target.path_for(s, "lr", len(specs)) for s in specs]
     artifacts = []
@@ -72,7 +73,7 @@ def compress(
         assert ckpt.manifest is not None
         manifest = Manifest.from_dict({**ckpt.manifest.to_dict(), "sparse": {}}).with_step("compress", params, [input_record(spec, ckpt)])
         keys = ckpt.keys()
-        slot = Slot(torch.float64 if opts.compute_dtype == torch.float64 else torch.float32)
+        slot = Slot(torch.float64 if opts.compute_dtype == torch.float64 else torch.float32, opts.device)
         with CheckpointWriter(out, manifest, keys, force=target.force, inputs=[s.path for s in specs], layout=opts.layout, ephemeral=target.ephemeral) as w:
             for i, key in enumerate(keys):
                 info = ckpt.info(key)

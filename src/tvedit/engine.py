@@ -41,6 +41,7 @@ class ArithOptions:
     layout: str = "auto"  # task-vector storage: auto | dense | sparse
     allow_mismatch: frozenset[str] = frozenset()  # what inputs may disagree on: MISMATCHES
     verify_inputs: bool = False  # hash each input as it is read; a mismatch with its recorded hash fails
+    device: torch.device | None = None  # --device: compute there (tensors staged to it and back); None: in place on the host
 
     def __post_init__(self) -> None:
         chunk_numel()  # a bad $TVEDIT_CHUNK_MIB fails before any file is opened
@@ -55,6 +56,8 @@ class ArithOptions:
         }
         if self.allow_mismatch:  # recorded only when a check was switched off
             params["allow_mismatch"] = sorted(self.allow_mismatch)
+        if self.device is not None:  # recorded only when given: results may differ in the last ulp across devices
+            params["device"] = str(self.device)
         return params
 
 
@@ -114,6 +117,11 @@ def input_record(spec: InputSpec, ckpt: Checkpoint, weight: float | None = None,
     if nested and ckpt.manifest and ckpt.manifest.provenance:
         rec["provenance"] = ckpt.manifest.provenance
     return rec
+
+
+def on_device(t: torch.Tensor, opts: ArithOptions) -> torch.Tensor:
+    """``t`` where the command computes (``--device``; the host without one)."""
+    return t if opts.device is None else t.to(opts.device)
 
 
 def check_finite(t: torch.Tensor, out: Path, key: str, opts: ArithOptions) -> None:
@@ -255,24 +263,45 @@ class Slot:
     Ranges of a huge tensor (``load_range``) are read one ahead: after serving a range, the next
     range of the same size is read on a background thread into a second buffer, so reading overlaps
     the caller's arithmetic and the writer's writing and hashing.
+
+    With a ``device`` (``--device``), what ``load``/``load_range`` return, and ``zeros``/``buffer``,
+    live in a buffer on that device: the bytes are read on the host (ahead, as above) and copied
+    over; results go back to the host where they are written (``CheckpointWriter.write``,
+    ``write_in_chunks``). Any explicit device stages, ``cpu`` included
+    (the same numbers through the same code path: how the tests check the device plumbing).
     """
 
-    def __init__(self, compute_dtype: torch.dtype):
+    def __init__(self, compute_dtype: torch.dtype, device: torch.device | None = None):
         self.compute_dtype = compute_dtype
-        self.work = torch.empty(0, dtype=compute_dtype)
-        self.raw = torch.empty(0, dtype=torch.uint8)
-        self.spare = torch.empty(0, dtype=torch.uint8)  # the read-ahead buffer
+        self.device = device
+        self.work = torch.empty(0, dtype=compute_dtype, device="cpu")
+        self.raw = torch.empty(0, dtype=torch.uint8, device="cpu")
+        self.spare = torch.empty(0, dtype=torch.uint8, device="cpu")  # the read-ahead buffer
+        self.dev = torch.empty(0, dtype=compute_dtype, device=device or "cpu")  # the device copy
         self._ahead: tuple[tuple[int, str, int, int], Future[Any]] | None = None
 
     def _work(self, shape: Sequence[int]) -> torch.Tensor:
         n = numel(shape)
         if self.work.numel() < n:
-            self.work = torch.empty(n, dtype=self.compute_dtype)
+            self.work = torch.empty(n, dtype=self.compute_dtype, device="cpu")
         return self.work[:n].view(tuple(shape))
+
+    def _dev(self, shape: Sequence[int]) -> torch.Tensor:
+        """The device buffer (``--device``), or the host one."""
+        if self.device is None:
+            return self._work(shape)
+        n = numel(shape)
+        if self.dev.numel() < n:
+            self.dev = torch.empty(n, dtype=self.compute_dtype, device=self.device)
+        return self.dev[:n].view(tuple(shape))
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (on the host, any dtype) in the compute dtype on the device; ``t`` itself without one."""
+        return t if self.device is None else self._dev(t.shape).copy_(t)
 
     def _raw(self, nbytes: int) -> torch.Tensor:
         if self.raw.numel() < nbytes:
-            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+            self.raw = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         return self.raw[:nbytes]
 
     def _settle(self) -> tuple[int, str, int, int] | None:
@@ -286,16 +315,13 @@ class Slot:
     def load(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
         self._settle()
         info = ckpt.info(key)
-        work = self._work(info.shape)
         if ckpt.is_sparse(key):
-            work.copy_(ckpt.get(key))
-        elif info.dtype == self.compute_dtype:
-            ckpt.get(key, out=work)
-        else:
-            nbytes = numel(info.shape) * info.dtype.itemsize
-            raw = self._raw(nbytes).view(info.dtype).view(info.shape)
-            work.copy_(ckpt.get(key, out=raw))
-        return work
+            return self._dev(info.shape).copy_(ckpt.get(key))
+        if info.dtype == self.compute_dtype:
+            return self._staged(ckpt.get(key, out=self._work(info.shape)))
+        nbytes = numel(info.shape) * info.dtype.itemsize
+        raw = ckpt.get(key, out=self._raw(nbytes).view(info.dtype).view(info.shape))
+        return self._dev(info.shape).copy_(raw)  # converted on the way (to the device, with one)
 
     def load_range(self, ckpt: Checkpoint, key: str, start: int, count: int) -> torch.Tensor:
         """Entries start .. start+count of a dense-stored key, flattened, in the compute dtype."""
@@ -311,20 +337,20 @@ class Slot:
         if after < total:  # read the next range of the same size ahead
             n_next = min(count, total - after)
             if self.spare.numel() < n_next * item:
-                self.spare = torch.empty(n_next * item, dtype=torch.uint8)
+                self.spare = torch.empty(n_next * item, dtype=torch.uint8, device="cpu")
             buf = self.spare[: n_next * item].view(info.dtype)
             self._ahead = ((id(ckpt), key, after, n_next), reader().submit(ckpt.get_range, key, after, buf))
-        if info.dtype == self.compute_dtype:
+        if info.dtype == self.compute_dtype and self.device is None:
             return raw  # the caller may modify it: the next read ahead goes into the other buffer
-        return self._work((count,)).copy_(raw)
+        return self._dev((count,)).copy_(raw)
 
     def zeros(self, shape: Sequence[int]) -> torch.Tensor:
         self._settle()
-        return self._work(shape).zero_()
+        return self._dev(shape).zero_()
 
     def buffer(self, shape: Sequence[int]) -> torch.Tensor:
-        """An uninitialised view of the right shape (scratch space)."""
-        return self._work(shape)
+        """An uninitialised view of the right shape (scratch space; on the device, with one)."""
+        return self._dev(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +370,8 @@ class VectorSources:
     keys: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._slots = [Slot(self.opts.compute_dtype) for _ in self.inputs]
-        self._base_slot = Slot(self.opts.compute_dtype)
+        self._slots = [Slot(self.opts.compute_dtype, self.opts.device) for _ in self.inputs]
+        self._base_slot = Slot(self.opts.compute_dtype, self.opts.device)
         self._base_key: str | None = None
 
     def base(self, key: str) -> torch.Tensor:
@@ -511,15 +537,16 @@ def write_in_chunks(w: Any, key: str, shape: Sequence[int], dtype: Any, compute:
     method that ranks rows)."""
     n, step = numel(shape), step or chunk_numel()
     writers, dtypes = (w, list(dtype)) if isinstance(w, list) else ([w], [dtype])
-    converted = [torch.empty(0, dtype=d) for d in dtypes]
+    converted = [torch.empty(0, dtype=d, device="cpu") for d in dtypes]
 
     def convert(j: int, chunk: torch.Tensor, count: int) -> torch.Tensor:
+        """The chunk in the output dtype, on the host (from the device, with --device)."""
         if check:
             check_finite(chunk, out, key, opts)
-        if chunk.dtype == dtypes[j]:
+        if chunk.dtype == dtypes[j] and chunk.device.type == "cpu":
             return chunk
         if converted[j].numel() < count:
-            converted[j] = torch.empty(count, dtype=dtypes[j])
+            converted[j] = torch.empty(count, dtype=dtypes[j], device="cpu")
         return converted[j][:count].copy_(chunk.reshape(-1))
 
     def ranges() -> Iterator[tuple[int, int]]:

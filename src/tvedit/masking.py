@@ -134,16 +134,16 @@ def _dare_plan(ranges: Ranges, ctx: KeyContext, shape: tuple[int, ...]) -> Chunk
     norms: list[tuple[float, float] | None] = [None] * len(seeds)
     if o["rescale"] == "l1":
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in seeds]
+        parts = [[torch.zeros(256, dtype=torch.int64, device="cpu"), torch.zeros(256, dtype=torch.int64, device="cpu")] for _ in seeds]  # l1_parts are on the host
         for pieces in ranges(0, math.prod(shape)):
             for (total, kept), p, g in zip(parts, pieces, gens, strict=True):
                 total += sparsify.l1_parts(p.to(sparsify.COMPUTE))  # as dare_rescale converts it
-                kept += sparsify.l1_parts(sparsify.masked(p, sparsify.dare_mask(p.shape, o["density"], g)))
+                kept += sparsify.l1_parts(sparsify.masked(p, sparsify.dare_mask(p.shape, o["density"], g, p.device)))
         norms = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
 
     def fn(pieces: list[torch.Tensor], _start: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        keeps = [sparsify.dare_mask(p.shape, o["density"], g) for p, g in zip(pieces, gens, strict=True)]
+        keeps = [sparsify.dare_mask(p.shape, o["density"], g, p.device) for p, g in zip(pieces, gens, strict=True)]
         return [sparsify.dare_rescale(p, k, o["density"], o["rescale"], nm) for p, k, nm in zip(pieces, keeps, norms, strict=True)], keeps
 
     return ChunkPlan(fn)
@@ -433,7 +433,7 @@ def mask(
                 stack.enter_context(CheckpointWriter(p, _mask_manifest(ckpts[i].manifest, step), sorted(g_selected), force=target.force, inputs=protect))
                 for p, i in zip(g_mask_paths, group if n_masks == len(specs) else group[:1], strict=False)
             ]  # fmt: skip
-            slot = Slot(opts.compute_dtype)  # the chunks of mask apply
+            slot = Slot(opts.compute_dtype, opts.device)  # the chunks of mask apply
             sources = engine.VectorSources(g_ckpts, None, opts, [])  # the chunks of the other methods
             for key in g_keys:
                 if key in g_selected and (m.elementwise or m.plan is not None) and _goes_in_chunks(g_ckpts, key, m):
@@ -444,12 +444,12 @@ def mask(
 
                     def apply_range(start: int, count: int, c: Checkpoint = c, key: str = key, slot: Slot = slot) -> torch.Tensor:
                         assert mask_ckpt is not None
-                        return sparsify.masked(slot.load_range(c, key, start, count), mask_ckpt.get_mask_range(key, start, count))
+                        return sparsify.masked(slot.load_range(c, key, start, count), engine.on_device(mask_ckpt.get_mask_range(key, start, count), opts))
 
                     engine.write_in_chunks(writers[0], key, c.info(key).shape, opts.dtype or c.info(key).dtype, apply_range, out_paths[group[0]], opts, check=False)
                 elif key in g_selected:
                     tensors = [_load(c, key, m, opts) for c in g_ckpts]
-                    ctx = KeyContext(key, group, resolved, state, mask_ckpt.get(key) if mask_ckpt is not None else None)
+                    ctx = KeyContext(key, group, resolved, state, engine.on_device(mask_ckpt.get(key), opts) if mask_ckpt is not None else None)
                     results, keeps = m.fn(tensors, ctx)
                     for w, c, r in zip(writers, g_ckpts, results, strict=False):
                         w.write(key, r if m.takes == "mask" else r.to(opts.dtype or c.info(key).dtype))
@@ -485,7 +485,7 @@ def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint]
 
     def pieces(start: int, count: int) -> list[torch.Tensor]:
         if m.takes == "mask":
-            return [c.get_mask_range(key, start, count) for c in ckpts]
+            return [engine.on_device(c.get_mask_range(key, start, count), opts) for c in ckpts]
         return sources.vector_ranges(key, start, count)
 
     def ranges(start: int, count: int) -> Iterator[list[torch.Tensor]]:
@@ -507,7 +507,7 @@ def _write_key_in_chunks(m: MaskMethod, ctx: KeyContext, ckpts: list[Checkpoint]
 
 
 def _load(ckpt: Checkpoint, key: str, method: MaskMethod, opts: ArithOptions) -> torch.Tensor:
-    t = ckpt.get(key)
+    t = engine.on_device(ckpt.get(key), opts)
     return t if method.takes == "mask" else t.to(opts.compute_dtype)
 
 

@@ -242,7 +242,7 @@ def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, norms: tup
     if not rescale:
         return masked
     before, after = norms if norms is not None else (sparsify.l1_norm(tensor), sparsify.l1_norm(masked))
-    b, a = torch.tensor(before, dtype=masked.dtype), torch.tensor(after, dtype=masked.dtype)
+    b, a = (torch.tensor(x, dtype=masked.dtype, device=masked.device) for x in (before, after))
     if b < RESCALE_EPS or a < RESCALE_EPS:
         return masked
     return masked * (b / a)
@@ -277,7 +277,8 @@ def della_mask(rows: torch.Tensor, density: float, epsilon: float, gen: torch.Ge
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     span = (hi - lo).clamp_min(1)  # a one-entry row: rank_norm 0 (mergekit divides 0 by 0 there)
     probs = (density - epsilon) + ((ranks - lo) / span).clamp(0, 1) * 2 * epsilon
-    return (torch.rand(rows.shape, generator=gen, dtype=torch.float32) < probs).to(rows.dtype)
+    draws = torch.rand(rows.shape, generator=gen, dtype=torch.float32, device="cpu")  # on the host: the same on every device
+    return (draws.to(rows.device) < probs).to(rows.dtype)
 
 
 @dataclass
@@ -315,7 +316,8 @@ class Sparsifier:
             return (wide.take(tau) & ~narrow.take(tau)).to(tau.dtype)
         assert self.gen is not None
         if self.kind == "random":
-            return (torch.rand(tau.shape, generator=self.gen, dtype=torch.float32) < self.density).to(tau.dtype)
+            draws = torch.rand(tau.shape, generator=self.gen, dtype=torch.float32, device="cpu")  # the same on every device
+            return (draws < self.density).to(device=tau.device, dtype=tau.dtype)
         if self.density <= 0:
             return torch.zeros_like(tau)
         return della_mask(tau.view(self.rows), self.density, self.epsilon, self.gen).reshape(-1)
@@ -358,7 +360,7 @@ def gta_merge(
     else:
         mixed = total
         s = float(sum(float(w) for w in weights))
-        divisor = torch.tensor(1.0 if abs(s) < 1e-8 else s, dtype=mixed.dtype)
+        divisor = torch.tensor(1.0 if abs(s) < 1e-8 else s, dtype=mixed.dtype, device=mixed.device)
     if normalize:
         mixed = mixed / divisor
     if lam != 1:

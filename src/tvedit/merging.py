@@ -212,7 +212,7 @@ def _dare_ties(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> torch.Tens
     norms = ctx.key_state.get("norms") or [None] * len(vectors)  # l1 over the chunks of a huge key
     dropped = []
     for tau, gen, nm in zip(vectors, ctx.key_state["generators"], norms, strict=True):
-        dropped.append(sparsify.dare_rescale(tau, sparsify.dare_mask(tau.shape, o["density"], gen), o["density"], o["rescale"], nm))
+        dropped.append(sparsify.dare_rescale(tau, sparsify.dare_mask(tau.shape, o["density"], gen, tau.device), o["density"], o["rescale"], nm))
     return sparsify.ties_merge(dropped, ctx.weights, weighted_election=o["weighted_election"], divisor=o["divisor"])
 
 
@@ -223,11 +223,11 @@ def _dare_ties_key_pass(chunks: Callable[[], Any], ctx: MergeContext) -> None:
     if o["rescale"] != "l1":
         return
     gens = [torch.Generator().manual_seed(sparsify.derived_seed(o["seed"], i, ctx.key)) for i in range(len(ctx.weights))]
-    parts = [[torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)] for _ in gens]
+    parts = [[torch.zeros(256, dtype=torch.int64, device="cpu"), torch.zeros(256, dtype=torch.int64, device="cpu")] for _ in gens]  # l1_parts are on the host
     for pieces in chunks():
         for (total, kept), tau, gen in zip(parts, pieces, gens, strict=True):
             total += sparsify.l1_parts(tau.to(sparsify.COMPUTE))  # as dare_rescale converts it
-            kept += sparsify.l1_parts(sparsify.masked(tau, sparsify.dare_mask(tau.shape, o["density"], gen)))
+            kept += sparsify.l1_parts(sparsify.masked(tau, sparsify.dare_mask(tau.shape, o["density"], gen, tau.device)))
     ctx.key_state["norms"] = [(sparsify.l1_value(a), sparsify.l1_value(b)) for a, b in parts]
 
 
@@ -261,7 +261,7 @@ register(MergeMethod(
 # Every 2-D floating tensor selected by include/exclude goes through the SVD path, computed on the
 # weighted matrices w_i tau_i; every other tensor is merged by ``other`` (mean: sum_i w_i tau_i /
 # sum_i w_i, the reference implementations' rule; sum: sum_i w_i tau_i). add applies alpha last.
-_SVD_COMMON: dict[str, Any] = {"other": "mean", "include": [], "exclude": [], "device": "cpu"}
+_SVD_COMMON: dict[str, Any] = {"other": "mean", "include": [], "exclude": [], "device": "inputs"}
 OPTION_DEFAULTS.update({
     "tsv": {"rank_fraction": None, "lowrank": False, **_SVD_COMMON},  # rank_fraction None: 1/N
     "iso-c": dict(_SVD_COMMON),
@@ -290,10 +290,13 @@ def _globs(options: dict[str, Any], name: str) -> None:
 
 
 def _device(options: dict[str, Any]) -> None:
-    """The SVD device: cpu, cuda or cuda:N, checked by the one device picker (models.base)."""
+    """The SVD device: inputs (default: where the command computes, ``--device``), cpu, cuda or
+    cuda:N, checked by the one device picker (models.base)."""
     from tvedit.models.base import pick_device
 
     name = str(options["device"])
+    if name == "inputs":
+        return
     try:
         device = pick_device(name) if name != "auto" else None
     except UsageError as exc:
@@ -336,7 +339,8 @@ def _prepare_svd(method: str) -> PrepareFn:
         if "rank_fraction" in options and options["rank_fraction"] is None:
             options["rank_fraction"] = 1.0 / len(sources.inputs)  # recorded resolved, like the DARE seed
         return {
-            "filter": KeyFilter(tuple(options["include"]), tuple(options["exclude"])), "device": torch.device(options["device"]),
+            "filter": KeyFilter(tuple(options["include"]), tuple(options["exclude"])),
+            "device": None if options["device"] == "inputs" else torch.device(options["device"]),
             "route": svd_route(),
         }  # fmt: skip
 
@@ -349,9 +353,9 @@ def _svd_method(fn: Callable[[Sequence[torch.Tensor], MergeContext], Any]) -> Ca
     def merge(vectors: Sequence[torch.Tensor], ctx: MergeContext) -> Any:
         if vectors[0].dim() != 2 or 0 in vectors[0].shape or not ctx.state["filter"].selects(ctx.key):
             return (_mean if ctx.options["other"] == "mean" else _sum)(vectors, ctx)
-        device = ctx.state["device"]
+        device = ctx.state["device"] or vectors[0].device
         result = fn([v.to(device) for v in vectors], ctx)
-        return result.to("cpu") if device.type != "cpu" else result
+        return result.to(vectors[0].device)  # back where the command computes (a no-op when there)
 
     return merge
 

@@ -36,13 +36,19 @@ VERIFY_HELP = (
     "Hash every input as it is read and fail (exit 3, nothing written) when one does not match the"
     " content hash its manifest records (or the hash cached on its first use). Costs the sha256 of the inputs."
 )
+DEVICE_HELP = (
+    "Compute on this device: cpu, cuda, cuda:N or auto (CUDA when available). Tensors are read on the"
+    " host, copied over and back. Default: in place on the host (no copies)."
+)
 LIKE_HELP = "Copy config and tokenizer files from this Hugging Face directory (default: the base's directory)."
 
 
-def arith_options(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None, verify_inputs: bool = False):
+def arith_options(dtype: str | None, compute: str, allow_missing: bool, allow_nonfinite: bool, layout: str, allow_mismatch: str | None = None,
+                  verify_inputs: bool = False, device: str | None = None):
     import torch
 
     from tvedit.engine import ArithOptions, parse_mismatch
+    from tvedit.models.base import pick_device
 
     if compute not in ("float32", "float64"):
         raise UsageError(f"--compute-dtype must be float32 or float64, not {compute!r}")
@@ -56,6 +62,7 @@ def arith_options(dtype: str | None, compute: str, allow_missing: bool, allow_no
         layout=layout,
         allow_mismatch=parse_mismatch(allow_mismatch),
         verify_inputs=verify_inputs,
+        device=pick_device(device) if device is not None else None,
     )
 
 
@@ -108,13 +115,14 @@ def register(app: typer.Typer) -> None:
         allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Task vectors tau = theta* - theta0, one per fine-tuned checkpoint (floating tensors only)."""
         from tvedit import arith
         from tvedit.pipeline import InputSpec
 
-        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
+        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs, device)
         inputs = resolve_cli_inputs(finetuned)
         target = cli_target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar("extract") as bar:
@@ -145,13 +153,14 @@ def register(app: typer.Typer) -> None:
         allow_mismatch: str | None = typer.Option(None, "--allow-mismatch", help=MISMATCH_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Merge task vectors into theta0: theta = theta0 + alpha * merge(w_i tau_i)."""
         from tvedit import arith
         from tvedit.pipeline import InputSpec
 
-        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs)
+        opts = arith_options(dtype, compute_dtype, allow_missing, allow_nonfinite, layout, allow_mismatch, verify_inputs, device)
         recipe = _mergekit_recipe(inputs)
         if recipe is not None:
             given = [n for n, v in (("--method", method), ("--weights", weights), ("--alpha", alpha), ("--base", base)) if v is not None]
@@ -183,10 +192,10 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         report([art], json_mode(as_json))
 
-    def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs) -> None:
+    def _unary(op: str, inputs: list[str], by: float, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs, device) -> None:
         from tvedit import arith
 
-        opts = arith_options(dtype, compute_dtype, False, allow_nonfinite, layout, verify_inputs=verify_inputs)
+        opts = arith_options(dtype, compute_dtype, False, allow_nonfinite, layout, verify_inputs=verify_inputs, device=device)
         resolved = resolve_cli_inputs(inputs)
         target = cli_target(output, out_dir, force, fmt, max_shard_size)
         with progress_bar(op) as bar:
@@ -208,10 +217,11 @@ def register(app: typer.Typer) -> None:
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help=NONFINITE_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Scale task vectors: c * tau."""
-        _unary("scale", inputs, by, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs)
+        _unary("scale", inputs, by, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, allow_nonfinite, force, as_json, verify_inputs, device)
 
     @app.command()
     @guard
@@ -226,10 +236,11 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         verify_inputs: bool = typer.Option(False, "--verify-inputs", help=VERIFY_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Negate task vectors: -tau (add the result to theta0 to forget a task)."""
-        _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json, verify_inputs)
+        _unary("negate", inputs, -1.0, output, out_dir, fmt, max_shard_size, dtype, compute_dtype, layout, False, force, as_json, verify_inputs, device)
 
 
 def _mergekit_recipe(args: list[str]):

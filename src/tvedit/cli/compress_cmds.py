@@ -8,6 +8,7 @@ import typer
 
 from tvedit.cli.arith_cmds import (
     COMPUTE_HELP,
+    DEVICE_HELP,
     LAYOUT_HELP,
     arith_options,
     cli_target,
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP + " (the SVDs)"),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP + " (tensors that are not factored)"),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         """Store each 2-D tensor of task vectors as its truncated SVD: KEY::U, KEY::S, KEY::V (every command reads it back dense)."""
@@ -51,7 +53,7 @@ def register(app: typer.Typer) -> None:
         from tvedit.keys import KeyFilter
 
         check_rank_options(rank, rank_fraction, energy)
-        opts = arith_options(None, compute_dtype, False, False, layout)
+        opts = arith_options(None, compute_dtype, False, False, layout, device=device)
         dtype = parse_dtype_option(factor_dtype)
         resolved = resolve_cli_inputs(inputs)
         target = cli_target(output, out_dir, force)

@@ -8,6 +8,7 @@ import typer
 
 from tvedit.cli.arith_cmds import (
     COMPUTE_HELP,
+    DEVICE_HELP,
     LAYOUT_HELP,
     arith_options,
     check_recipe,
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
         compute_dtype: str = typer.Option("float32", "--compute-dtype", help=COMPUTE_HELP + " (masks are computed in float32)"),
         layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
         from tvedit.keys import KeyFilter
@@ -82,7 +84,7 @@ def register(app: typer.Typer) -> None:
         if method not in MASK_METHODS:
             raise UsageError(f"unknown mask method {method!r}; choose one of: {', '.join(MASK_METHODS)}")
         options = {"density": density, "scope": scope, "seed": seed, "rescale": rescale, "beta": beta, "lambda": lam, "min_agree": min_agree}
-        opts = arith_options(dtype, compute_dtype, False, False, layout)
+        opts = arith_options(dtype, compute_dtype, False, False, layout, device=device)
         # validate options before reading stdin or any file
         from tvedit.masking import resolve_options
 

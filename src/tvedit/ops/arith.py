@@ -30,7 +30,7 @@ def weighted_sum(
     if len(vectors) != len(weights):
         raise ValueError("one weight per vector")
     if out is None:
-        out = torch.empty(vectors[0].shape, dtype=compute_dtype)
+        out = torch.empty(vectors[0].shape, dtype=compute_dtype, device=vectors[0].device)
     torch.mul(vectors[0].to(compute_dtype), weights[0], out=out)
     for v, w in zip(vectors[1:], weights[1:], strict=True):
         out.add_(v.to(compute_dtype), alpha=w)

@@ -89,9 +89,9 @@ def largest_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     lower index (the order of a stable descending sort, without sorting)."""
     n = magnitude.numel()
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool, device=magnitude.device)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n, dtype=torch.bool, device=magnitude.device)
     threshold = float(torch.kthvalue(magnitude, n - k + 1).values)
     return tie_limited_mask(magnitude, threshold, k - int((magnitude > threshold).sum()))
 
@@ -116,7 +116,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _pick_digit(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Digit holding the k-th largest (1-based) of a histogram, and the count strictly above it."""
     from_top = torch.flip(hist, [0]).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)).item())
     digit = _DIGITS - 1 - j
     return digit, int(from_top[j]) - int(hist[digit])
 
@@ -129,16 +129,18 @@ def kth_largest_abs(stream: Stream, ks: Sequence[int]) -> list[KthLargest | None
     the selected high bucket. Memory: two 65,536-bin histograms per stream, never the data.
     """
     n = len(ks)
-    high = torch.zeros(n, _DIGITS, dtype=torch.int64)
+    high = torch.zeros(n, _DIGITS, dtype=torch.int64, device="cpu")  # moved to the data's device (--device)
     for i, _key, t in stream():
         if ks[i] > 0:
+            high = high.to(t.device)
             high[i] += torch.bincount(_bits(t) >> 16, minlength=_DIGITS)
     picks = [_pick_digit(high[i], ks[i]) if ks[i] > 0 else (0, 0) for i in range(n)]
-    low = torch.zeros(n, _DIGITS, dtype=torch.int64)
+    low = torch.zeros(n, _DIGITS, dtype=torch.int64, device=high.device)
     for i, _key, t in stream():
         if ks[i] > 0:
             b = _bits(t)
             sel = b[(b >> 16) == picks[i][0]]
+            low = low.to(t.device)
             low[i] += torch.bincount(sel & 0xFFFF, minlength=_DIGITS)
     out: list[KthLargest | None] = []
     for i in range(n):
@@ -147,7 +149,7 @@ def kth_largest_abs(stream: Stream, ks: Sequence[int]) -> list[KthLargest | None
             continue
         hi, greater_hi = picks[i]
         lo, greater_lo = _pick_digit(low[i], ks[i] - greater_hi)
-        bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32)
+        bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32, device="cpu")
         out.append(KthLargest(float(bits.view(torch.float32)), greater_hi + greater_lo, int(low[i][lo])))
     return out
 
@@ -166,7 +168,7 @@ class GlobalThreshold:
 
     def mask(self, key: str, tau: torch.Tensor) -> torch.Tensor:
         if self.keep == 0:
-            return torch.zeros(tau.shape, dtype=torch.bool)
+            return torch.zeros(tau.shape, dtype=torch.bool, device=tau.device)
         quota = None if self.ties is None else self.ties.get(key, 0)
         return tie_limited_mask(_abs32(tau), self.value, quota)
 
@@ -199,7 +201,7 @@ class Cut:
 
     def take(self, tau: torch.Tensor) -> torch.Tensor:
         if self.value is None:
-            return torch.zeros(tau.shape, dtype=torch.bool)
+            return torch.zeros(tau.shape, dtype=torch.bool, device=tau.device)
         magnitude = _abs32(tau)
         if self.skip == 0:
             keep = tie_limited_mask(magnitude, self.value, self.quota)
@@ -276,14 +278,14 @@ def l1_parts(t: torch.Tensor) -> torch.Tensor:
         bits = t.detach().abs().reshape(-1).view(torch.int64)
         exponent = bits >> 52
         mantissa = (bits & ((1 << 52) - 1)) | ((exponent > 0).to(torch.int64) << 52)
-        parts = torch.zeros(2, 2048, dtype=torch.int64)
+        parts = torch.zeros(2, 2048, dtype=torch.int64, device=t.device)
         parts[0].index_add_(0, exponent, mantissa >> 26)
         parts[1].index_add_(0, exponent, mantissa & ((1 << 26) - 1))
-        return parts
+        return parts.cpu()
     bits = _bits(t)
     exponent = bits >> 23
     mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)
-    return torch.zeros(256, dtype=torch.int64).index_add_(0, exponent, mantissa.to(torch.int64))
+    return torch.zeros(256, dtype=torch.int64, device=t.device).index_add_(0, exponent, mantissa.to(torch.int64)).cpu()
 
 
 def l1_value(parts: torch.Tensor) -> float:
@@ -315,9 +317,10 @@ def derived_seed(seed: int, index: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dare_mask(shape: Sequence[int], density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli(density) keep-mask: m = 1[u < density], u ~ U[0, 1) float32 from ``generator``."""
-    return torch.rand(tuple(shape), generator=generator, dtype=COMPUTE) < density
+def dare_mask(shape: Sequence[int], density: float, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(density) keep-mask: m = 1[u < density], u ~ U[0, 1) float32 from ``generator``
+    (a CPU generator: the mask is drawn on the host, the same on every ``device``, then moved)."""
+    return (torch.rand(tuple(shape), generator=generator, dtype=COMPUTE, device="cpu") < density).to(device)
 
 
 def dare_rescale(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str = "inverse",
@@ -326,7 +329,7 @@ def dare_rescale(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale:
     ``l1``: tau*m * ||tau||_1 / ||tau*m||_1 (0 if nothing survives), the norms exact (l1_norm), or
     ``norms`` = (||tau||_1, ||tau*m||_1) of the whole tensor when ``tau`` is one chunk of it."""
     t = tau.to(COMPUTE)
-    kept = torch.where(keep, t, torch.zeros((), dtype=COMPUTE))
+    kept = torch.where(keep, t, torch.zeros((), dtype=COMPUTE, device=t.device))
     if rescale == "inverse":
         return kept / density if density > 0 else torch.zeros_like(kept)
     if rescale == "l1":
@@ -339,7 +342,7 @@ def dare_rescale(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale:
 
 def dare(tau: torch.Tensor, density: float, generator: torch.Generator, rescale: str = "inverse") -> tuple[torch.Tensor, torch.Tensor]:
     """(rescaled survivors, keep-mask): dare_rescale(tau, dare_mask(...), density, rescale)."""
-    keep = dare_mask(tau.shape, density, generator)
+    keep = dare_mask(tau.shape, density, generator, tau.device)
     return dare_rescale(tau, keep, density, rescale), keep
 
 
@@ -357,12 +360,12 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, beta: float = 0.01, per_
     rows = a.reshape(-1, a.shape[-1]) if (per_row and a.dim() >= 1) else a.reshape(1, -1)
     n = rows.shape[1]
     if rows.numel() == 0:
-        return torch.zeros(a.shape, dtype=torch.bool)
+        return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
     n_top = min(n, round_half_up(beta * n))
     n_keep = min(keep_count(density, n), n - n_top)
     order = torch.sort(rows, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand_as(order).contiguous())
+    rank.scatter_(1, order, torch.arange(n, device=order.device).expand_as(order).contiguous())
     return ((rank >= n_top) & (rank < n_top + n_keep)).reshape(a.shape)
 
 
@@ -386,7 +389,7 @@ def consensus_merge(vectors: Sequence[torch.Tensor], lam: float = 0.6, min_agree
     """consensus_mask(tall_masks(tau, lam), min_agree) * sum_t tau_t."""
     total = torch.stack([v.to(COMPUTE) for v in vectors]).sum(0)
     keep = consensus_mask(tall_masks(vectors, lam), min_agree)
-    return torch.where(keep, total, torch.zeros((), dtype=COMPUTE))
+    return torch.where(keep, total, torch.zeros((), dtype=COMPUTE, device=total.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +413,7 @@ def ties_merge(
     if divisor not in DIVISORS:
         raise UsageError(f"divisor must be one of {', '.join(DIVISORS)}, not {divisor!r}")
     taus = [t.to(COMPUTE) for t in trimmed]
-    elect = torch.zeros(taus[0].shape, dtype=COMPUTE)
+    elect = torch.zeros(taus[0].shape, dtype=COMPUTE, device=taus[0].device)
     for t, w in zip(taus, weights, strict=True):
         elect.add_(t, alpha=float(w) if weighted_election else 1.0)
     gamma = torch.where(elect >= 0, 1.0, -1.0)
@@ -429,4 +432,4 @@ def ties_merge(
 
 def masked(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """tau * m in float32 (exact zeros outside the mask)."""
-    return torch.where(keep, tau.to(COMPUTE), torch.zeros((), dtype=COMPUTE))
+    return torch.where(keep, tau.to(COMPUTE), torch.zeros((), dtype=COMPUTE, device=tau.device))

@@ -160,7 +160,7 @@ def choose_rank(s: torch.Tensor, *, rank: int | None = None, fraction: float | N
     if total == 0.0:
         return 1
     cum = torch.cumsum(sq, 0)
-    k = int(torch.searchsorted(cum, torch.tensor(energy * total, dtype=torch.float64) * (1 - 1e-12)).item()) + 1
+    k = int(torch.searchsorted(cum, torch.tensor(energy * total, dtype=torch.float64, device=cum.device) * (1 - 1e-12)).item()) + 1
     return max(1, min(k, r))
 
 
