@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make test runs the tests on WORKERS processes (pytest-xdist, a test file per worker at a time):
+# the machine's cores, at most 4 (each worker holds torch, ~0.7 GB). WORKERS=0: one process.
+WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: demo test test-fast lint completions bench clean
 
@@ -18,10 +21,10 @@ demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=25
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
