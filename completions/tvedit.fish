@@ -162,6 +162,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l clip-scope -r -d
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l label-smoothing -r -d 'Default 0'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l seed -r -d 'Seed (data order, augmentation, random init, mask calibration)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l attn-bias -d 'attn mode: also train the attention projection biases'
+complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l train-embeddings -d 'hf-causal: also train the embeddings and the LM head (frozen by default in every regime)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l density -r -d 'sparse: fraction KEPT (default 0'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l rounds -r -d 'sparse: calibration rounds (default 4)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l calib-batches -r -d 'sparse: calibration batches (default 40)'

@@ -21,7 +21,7 @@ from tvedit.models import adapter_for
 from tvedit.models.hf_causal import HFCausalAdapter
 from tvedit.reader import load_tensors
 
-from .tiny_hf import write_tiny_llama, write_tokenizer
+from .tiny_hf import directory_weights, write_tiny_llama, write_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,6 +161,29 @@ def test_attn_regime_unknown_architecture_is_one_line(tmp_path: Path) -> None:
         adapter.trainable_keys("attn")
 
 
+def test_train_embeddings_flag_trains_them_and_is_recorded(models: dict[str, Path], tmp_path: Path) -> None:
+    """finetune --train-embeddings: the embeddings and LM head change (frozen without it), the
+    output's model record says so; on a family without frozen embeddings it is a usage error."""
+    theta0 = tmp_path / "theta0.safetensors"
+    code, _, err = run_cli("init", "--model", models["llama"], "-o", theta0)
+    assert code == 0, err
+    base, _ = load_tensors(theta0)
+    task = write_task(tmp_path, "first", examples(24, 1))
+    code, _, err = run_cli("finetune", "-p", theta0, "--train", task, "--mode", "full", "--steps", "2", "--batch-size", "8", "--warmup", "1",
+                           "--lr", "1e-2", "--device", "cpu", "--train-embeddings", "-o", tmp_path / "emb.safetensors")  # fmt: skip
+    assert code == 0, err
+    tuned, manifest = load_tensors(tmp_path / "emb.safetensors")
+    assert manifest.model["train_embeddings"] is True
+    assert not torch.equal(tuned["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(tuned["lm_head.weight"], base["lm_head.weight"])
+    from tvedit.errors import UsageError
+
+    shipped = Path(__file__).resolve().parents[1] / "examples" / "theta0" / "tiny_clip.safetensors"  # an open_clip theta0
+    with pytest.raises(UsageError, match="--train-embeddings"):
+        run.finetune(None, str(shipped), task, tmp_path / "clip.safetensors", _cfg("full", train_embeddings=True))
+    assert not (tmp_path / "clip.safetensors").exists()
+
+
 def _cfg(mode: str, **kw: object) -> FinetuneConfig:
     base: dict[str, object] = dict(mode=mode, steps=4, batch_size=8, lr=1e-2, warmup=1, device="cpu", rounds=1, calib_batches=1, density=0.2, calib_chunk=4)
     return FinetuneConfig(**{**base, **kw}).validate()  # type: ignore[arg-type]
@@ -194,9 +217,14 @@ def test_every_regime_fine_tunes_and_the_merge_is_gated(models: dict[str, Path],
         taus[mode] = out
     code, _, err = run_cli("extract", taus["full"], "--base", theta0, "-o", tmp_path / "full.tv.safetensors")
     assert code == 0, err
-    code, _, err = run_cli("add", tmp_path / "full.tv.safetensors", "--alpha", "1.0", "-o", f"{tmp_path / 'merged'}/", "--like", models["llama"])
+    # -o DIR/ without --like: config and tokenizer from the directory theta0's model record names (init --model DIR)
+    code, _, err = run_cli("add", tmp_path / "full.tv.safetensors", "--alpha", "1.0", "-o", f"{tmp_path / 'merged'}/")
     assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    code, _, err = run_cli("add", tmp_path / "full.tv.safetensors", "--alpha", "1.0", "-o", f"{tmp_path / 'merged-like'}/", "--like", models["llama"])
+    assert code == 0, err
+    assert (tmp_path / "merged-like" / "config.json").read_text() == (tmp_path / "merged" / "config.json").read_text()
+    assert directory_weights(tmp_path / "merged-like").keys() == directory_weights(tmp_path / "merged").keys()
     # the merged HF directory: evaluated as it is (no init) and gated
     code, out, err = run_cli("evaluate", tmp_path / "merged", "--task", f"first={task}", "--device", "cpu", "--json")
     assert code == 0, err

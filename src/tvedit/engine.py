@@ -201,9 +201,9 @@ def open_writer(
     if target.hf is None:
         return CheckpointWriter(out, manifest, keys, force=target.force, inputs=protect, layout=opts.layout, ephemeral=target.ephemeral)
     root = next((r for r in (hfdir.hf_root(c.path) for c in refs if c is not None) if r is not None), None)
-    source = target.hf.like or root
+    source = target.hf.like or root or hfdir.recorded_source(manifest)  # else the directory the inputs' model record names
     if manifest.kind == "checkpoint" and source is None:
-        raise UsageError(f"{out}: a Hugging Face directory needs a config.json, and no input is a Hugging Face directory; pass --like HF_DIR")
+        raise UsageError(f"{out}: a Hugging Face directory needs a config.json, and no input is (or records) a Hugging Face directory; pass --like HF_DIR")
     drop = hfdir.tied_aliases(root or target.hf.like, base, keys)
     return hfdir.HFDirWriter(
         out, manifest, out_sizes(keys, refs, opts), options=target.hf, force=target.force, inputs=protect,

@@ -109,6 +109,7 @@ def register(app: typer.Typer) -> None:
         label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Default 0.", parser=FINITE),
         seed: int | None = typer.Option(None, "--seed", help="Seed (data order, augmentation, random init, mask calibration)."),
         attn_bias: bool = typer.Option(False, "--attn-bias", help="attn mode: also train the attention projection biases."),
+        train_embeddings: bool = typer.Option(False, "--train-embeddings", help="hf-causal: also train the embeddings and the LM head (frozen by default in every regime)."),
         density: float | None = typer.Option(None, "--density", help="sparse: fraction KEPT (default 0.1).", parser=FINITE),
         rounds: int | None = typer.Option(None, "--rounds", help="sparse: calibration rounds (default 4)."),
         calib_batches: int | None = typer.Option(None, "--calib-batches", help="sparse: calibration batches (default 40)."),
@@ -131,7 +132,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = _config(
             config, model, pretrained, mode=mode, lr=lr, weight_decay=weight_decay, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
-            warmup=warmup, schedule=schedule, grad_clip=grad_clip, clip_scope=clip_scope, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None,
+            warmup=warmup, schedule=schedule, grad_clip=grad_clip, clip_scope=clip_scope, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None, train_embeddings=train_embeddings or None,
             density=density, rounds=rounds, calib_batches=calib_batches, soft_value=soft_value, fisher=fisher,
             num_workers=num_workers, grad_checkpointing=grad_checkpointing or None, checkpoint_every=checkpoint_every,
             stop_after=stop_after, device=device, eval_every=eval_every, patience=patience,

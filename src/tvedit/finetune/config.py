@@ -68,6 +68,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     attn_bias: bool = False
+    train_embeddings: bool = False  # hf-causal: also train the token/position embeddings and the LM head
     # held-out split (validation / calibration)
     heldout_fraction: float = 0.1
     heldout_max: int = 5000

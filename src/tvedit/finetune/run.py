@@ -264,6 +264,10 @@ def finetune(
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world} processes")
     theta0 = resolve_theta0(model, pretrained, seed=cfg.seed, materialise=sibling(output, "theta0.safetensors"))
     adapter = theta0.adapter
+    if cfg.train_embeddings:
+        if not hasattr(adapter, "train_embeddings"):
+            raise UsageError(f"--train-embeddings: the {adapter.family} family has no frozen embeddings (it applies to hf-causal models)")
+        adapter.train_embeddings = True  # recorded in the output's model record
     device = pick_device(cfg.device, dist.rank)
     artifacts: list[Artifact] = []
 
