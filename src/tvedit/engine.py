@@ -204,7 +204,7 @@ def open_writer(
     source = target.hf.like or root or hfdir.recorded_source(manifest)  # else the directory the inputs' model record names
     if manifest.kind == "checkpoint" and source is None:
         raise UsageError(f"{out}: a Hugging Face directory needs a config.json, and no input is (or records) a Hugging Face directory; pass --like HF_DIR")
-    drop = hfdir.tied_aliases(root or target.hf.like, base, keys)
+    drop = hfdir.tied_aliases(root or source, base, keys)
     return hfdir.HFDirWriter(
         out, manifest, out_sizes(keys, refs, opts), options=target.hf, force=target.force, inputs=protect,
         layout=opts.layout, source=source, drop=drop,
