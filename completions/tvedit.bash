@@ -17,7 +17,7 @@ _tvedit() {
     export-hf) opts="--output -o --like --dtype --max-shard-size --force -f --json --help" ;;
     export-lora) opts="--output -o --base --rank --energy --modules-to-save --force -f --json --help" ;;
     extract) opts="--base -b --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-missing --allow-nonfinite --allow-mismatch --force -f --verify-inputs --device --json --help" ;;
-    finetune) opts="--model -m --pretrained -p --train --mode --output -o --config --emit --task --class-names --templates --mask --lr --weight-decay --batch-size --micro-batch --steps --warmup --schedule --grad-clip --clip-scope --label-smoothing --seed --attn-bias --train-embeddings --density --rounds --calib-batches --soft-value --fisher --num-workers --grad-checkpointing --checkpoint-every --stop-after --resume --eval-every --patience --device --force -f --json --help" ;;
+    finetune) opts="--model -m --pretrained -p --train --mode --output -o --config --emit --task --class-names --templates --mask --lr --weight-decay --batch-size --micro-batch --steps --warmup --schedule --grad-clip --clip-scope --label-smoothing --seed --attn-bias --train-embeddings --density --rounds --calib-batches --soft-value --fisher --num-workers --grad-checkpointing --checkpoint-every --stop-after --resume --eval-every --patience --device --sharding --force -f --json --help" ;;
     import) opts="--output -o --base --trust-pickle --kind --strip-prefix --force -f --json --help" ;;
     info) opts="--tensors -t --verify --json --help" ;;
     init) opts="--model -m --pretrained -p --output -o --seed --force -f --json --help" ;;

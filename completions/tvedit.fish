@@ -176,6 +176,7 @@ complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l resume -d 'Conti
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l eval-every -r -d 'Validate (mean held-out loss) every N steps and keep the best weights (default 0 = off; T5 recipe: 100)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l patience -r -d 'Stop after N validations without improvement (default 0 = off; T5 recipe: 5)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l device -r -d 'auto, cpu, cuda, cuda:N (torchrun: one process per GPU)'
+complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l sharding -r -d 'Under torchrun: ddp (default: every process holds the model) or fsdp (fully_shard: each holds 1/N of the weights, gradients and optimizer state; not linearized)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l force -s f -d 'Overwrite an existing output file (never an input)'
 complete -c tvedit -n '__fish_seen_subcommand_from finetune' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
 complete -c tvedit -n '__fish_seen_subcommand_from import' -F

@@ -18,8 +18,9 @@ from tvedit.reader import load_tensors
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode", ["full", "sparse"])
-def test_two_ranks_equal_one_process(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "sharding"), [("full", "ddp"), ("sparse", "ddp"), ("full", "fsdp")])
+def test_two_ranks_equal_one_process(tmp_path: Path, mode: str, sharding: str) -> None:
+    """fsdp on CLIP: the residual blocks and the root sharded, encode_image registered as a forward."""
     pytest.importorskip("torch.distributed")
     if not torch.distributed.is_gloo_available():
         pytest.skip("gloo backend not built into this torch")
@@ -41,7 +42,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path, mode: str) -> None:
                             capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    multi = subprocess.run([*torchrun, "-m", "tvedit", *args, "-o", str(tmp_path / "two.safetensors")],
+    multi = subprocess.run([*torchrun, "-m", "tvedit", *args, "--sharding", sharding, "-o", str(tmp_path / "two.safetensors")],
                            capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
     assert multi.returncode == 0, multi.stderr
     def kinds(proc: subprocess.CompletedProcess) -> list[str]:

@@ -123,6 +123,7 @@ def register(app: typer.Typer) -> None:
         eval_every: int | None = typer.Option(None, "--eval-every", help="Validate (mean held-out loss) every N steps and keep the best weights (default 0 = off; T5 recipe: 100)."),
         patience: int | None = typer.Option(None, "--patience", help="Stop after N validations without improvement (default 0 = off; T5 recipe: 5)."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (torchrun: one process per GPU)."),
+        sharding: str | None = typer.Option(None, "--sharding", help="Under torchrun: ddp (default: every process holds the model) or fsdp (fully_shard: each holds 1/N of the weights, gradients and optimizer state; not linearized)."),
         force: bool = typer.Option(False, "--force", "-f", help=FORCE_HELP),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
@@ -135,7 +136,7 @@ def register(app: typer.Typer) -> None:
             warmup=warmup, schedule=schedule, grad_clip=grad_clip, clip_scope=clip_scope, label_smoothing=label_smoothing, seed=seed, attn_bias=attn_bias or None, train_embeddings=train_embeddings or None,
             density=density, rounds=rounds, calib_batches=calib_batches, soft_value=soft_value, fisher=fisher,
             num_workers=num_workers, grad_checkpointing=grad_checkpointing or None, checkpoint_every=checkpoint_every,
-            stop_after=stop_after, device=device, eval_every=eval_every, patience=patience,
+            stop_after=stop_after, device=device, sharding=sharding, eval_every=eval_every, patience=patience,
         )  # fmt: skip
         with progress_bar(f"finetune ({cfg.mode})") as bar:
             arts = run.finetune(model, pretrained, train, output, cfg, task=task, class_names=class_names, templates=templates,

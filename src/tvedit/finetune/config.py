@@ -10,6 +10,7 @@ from typing import Any
 from tvedit.checks import finite_number
 from tvedit.errors import UsageError
 from tvedit.finetune.optim import SCHEDULES
+from tvedit.finetune.sharding import SHARDINGS
 from tvedit.models.base import MODES, pick_device
 
 CLIP_SCOPES = ("full", "kept")  # sparse: clip norm over every maskable tensor's gradient (authors' code) | the kept entries only
@@ -88,6 +89,7 @@ class FinetuneConfig:
     stop_after: int | None = None  # stop after this many steps in this run (leaves resume state)
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sharding: str = "ddp"  # under torchrun: ddp (every rank holds the model) | fsdp (fully_shard: 1/N each)
     # validation on the held-out split (0 = never) and early stopping (0 = off)
     eval_every: int = 0
     patience: int = 0
@@ -119,6 +121,10 @@ class FinetuneConfig:
         if not 0 <= self.heldout_fraction < 1:
             raise UsageError("held-out fraction must be in [0, 1)")
         pick_device(self.device)  # a usage error now, not after the data is read
+        if self.sharding not in SHARDINGS:
+            raise UsageError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {self.sharding!r}")
+        if self.sharding == "fsdp" and self.mode == "linearized":
+            raise UsageError("--sharding fsdp: the linearized regime trains through torch.func's jvp, which does not run over FSDP's sharded parameters; use --sharding ddp")
         if self.eval_every < 0 or self.patience < 0:
             raise UsageError("--eval-every and --patience must be >= 0")
         if self.patience and not self.eval_every:

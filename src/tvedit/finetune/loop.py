@@ -19,16 +19,19 @@ from tvedit.errors import UsageError
 from tvedit.finetune.config import FinetuneConfig
 from tvedit.finetune.optim import MaskedAdamW, lr_at
 from tvedit.finetune.regimes import Regime
+from tvedit.finetune.sharding import local
 
 Progress = Callable[[int, int, str], None]
 
 
 @dataclass
 class Dist:
-    """torchrun's environment (rank 0 of 1 without it)."""
+    """torchrun's environment (rank 0 of 1 without it); ``sharded``: the model is FSDP-sharded (each
+    rank holds and saves its own shard; FSDP averages the gradients itself)."""
 
     rank: int = 0
     world: int = 1
+    sharded: bool = False
 
     @classmethod
     def from_env(cls) -> Dist:
@@ -51,6 +54,12 @@ class Dist:
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> None:
         if self.world > 1:
@@ -85,25 +94,38 @@ class EarlyStopping:
         if self.snapshot is not None:
             with torch.no_grad():
                 for k, p in params.items():
-                    p.copy_(self.snapshot[k])
+                    local(p).copy_(local(self.snapshot[k]))
 
     def meta(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
 
 
-def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None) -> None:
+def _state_file(directory: Path, dist: Dist) -> Path:
+    """Rank 0's file holds the whole state (replicas are identical); FSDP: one file per rank's shard."""
+    return directory / (f"state.rank{dist.rank}.safetensors" if dist.sharded else "state.safetensors")
+
+
+def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None, dist: Dist | None = None) -> None:
+    """Called by rank 0, or by every rank when sharded: state.json (written last, by rank 0, after
+    every rank's tensors) commits the step."""
     from safetensors.torch import save_file
 
+    dist = dist or Dist()
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param/{k}": p.detach().cpu().contiguous() for k, p in regime.params.items()}
+    tensors = {f"param/{k}": local(p).detach().cpu().contiguous() for k, p in regime.params.items()}
     tensors.update({k: v.cpu().contiguous() for k, v in opt.state_tensors().items()})
     if early is not None and early.snapshot is not None:
-        tensors.update({f"best/{k}": v.cpu().contiguous() for k, v in early.snapshot.items()})
+        tensors.update({f"best/{k}": local(v).cpu().contiguous() for k, v in early.snapshot.items()})
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    with safeio.replacing(directory / "state.safetensors") as tmp:
+    tensors["meta/step"] = torch.tensor([step], dtype=torch.int64)
+    with safeio.replacing(_state_file(directory, dist)) as tmp:
         save_file(tensors, str(tmp))
+    if dist.sharded:
+        dist.barrier()
+    if dist.rank != 0:
+        return
     meta = {"step": step, "optimizer_steps": opt.step_count, "fingerprint": fingerprint}
     if early is not None:
         meta["early_stopping"] = early.meta()
@@ -111,20 +133,23 @@ def save_state(directory: Path, step: int, regime: Regime, opt: MaskedAdamW, fin
         tmp.write_text(json.dumps(meta, sort_keys=True, indent=1))
 
 
-def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None) -> int:
+def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: dict[str, Any], early: EarlyStopping | None = None, dist: Dist | None = None) -> int:
     from safetensors.torch import load_file
 
+    dist = dist or Dist()
     try:
         meta = json.loads((directory / "state.json").read_text())
-        tensors = load_file(str(directory / "state.safetensors"))
+        tensors = load_file(str(_state_file(directory, dist)))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--resume: no usable resume state in {directory}: {exc}") from None
     if meta.get("fingerprint") != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {})) if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
         raise UsageError(f"--resume: {directory} was written by a different run (differs in: {', '.join(diff)})")
+    if "meta/step" in tensors and int(tensors["meta/step"]) != int(meta["step"]):  # killed between the rank files and state.json
+        raise UsageError(f"--resume: {_state_file(directory, dist)} holds step {int(tensors['meta/step'])}, state.json step {meta['step']}: the state is incomplete; start again without --resume")
     with torch.no_grad():
         for k, p in regime.params.items():
-            p.copy_(tensors[f"param/{k}"])
+            local(p).copy_(tensors[f"param/{k}"])
     opt.load_state_tensors(tensors, int(meta["optimizer_steps"]))
     torch.set_rng_state(tensors["rng/cpu"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
@@ -133,7 +158,7 @@ def load_state(directory: Path, regime: Regime, opt: MaskedAdamW, fingerprint: d
         e = meta["early_stopping"]
         early.best, early.best_step, early.bad = float(e["best"]), int(e["best_step"]), int(e["bad"])
         best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
-        early.snapshot = {k: best[k].to(p.device) for k, p in regime.params.items()} if best else None
+        early.snapshot = {k: best[k].to(local(p).device) for k, p in regime.params.items()} if best else None
     return int(meta["step"])
 
 
@@ -173,11 +198,12 @@ def train_step(
         loss_sum += float(loss.detach())
     params = list(regime.params.values())
     if dist.world > 1:  # the logged loss is the global batch's mean too
-        total = torch.tensor([loss_sum], device=inputs.device)
+        total = torch.tensor([loss_sum], device=local(params[0]).device)  # (text inputs are token batches, not tensors)
         dist.all_reduce_mean([total])
         loss_sum = float(total)
     normed = params + list(regime.clip_extra.values())  # the tensors whose gradient the clip norm covers
-    dist.all_reduce_mean([p.grad for p in normed if p.grad is not None])
+    if not dist.sharded:  # FSDP's reduce-scatter has averaged the (sharded) gradients already
+        dist.all_reduce_mean([p.grad for p in normed if p.grad is not None])
     if cfg.grad_clip > 0 and regime.clip_before_mask:  # sparse, clip_scope full: the authors' order
         torch.nn.utils.clip_grad_norm_(normed, cfg.grad_clip)
     regime.after_backward()
@@ -215,7 +241,7 @@ def train(
     fingerprint = fingerprint or {}
     opt = MaskedAdamW(regime.params, regime.masks, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     early = EarlyStopping(cfg.patience) if (cfg.eval_every and validate is not None) else None
-    start = load_state(resume_dir, regime, opt, fingerprint, early) if resume and resume_dir is not None else 0
+    start = load_state(resume_dir, regime, opt, fingerprint, early, dist) if resume and resume_dir is not None else 0
     regime.model.train()
     local_batch = cfg.batch_size // dist.world
     micro = cfg.micro_batch or local_batch
@@ -257,8 +283,8 @@ def train(
                 break
             signum = _agreed_signal(dist) if save_on_signal else None
             periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and end < cfg.steps)
-            if resume_dir is not None and dist.rank == 0 and (periodic or signum is not None):
-                save_state(resume_dir, done, regime, opt, fingerprint, early)
+            if resume_dir is not None and (dist.rank == 0 or dist.sharded) and (periodic or signum is not None):
+                save_state(resume_dir, done, regime, opt, fingerprint, early, dist)
             if signum is not None:
                 raise safeio.Interrupted(signum, f"resume state saved at step {done} in {resume_dir}; continue with --resume")
         step = end

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from tvedit.finetune.sharding import local
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -27,6 +29,8 @@ class MaskedAdamW:
 
     With a mask for a parameter, only its kept entries are gathered, updated (weight decay included)
     and scattered back: the others never move, and the moment buffers hold only kept entries.
+    Sharded (FSDP) parameters, gradients and masks are DTensors: the update runs on this rank's
+    local shard of each (elementwise, so it is the unsharded update restricted to the shard).
     """
 
     def __init__(self, params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.1):
@@ -36,12 +40,13 @@ class MaskedAdamW:
         self.exp_avg: dict[str, Tensor] = {}
         self.exp_avg_sq: dict[str, Tensor] = {}
         for name, p in self.params.items():
-            m = None if masks is None or name not in masks else masks[name]
-            idx = None if m is None or bool(m.all()) else m.reshape(-1).nonzero().squeeze(1).to(p.device)
+            m = None if masks is None or name not in masks else local(masks[name])
+            shard = local(p)
+            idx = None if m is None or bool(m.all()) else m.reshape(-1).nonzero().squeeze(1).to(shard.device)
             self.index[name] = idx
-            n = p.numel() if idx is None else idx.numel()
-            self.exp_avg[name] = torch.zeros(n, dtype=torch.float32, device=p.device)
-            self.exp_avg_sq[name] = torch.zeros(n, dtype=torch.float32, device=p.device)
+            n = shard.numel() if idx is None else idx.numel()
+            self.exp_avg[name] = torch.zeros(n, dtype=torch.float32, device=shard.device)
+            self.exp_avg_sq[name] = torch.zeros(n, dtype=torch.float32, device=shard.device)
         self.step_count = 0
 
     @torch.no_grad()
@@ -54,8 +59,8 @@ class MaskedAdamW:
             if p.grad is None:
                 continue
             idx = self.index[name]
-            flat = p.view(-1)
-            g = p.grad.reshape(-1)
+            flat = local(p).view(-1)
+            g = local(p.grad).reshape(-1)
             if idx is None:  # float32 parameters are updated in place (.float() returns them)
                 w, g = flat.float(), g.float()
             else:  # index_select / index_copy_: about 3x faster than flat[idx] / flat[idx] = w

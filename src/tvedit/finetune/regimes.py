@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from tvedit.errors import MismatchError, UsageError
+from tvedit.finetune.sharding import like
 from tvedit.models.base import ModelAdapter, linearized
 
 
@@ -73,7 +74,7 @@ class Sparse(Regime):
     def __init__(self, adapter: ModelAdapter, model: nn.Module, masks: Mapping[str, Tensor], clip_scope: str = "full"):
         keys = sorted(k for k, m in masks.items() if bool(m.any()))
         super().__init__(adapter, model, keys)
-        self.masks = {k: masks[k].to(device=self.params[k].device, dtype=torch.bool) for k in keys}
+        self.masks = {k: like(masks[k].to(torch.bool), self.params[k]) for k in keys}  # sharded like the parameter under FSDP
         if clip_scope == "full":
             named = dict(model.named_parameters())
             self.clip_extra = {k: named[k] for k in sorted(masks) if k not in self.params}

@@ -285,7 +285,18 @@ def finetune(
     head = zero_shot_head(theta0, net, the_task)
     if cfg.grad_checkpointing:
         adapter.set_grad_checkpointing(net, True)
+    if cfg.sharding == "fsdp" and dist.world > 1:  # with one process there is nothing to shard
+        from tvedit.finetune.sharding import shard
+
+        shard(adapter.shard_units(net), device)
+        dist.sharded = True
     regime = make_regime(cfg.mode, adapter, net, attn_bias=cfg.attn_bias, masks=masks, clip_scope=cfg.clip_scope)
+    if dist.sharded:
+        from tvedit.finetune.sharding import unsharded
+
+        outside = unsharded({**regime.params, **regime.clip_extra})
+        if outside:
+            raise UsageError(f"--sharding fsdp: {outside[0]!r} trains but lies outside the modules the {adapter.family} adapter shards; use --sharding ddp")
     flin = {"flin": adapter.flin} if cfg.mode == "linearized" else {}  # which f_lin trained it (evaluation checks)
     fingerprint = {"base": theta0.sha256, "data": the_task.data_sha256, "mask": mask_sha, "world": dist.world, **flin,
                    **{k: v for k, v in cfg.params().items() if k not in ("stop_after", "checkpoint_every", "num_workers", "log_every", "device")}}  # fmt: skip
@@ -295,6 +306,13 @@ def finetune(
         cfg, device=device, dist=dist, log_path=sibling(output, "train.jsonl"), resume_dir=sibling(output, "resume"),
         resume=resume, fingerprint=fingerprint, progress=progress, validate=_validation(the_task, adapter, regime, head, cfg, device),
     )  # fmt: skip
+    if dist.sharded and step == cfg.steps:  # every rank takes part in gathering the shards
+        from tvedit.finetune.sharding import full_state
+
+        gathered = full_state(net, dist.rank)
+        if gathered is not None:
+            net = adapter.build(theta0.state)
+            net.load_state_dict(gathered)
     if step < cfg.steps or dist.rank != 0:
         dist.close()
         return artifacts

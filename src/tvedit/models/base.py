@@ -98,6 +98,12 @@ class ModelAdapter(ABC):
         """Trade compute for memory during training (no-op where unsupported)."""
         return None
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The modules ``finetune --sharding fsdp`` shards, innermost first (transformer blocks); the
+        last one is the outermost, whose forward the scores run through, and must hold every tensor
+        that trains. Default: the whole model as one unit."""
+        return [model]
+
     def describe(self) -> str:
         return f"{self.family}:{self.model_info().get('architecture', '?')}"
 

@@ -275,6 +275,11 @@ class HFSeq2SeqAdapter(ModelAdapter):
         else:
             model.gradient_checkpointing_disable()  # type: ignore[operator]
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks transformers itself never splits (``_no_split_modules``: LlamaDecoderLayer, T5Block, ...), then the model."""
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        return [m for m in model.modules() if type(m).__name__ in names and m is not model] + [model]
+
     # -- export ----------------------------------------------------------------------------------
     def save_pretrained(self, state: Mapping[str, Tensor], out_dir: str | Path, like: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
         """Write ``state`` as a Hugging Face directory (weights, config, tokenizer, generation config).

@@ -168,6 +168,13 @@ class OpenClipAdapter(ModelAdapter):
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
         model.visual.set_grad_checkpointing(enable)  # type: ignore[operator]
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The image tower's residual blocks (a ViT's ``visual.transformer.resblocks``), then the tower:
+        everything that trains is in it; the text tower (which made the frozen head) and the scalar
+        ``logit_scale`` stay whole."""
+        blocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
+        return [*(blocks if blocks is not None else []), model.visual]
+
     # -- data transforms ------------------------------------------------------------------------------
     def transform(self, train: bool) -> Callable[[Any], Tensor]:
         from torchvision import transforms as T
