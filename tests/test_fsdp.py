@@ -74,7 +74,9 @@ def test_two_ranks_equal_one_process(llama: tuple[Path, Path], tmp_path: Path, m
     theta0, task = llama
     single = _finetune(theta0, task, tmp_path / "one.safetensors", mode)
     assert single.returncode == 0, single.stderr
-    multi = _finetune(theta0, task, tmp_path / "two.safetensors", mode, ranks=2, sharding=sharding)
+    # sparse: each rank's 4 examples in 2 micro-batches, so FSDP accumulates 2 reduce-scattered gradients
+    micro = ["--micro-batch", "2"] if mode == "sparse" else []
+    multi = _finetune(theta0, task, tmp_path / "two.safetensors", mode, *micro, ranks=2, sharding=sharding)
     assert multi.returncode == 0, multi.stderr
     kinds = [json.loads(x)["kind"] for x in multi.stdout.splitlines() if x.startswith("{")]
     assert kinds == [json.loads(x)["kind"] for x in single.stdout.splitlines() if x.startswith("{")]  # rank 0 reports
@@ -107,8 +109,14 @@ def test_fsdp_resume_from_per_rank_shards(llama: tuple[Path, Path], tmp_path: Pa
     assert not out.exists()
     state = sorted(p.name for p in (tmp_path / "split.resume").iterdir())
     assert state == ["state.json", "state.rank0.safetensors", "state.rank1.safetensors"]
-    shard, _ = load_tensors_plain(tmp_path / "split.resume" / "state.rank1.safetensors")
-    assert int(shard["meta/step"]) == 2
+    shards = [load_tensors_plain(tmp_path / "split.resume" / f"state.rank{r}.safetensors")[0] for r in (0, 1)]
+    assert [int(s["meta/step"]) for s in shards] == [2, 2]
+    base, _ = load_tensors(theta0)
+    params = [k[len("param/") :] for k in shards[0] if k.startswith("param/")]
+    assert params
+    for k in params:  # each rank holds its half of the rows of every trained tensor, not a replica
+        rows = [s[f"param/{k}"].shape[0] for s in shards]
+        assert sum(rows) == base[k].shape[0] and max(rows) == -(-base[k].shape[0] // 2), (k, rows)
     second = _finetune(theta0, task, out, "sparse", "--resume", ranks=2)
     assert second.returncode == 0, second.stderr
     a, _ = load_tensors(tmp_path / "whole.safetensors")
