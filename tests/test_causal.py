@@ -21,7 +21,7 @@ from tvedit.models import adapter_for
 from tvedit.models.hf_causal import HFCausalAdapter
 from tvedit.reader import load_tensors
 
-from .tiny_hf import directory_weights, write_tiny_llama, write_tokenizer
+from .tiny_hf import directory_weights, write_bpe_tokenizer, write_tiny_llama, write_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,14 +52,14 @@ def write_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny_qwen2(path: Path, seed: int = 0) -> Path:
+def write_tiny_qwen2(path: Path, seed: int = 0, tokenizer: str = "bpe") -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
     Qwen2ForCausalLM(config).save_pretrained(str(path))
-    write_tokenizer(path)
+    (write_bpe_tokenizer if tokenizer == "bpe" else write_tokenizer)(path)
     return path
 
 
@@ -120,9 +120,20 @@ def test_scores_equal_a_direct_transformers_computation(models: dict[str, Path],
         for i, ex in enumerate(exs):
             for j, choice in enumerate(ex.choices):
                 want = _direct_loglik(ref, tok, ex.input, choice)
+                assert want < 0, (arch, choice)  # the choice has tokens: a sum over none would be 0 = 0
                 if metric == "acc_norm":
                     want /= len(choice)
                 assert abs(float(got[i, j]) - want) <= 1e-4 * max(1.0, abs(want)), (arch, metric, i, j)
+
+
+def test_a_choice_without_tokens_is_a_data_error(tmp_path: Path) -> None:
+    """A tokenizer that cannot encode the choices (transformers 5's Qwen2Tokenizer drops a WordLevel
+    vocabulary: every word is no tokens) would score every choice 0 and train on nothing: exit 8."""
+    model = write_tiny_qwen2(tmp_path / "qwen2-wordlevel", tokenizer="wordlevel")
+    task = write_task(tmp_path, "first", examples(20, 1))
+    code, _, err = run_cli("evaluate", model, "--task", f"first={task}", "--device", "cpu")
+    assert code == 8, err
+    assert "has no tokens under this tokenizer" in err and "w1" in err
 
 
 def load_tensors_from(directory: Path) -> dict[str, torch.Tensor]:

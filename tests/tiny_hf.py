@@ -29,6 +29,21 @@ def write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
+def write_bpe_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer over the characters of WORDS (``w`` and digits, one merge "Ġw"),
+    for architectures whose tokenizer class rebuilds a BPE from tokenizer.json (transformers 5's
+    Qwen2Tokenizer drops a WordLevel vocabulary, and every word would encode to no tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "Ġ", "w", *"0123456789", "Ġw"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "w")], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(str(path))
+
+
 def write_tiny_llama(path: str | Path, seed: int = 0, dtype: str = "bfloat16", **overrides: object) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tvedit.data.text import TextExample
-from tvedit.errors import InputError, MismatchError, UsageError
+from tvedit.errors import DataError, InputError, MismatchError, UsageError
 from tvedit.models.base import check_mode, register_adapter
 from tvedit.models.hf_seq2seq import (
     DEFAULT_MAX_LENGTH,
@@ -192,6 +192,9 @@ class HFCausalAdapter(HFSeq2SeqAdapter):
         seqs: list[list[tuple[list[int], list[int]]]] = []
         for ex, choices in zip(examples, rows, strict=True):
             seqs.append([self._fit(*self.encode_pair(ex.input, " " + c if ex.input and not c.startswith(" ") else c)) for c in choices])
+            for c, (_, t) in zip(choices, seqs[-1], strict=True):
+                if not t:  # it would score 0 (and train on nothing) whatever the model
+                    raise DataError(f"the continuation {c!r} (after {ex.input[:40]!r}) has no tokens under this tokenizer ({type(self.tokenizer).__name__}): it cannot be scored")
         length = max(len(c) + len(t) for row in seqs for c, t in row)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(examples), width, length), pad, dtype=torch.long)
