@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import measure  # noqa: E402
 
 from tvedit.manifest import Manifest  # noqa: E402
-from tvedit.reader import save_tensors  # noqa: E402
+from tvedit.writer import save_tensors  # noqa: E402
 
 WIDTH, PATCH, TOKENS, EMBED = 768, 32, 50, 512
 METHODS = ("sum", "tsv", "iso-c", "iso-cts")
