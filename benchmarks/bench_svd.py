@@ -5,7 +5,7 @@ names and shapes: conv1, class/positional embeddings, --blocks residual blocks o
 out_proj 768x768, c_fc 3072x768, c_proj 768x3072 with their biases and layer norms, proj 768x512;
 --blocks 12 is the whole encoder, 87.8 M entries), then runs, each in a fresh process measured for
 wall time, CPU time (user + system) and peak RSS (benchmarks/_measure.py), for each SVD route in
---routes (TVEDIT_SVD=auto: the Gram route where it applies; exact: LAPACK's full SVD everywhere):
+--routes (TVEDIT_SVD=auto: the refined and Gram routes where they apply; exact: LAPACK's full SVD everywhere):
 
 * `tvedit add --emit vector --method M` for M in tsv, iso-c, iso-cts (and sum once, the baseline);
 * `tvedit compress --rank-fraction 0.1` on one whole-encoder vector (always 12 blocks), with float32
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import measure  # noqa: E402
 
 from tvedit.manifest import Manifest  # noqa: E402
-from tvedit.reader import save_tensors  # noqa: E402
+from tvedit.writer import save_tensors  # noqa: E402
 
 WIDTH, PATCH, TOKENS, EMBED = 768, 32, 50, 512
 METHODS = ("sum", "tsv", "iso-c", "iso-cts")

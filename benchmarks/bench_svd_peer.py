@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import measure  # noqa: E402
 
 from tvedit.manifest import Manifest  # noqa: E402
-from tvedit.reader import save_tensors  # noqa: E402
+from tvedit.writer import save_tensors  # noqa: E402
 
 PEER_FILES = {"tsv": "method/task_singular_vector/utils/TSVM_utils.py", "iso-c": "method/isotropic_merging/iso_utils.py"}
 

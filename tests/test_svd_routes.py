@@ -1,4 +1,4 @@
-"""The two SVD routes of tvedit.ops.svd: the Gram route (``auto``) against LAPACK's full SVD in float64.
+"""The SVD routes of tvedit.ops.svd (``auto``: refined, Gram) against LAPACK's full SVD in float64.
 
 Tolerances. The Gram route works in float64 on float32-valued data and rounds U, S, V to float32, so
 against the float64 SVD of the same values its error is the float32 rounding of the factors and of
@@ -9,7 +9,10 @@ that margin five-fold. The merges compose the factors with Procrustes, whose flo
 is amplified by at most cond([U_1k .. U_Nk]) (< 20 for these inputs): MERGE_TOL = 1e-4, the bound
 the project asks of the fast paths. The float32 full SVD (route ``exact``, what ``auto`` replaces)
 has errors of eps32 sigma_1 / gap: above TOL on the flat-ish spectrum's small gaps, where the Gram
-route stays within it.
+route stays within it. The refined route (top k < r triplets: float32 eigensolve, one float64
+Rayleigh-Ritz step) rounds to float32 too and returns only what its own error estimate puts within
+REFINE_TOL = 5e-5 of the exact product: TOL holds for it on these spectra, and every estimate it
+returns is checked to be at least the error actually made.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def test_square_float64_and_ill_conditioned_matrices_take_the_full_svd(monkeypat
     sq = gaussian(40, 40, 3)
     deficient = gaussian(90, 30, 4)
     deficient[:, 3:] = 0  # rank 3: sigma_4.. = 0, below the guard
-    cases = [(sq, 4), (sq.double().repeat(3, 1), 4), (deficient, 5), (deficient, None)]
+    flat = spectrum_matrix(40, 40, torch.ones(40), 5)  # no gap after k: the refined route declines
+    cases = [(sq, None), (sq.double().repeat(3, 1), 4), (deficient, 5), (deficient, None), (flat, 4)]
     for a, k in cases:
         calls.clear()
         got = svd.svd(a, k)
@@ -195,3 +199,86 @@ def test_lapack_failure_to_converge_falls_back(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(torch.linalg, "svd", lambda x, **kw: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
     with pytest.raises(torch.linalg.LinAlgError):
         svd.svd(a, 5, route="exact")
+
+
+class EighLog:
+    """Records (shape, dtype) of every torch.linalg.eigh call: which route served an svd() call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[tuple[int, ...], torch.dtype]] = []
+        real = torch.linalg.eigh
+        monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kw: self.calls.append((tuple(a.shape), a.dtype)) or real(a, *args, **kw))
+
+    def refined(self, r: int) -> bool:  # a float32 r x r eigensolve, then a float64 one of a smaller basis
+        return len(self.calls) == 2 and self.calls[0] == ((r, r), torch.float32) and self.calls[1][1] == torch.float64 and self.calls[1][0][0] < r
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (150, 60)])
+@pytest.mark.parametrize("kind", ["power-law", "geometric", "gaussian"])
+def test_refined_route_gives_the_top_k_triplets(shape: tuple[int, int], kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, n = shape
+    r = min(m, n)
+    a = gaussian(m, n, 7) if kind == "gaussian" else spectrum_matrix(m, n, spectra(r)[kind], 7)
+    for k in (1, r // 8, r // 4):
+        ref = exact64(a, k)
+        refined = svd.refine_top(a, k)
+        assert refined is not None and refined.factors.rank == k and refined.basis > k
+        err = rel(refined.factors.dense(), ref.dense())
+        assert err <= refined.error_estimate  # the check never under-states the error made
+        if refined.error_estimate > svd.REFINE_TOL:
+            continue
+        assert err <= TOL and rel(refined.factors.S, ref.S) <= TOL
+        for q in (refined.factors.U, refined.factors.V):
+            torch.testing.assert_close(q.double().T @ q.double(), torch.eye(k, dtype=torch.float64), rtol=0, atol=TOL)
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.linalg, "svd", boom)
+            log = EighLog(mp)
+            got = svd.svd(a, k)  # auto takes it, with no LAPACK SVD
+        assert log.refined(r) and torch.equal(got.U, refined.factors.U) and torch.equal(got.S, refined.factors.S)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (150, 60)])
+def test_refined_route_falls_back_when_the_cut_is_not_resolved(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """sigma_k = sigma_{k+1} before rounding to float32: a gap of ~1e-9 sigma_1 at the cut. The
+    refined route's estimate exceeds REFINE_TOL (its error may exceed TOL), so auto runs the next
+    route: the float64 Gram route for the tall matrices, LAPACK's SVD for the square one."""
+    m, n = shape
+    r, k = min(m, n), min(m, n) // 8
+    s = torch.logspace(0, -2, r, dtype=torch.float64)
+    s[k] = s[k - 1]
+    a = spectrum_matrix(m, n, s, 5)
+    refined = svd.refine_top(a, k)
+    assert refined is not None and refined.error_estimate > svd.REFINE_TOL
+    assert rel(refined.factors.dense(), exact64(a, k).dense()) <= refined.error_estimate
+    svd_calls = []
+    real = torch.linalg.svd
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.linalg, "svd", lambda x, **kw: svd_calls.append(tuple(x.shape)) or real(x, **kw))
+        log = EighLog(mp)
+        got = svd.svd(a, k)
+    square = m == n
+    assert svd_calls == ([(m, n)] if square else [])
+    assert log.calls[0] == ((r, r), torch.float32)  # the refined route tried first ...
+    assert log.calls[2:] == ([] if square else [((r, r), torch.float64)])  # ... then LAPACK, or the float64 Gram route
+    want = svd.svd(a, k, route="exact") if square else None
+    if want is not None:
+        assert torch.equal(got.U, want.U) and torch.equal(got.S, want.S)
+
+
+def test_refined_route_with_a_rule_for_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = spectrum_matrix(64, 64, spectra(64)["power-law"], 8)
+    ref = exact64(a)
+    for criterion in ({"energy": 0.5}, {"fraction": 0.1}, {"rank": 5}):
+        k = svd.choose_rank(ref.S, **criterion)
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.linalg, "svd", boom)
+            log = EighLog(mp)
+            got = svd.svd(a, lambda s, c=criterion: svd.choose_rank(s, **c))
+        assert log.refined(64) and got.rank == k and rel(got.dense(), exact64(a, k).dense()) <= TOL, criterion
+
+
+def test_refined_route_declines_without_a_gap_after_k() -> None:
+    i = torch.arange(1, 65, dtype=torch.float64)
+    assert svd.refine_top(spectrum_matrix(64, 64, 1 + 0.01 / i, 9), 4) is None  # no eigenvalue <= 0.9 lambda_k within r / 2
+    assert svd.refine_top(gaussian(64, 64, 9).double(), 4) is None  # float64: the full SVD keeps its digits
+    assert svd.refine_top(gaussian(64, 64, 9), None) is None and svd.refine_top(gaussian(64, 64, 9), 64) is None  # all r: nothing to refine

@@ -323,7 +323,7 @@ def _check_svd_options(options: dict[str, Any]) -> None:
 
 
 def svd_route() -> str:
-    """$TVEDIT_SVD: ``auto`` (default: the Gram route where it is as exact and faster) or ``exact``
+    """$TVEDIT_SVD: ``auto`` (default: the refined and Gram routes where they are as exact and faster) or ``exact``
     (LAPACK's full SVD everywhere); tvedit.ops.svd explains both. A bad value is a usage error."""
     import os
 

@@ -9,18 +9,30 @@ Conventions: a thin SVD ``A = U diag(S) V^T`` with U (m, r), S (r,), V (n, r), r
 singular values descending. Low-rank factors are returned as a :class:`Factors` triple in that
 same orientation (V holds the right singular vectors as columns, not V^T).
 
-Two routes to the same triplets (``route``): ``exact`` is LAPACK's full SVD in the working dtype
-(of A^T when A is wide);
-``auto`` (the default) takes the Gram route for float32 (or narrower) matrices on the CPU whose long
-side is at least ``GRAM_ASPECT`` times the short one: the eigendecomposition of the small Gram
-matrix A^T A (or A A^T) in float64, U = A V / S. Rounding there perturbs an eigenvalue by about
-L eps64 sigma_1^2 (L the long side), i.e. sigma_i by L eps64 sigma_1^2 / (2 sigma_i), against
-eps32 sigma_1 for the float32 SVD; so the Gram route is at least as accurate as the float32 SVD for
-every triplet with sigma_i >= L (eps64 / eps32) sigma_1 (about 6e-6 sigma_1 at L = 3072), and it is
-taken only when every triplet asked for passes that test (otherwise the full SVD runs). float64
-inputs always take the full SVD (the Gram matrix would halve their digits). Randomized SVDs are not
-used: on matrices without a wide spectral gap at k (random task vectors, power-law spectra) they do
-not give the same triplets (docs/performance.md, "Singular-value merges").
+Routes to the same triplets (``route``): ``exact`` is LAPACK's full SVD in the working dtype
+(of A^T when A is wide). ``auto`` (the default) applies to float32 (or narrower) matrices on the
+CPU and tries, in order:
+
+* the refined route (:func:`refine_top`), when only the top k < r triplets are kept (TSV-M's
+  inputs, Iso-CTS's residuals, ``compress``): eigh of the float32 Gram matrix of the short side
+  gives a starting basis of the top b > k eigenvectors (b grows until the eigenvalue after it is
+  at most REFINE_FAR times the k-th, and at most r / 2), then one Rayleigh-Ritz step in float64
+  on A itself (U = A V / S). Its error estimate (first order, from the Ritz residuals: see
+  :func:`refine_top`) must be at most REFINE_TOL, relative to the rank-k product; otherwise, or
+  when no such b exists, the next route runs;
+* the Gram route, for matrices whose long side is at least ``GRAM_ASPECT`` times the short one: the
+  eigendecomposition of the small Gram matrix A^T A (or A A^T) in float64, U = A V / S. Rounding
+  there perturbs an eigenvalue by about L eps64 sigma_1^2 (L the long side), i.e. sigma_i by
+  L eps64 sigma_1^2 / (2 sigma_i), against eps32 sigma_1 for the float32 SVD; so the Gram route is
+  at least as accurate as the float32 SVD for every triplet with sigma_i >= L (eps64 / eps32)
+  sigma_1 (about 6e-6 sigma_1 at L = 3072), and it is taken only when every triplet asked for
+  passes that test;
+* otherwise the full SVD.
+
+float64 inputs always take the full SVD (neither float32 start nor Gram matrix would keep their
+digits). Randomized SVDs are not used: on matrices without a wide spectral gap at k (random task
+vectors, power-law spectra) they do not give the same triplets (docs/performance.md,
+"Singular-value merges").
 """
 
 from __future__ import annotations
@@ -66,7 +78,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 ROUTES = ("auto", "exact")
 GRAM_ASPECT = 2.0  # long side / short side from which the Gram route pays (docs/performance.md)
-_EPS_RATIO = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+REFINE_FAR = 0.9  # the refined route's basis ends where the eigenvalue of G falls to 0.9 lambda_k
+REFINE_TOL = 5e-5  # the largest estimated relative error of a top-k product the refined route returns (half of 1e-4)
+_EPS32 = torch.finfo(torch.float32).eps
+_EPS_RATIO = torch.finfo(torch.float64).eps / _EPS32
 
 
 Keep = int | Callable[[torch.Tensor], int] | None  # k, a rule choosing k from all singular values, or all
@@ -77,8 +92,11 @@ def svd(a: torch.Tensor, k: Keep = None, route: str = "auto") -> Factors:
     a function of the whole descending spectrum S), in float32 (float64 stays float64):
     A ~ U diag(S) V^T. ``route``: see the module docstring."""
     work = a.to(_work_dtype(a))
-    if route == "auto" and _gram_pays(work):
-        f = _gram_svd(work, k)
+    if route == "auto" and _fast_routes_apply(work):
+        refined = refine_top(work, k) if k is not None else None
+        if refined is not None and refined.error_estimate <= REFINE_TOL:
+            return refined.factors
+        f = _gram_svd(work, k) if max(work.shape) >= GRAM_ASPECT * min(work.shape) else None
         if f is not None:
             return f
     u, s, vh = _lapack_svd(work)
@@ -106,9 +124,88 @@ def _lapack_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
-def _gram_pays(a: torch.Tensor) -> bool:
-    m, n = a.shape
-    return a.dtype == torch.float32 and a.device.type == "cpu" and min(m, n) > 0 and max(m, n) >= GRAM_ASPECT * min(m, n)
+def _fast_routes_apply(a: torch.Tensor) -> bool:
+    return a.dtype == torch.float32 and a.device.type == "cpu" and min(a.shape) > 0
+
+
+@dataclass
+class Refined:
+    """The refined route's answer: the top-k factors, the estimated relative error of their
+    product U diag(S) V^T against the exact top-k product, and the basis size b it used."""
+
+    factors: Factors
+    error_estimate: float
+    basis: int
+
+
+def refine_top(a: torch.Tensor, k: Keep) -> Refined | None:
+    """The top k singular triplets of a float32 matrix from a float32 eigensolve refined in float64.
+
+    Let x be A or A^T, whichever is tall (L x r), G = x^T x. (1) eigh of G formed in float32 gives
+    approximate eigenpairs (lam_i, w_i), lam descending; k is chosen here when it is a rule (from
+    sqrt(lam)). (2) b = the least index > k with lam_{b+1} <= REFINE_FAR lam_k; None (no answer)
+    when b > r / 2 (no clear gap after k: the full routes are as cheap). (3) Rayleigh-Ritz in
+    float64 on Q = orth(w_1 .. w_b): Y = x Q, Z = x^T Y = G Q, H = Q^T Z = C diag(theta) C^T,
+    V = Q C[:, :k], S = sqrt(theta[:k]), U = Y C[:, :k] / S. The triplets are then as exact as
+    the subspace span(Q) allows, whatever the gap at the cut k (the float64 eigh of H resolves it).
+    (4) The error estimate: with E = Z - Q H (the residual, orthogonal to span(Q)), r_i its part on
+    the i-th Ritz vector, mu = lam_{b+1} + r eps32 lam_1 + ||E||_F (a bound on G's spectrum outside
+    span(Q), from the float32 eigenvalues and Weyl), each kept Ritz vector is off by at most about
+    ||r_i|| / (theta_i - mu) (first order), plus the coupling to the other Ritz vectors through the
+    outside, a factor (1 + ||E||_F / (theta_k - theta_{k+1})); the product's error is estimated as
+    2 sqrt(sum_i (S_i ||r_i|| / (theta_i - mu))^2) (1 + ||E||_F / (theta_k - theta_{k+1})) / ||S||_F.
+    It is infinite when theta_k <= mu or theta_k = theta_{k+1} (the cut is not resolved).
+    For a rule k, the rule is re-applied to the refined spectrum (theta_1..b, then lam_{b+1}..) and
+    must give the same k (else the estimate is infinite)."""
+    if a.dtype != torch.float32 or min(a.shape) == 0:
+        return None
+    wide = a.shape[0] < a.shape[1]
+    x = a.mT if wide else a  # tall: (L, r)
+    r = x.shape[1]
+    try:
+        lam, w = torch.linalg.eigh(x.mT @ x)  # ascending
+    except torch.linalg.LinAlgError:
+        return None
+    lam, w = lam.flip(0).double(), w.flip(1)
+    rule = k if callable(k) else None
+    k = rule(lam.clamp_min(0).sqrt()) if rule is not None else r if k is None else k
+    if not 0 < k < r or float(lam[k - 1]) <= 0:
+        return None
+    past = torch.nonzero(lam[k:] <= REFINE_FAR * lam[k - 1])
+    if past.numel() == 0:
+        return None
+    b = k + int(past[0])
+    b = max(b, k + 1)
+    if b > r // 2:
+        return None
+    x64 = x.double()
+    q = w[:, :b].double()
+    try:
+        q = torch.linalg.solve_triangular(torch.linalg.cholesky(q.mT @ q).mT, q, upper=True, left=False)  # q L^-T: orthonormal
+    except torch.linalg.LinAlgError:
+        return None
+    y = x64 @ q
+    z = x64.mT @ y
+    h = q.mT @ z
+    theta, c = torch.linalg.eigh((h + h.mT) / 2)
+    theta, c = theta.flip(0), c.flip(1)
+    resid = z - q @ h
+    e = float(resid.norm())
+    s = theta[:k].clamp_min(0).sqrt()
+    estimate = math.inf
+    mu = float(lam[b]) + r * _EPS32 * float(lam[0]) + e
+    cut = float(theta[k - 1] - theta[k])
+    if rule is not None and rule(torch.cat([theta.clamp_min(0).sqrt(), lam[b:].clamp_min(0).sqrt()])) != k:
+        cut = 0.0
+    if float(theta[k - 1]) > mu and cut > 0 and float(s.norm()) > 0:
+        per_vector = (resid @ c[:, :k]).norm(dim=0) / (theta[:k] - mu)
+        estimate = 2 * float((s * per_vector).norm() / s.norm()) * (1 + e / cut)
+    c = c[:, :k]
+    v = q @ c
+    u = (y @ c).div_(s)
+    if wide:
+        u, v = v, u
+    return Refined(Factors(u.to(a.dtype), s.to(a.dtype), v.to(a.dtype)), estimate, b)
 
 
 def _gram_svd(a: torch.Tensor, k: Keep) -> Factors | None:
