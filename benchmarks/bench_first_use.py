@@ -2,11 +2,9 @@
 cached run of the same `add`, in one process (no interpreter or torch start-up in either figure).
 
 θ0 + 2 fine-tuned float32 checkpoints of 512 MiB (four 4096 x 8192 tensors each), page cache warm;
-runs alternate first use / cached, and the minimum of each is compared. ``--op add`` (default):
-``add`` of the two checkpoints onto θ0 (3 inputs: the target is stated for inputs + 1 = 4 cores);
-``--op scale``: ``scale`` of one 512 MiB task vector (1 input: inputs + 1 = 2 cores). Usage:
+runs alternate first use / cached, and the minimum of each is compared. Usage:
 
-    python benchmarks/bench_first_use.py [--workdir DIR] [--repeats 2] [--op add|scale]
+    python benchmarks/bench_first_use.py [--workdir DIR] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-first-use"))
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--op", choices=("add", "scale"), default="add")
     args = ap.parse_args()
     d = args.workdir
     d.mkdir(parents=True, exist_ok=True)
@@ -39,17 +36,6 @@ def main() -> None:
         del base
     from tvedit import arith
 
-    vector = d / "tv.safetensors"
-    if args.op == "scale" and not vector.exists():
-        arith.extract([paths[1]], paths[0], arith.OutputTarget(output=vector, force=True))
-
-    def run() -> None:
-        if args.op == "scale":
-            arith.scale([vector], 0.3, arith.OutputTarget(output=d / "out.safetensors", force=True))
-        else:
-            arith.add(paths[1:], arith.OutputTarget(output=d / "out.safetensors", force=True), base=paths[0], alpha=0.3)
-
-    n_inputs = 1 if args.op == "scale" else 3
     times: dict[str, list[float]] = {"first": [], "cached": []}
     for _ in range(args.repeats):
         for kind in ("first", "cached"):
@@ -57,11 +43,11 @@ def main() -> None:
                 shutil.rmtree(d / "cache", ignore_errors=True)
             os.environ["TVEDIT_CACHE"] = str(d / "cache")
             t = time.perf_counter()
-            run()
+            arith.add(paths[1:], arith.OutputTarget(output=d / "out.safetensors", force=True), base=paths[0], alpha=0.3)
             times[kind].append(time.perf_counter() - t)
             print(kind, round(times[kind][-1], 2), flush=True)
     first, cached = min(times["first"]), min(times["cached"])
-    print(f"{args.op}, {n_inputs} input(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: first use {first:.1f} s, cached {cached:.1f} s, {first / cached:.2f}x")
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: first use {first:.1f} s, cached {cached:.1f} s, {first / cached:.2f}x")
 
 
 if __name__ == "__main__":
