@@ -139,3 +139,6 @@ def test_fsdp_refuses_linearized(llama: tuple[Path, Path], tmp_path: Path) -> No
     assert "--sharding fsdp" in proc.stderr and "jvp" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "lin.safetensors").exists()
+    bogus = _finetune(theta0, task, tmp_path / "bogus.safetensors", "full", "--sharding", "zero3")
+    assert bogus.returncode == 2 and "--sharding must be one of ddp, fsdp" in bogus.stderr
+    assert len(bogus.stderr.strip().splitlines()) == 1 and not (tmp_path / "bogus.safetensors").exists()

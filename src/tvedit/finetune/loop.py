@@ -52,7 +52,7 @@ class Dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.barrier()
+                self.barrier()
                 dist.destroy_process_group()
 
     def barrier(self) -> None:
