@@ -1,12 +1,13 @@
 """Pre-train a tiny open_clip model contrastively on captioned images: the demo's theta0.
 
-    python examples/pretrain_tiny_clip.py DATA_DIR OUT.safetensors [--steps N] [--seed S] [--random]
+    python examples/pretrain_tiny_clip.py DATA_DIR OUT.safetensors [--steps N] [--seed S] [--width W] [--random]
 
 DATA_DIR holds ``pretrain.npz`` (``images`` uint8 [N, 32, 32, 3], ``captions``) and ``data.json``, as
 written by ``demo_data.py``. The model is a 32-px ViT (patch 8, width 128, 6 layers) with a 3-layer
 text tower; it trains with the symmetric InfoNCE loss (open_clip's ClipLoss), AdamW and a cosine
 schedule and random shifts of up to 2 px (no flips: glyphs must not be mirrored).
-``--random`` skips training: the randomly initialised model, for the random-theta0 control (task
+``--width`` sets the ViT's width (default 128; head width 32, so width/32 heads; everything else
+as above): 256 makes the scale sweep's wider theta0. ``--random`` skips training: the randomly initialised model, for the random-theta0 control (task
 arithmetic collapses without pre-training; tangent-space paper, Table 3).
 
 The output is a tvedit checkpoint (``--dtype bfloat16`` halves it: the shipped artifact), written by
@@ -14,7 +15,10 @@ tvedit's own writer: its manifest holds the model record (open_clip's config, im
 normalisation: what every tvedit command reads, so it needs no ``tvedit init``) and a ``pretrain``
 provenance step recording how it was made (script, command, seed, steps, batch, learning rate, torch
 version, the data's hashes from data.json, the loss curve, seconds); ``tvedit info OUT --json`` shows
-it. The token embedding stays at its random initialisation (fewer parameters to update on a CPU; the
+it. A long run can be split: ``--resume-every N`` writes OUT.resume.pt (model, optimizer,
+schedule, sampler state and losses; read back with ``torch.load(weights_only=True)``) every N steps,
+``--max-steps-this-run M`` stops after M steps (exit 3, nothing else written), and the same command
+run again continues from the resume file: the result equals an uninterrupted run's. The token embedding stays at its random initialisation (fewer parameters to update on a CPU; the
 text transformer above it learns).
 
 The committed artifact (examples/theta0/) was made by:
@@ -22,6 +26,11 @@ The committed artifact (examples/theta0/) was made by:
     python examples/demo_data.py demo-out/cache/data
     python examples/pretrain_tiny_clip.py demo-out/cache/data examples/theta0/tiny_clip.safetensors \
         --steps 2500 --batch 128 --seed 0 --dtype bfloat16   # 28 min on 2 shared CPU cores
+
+and the wider one (issue 19's width points; resumable across sessions) by:
+
+    python examples/pretrain_tiny_clip.py demo-out/cache/data examples/theta0/tiny_clip_wide.safetensors \
+        --width 256 --steps 2500 --batch 128 --seed 0 --dtype bfloat16 --resume-every 100
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -57,14 +68,19 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def save_theta0(state: dict[str, torch.Tensor], meta: dict, output: Path):
-    """Write ``state`` as a tvedit checkpoint whose manifest records the model and ``meta`` (a
+def config(width: int = 128) -> dict:
+    """TINY_CLIP with the ViT ``width`` wide (head width 32)."""
+    return {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "width": width}}
+
+
+def save_theta0(state: dict[str, torch.Tensor], meta: dict, output: Path, cfg: dict = TINY_CLIP):
+    """Write ``state`` as a tvedit checkpoint whose manifest records the model ``cfg`` and ``meta`` (a
     ``pretrain`` provenance step). The architecture is named after the file (``tiny_clip``)."""
     from tvedit.manifest import Manifest
     from tvedit.models.open_clip import OpenClipAdapter
     from tvedit.writer import save_tensors
 
-    model = OpenClipAdapter(Path(output).stem, TINY_CLIP).model_info()
+    model = OpenClipAdapter(Path(output).stem, cfg).model_info()
     manifest = Manifest(kind="checkpoint", model=model).with_step("pretrain", meta, [])
     return save_tensors(output, state, manifest, force=True)
 
@@ -95,7 +111,13 @@ def pretrain(
     seed: int,
     batch: int = 64,
     lr: float = 1e-3,
-) -> list[float]:
+    resume: Path | None = None,
+    resume_every: int = 0,
+    max_steps: int | None = None,
+) -> tuple[list[float], float] | None:
+    """Train; the per-step losses and the seconds spent (over every run of a resumed one), or None
+    when ``max_steps`` stopped the run early (its state is in ``resume``). A ``resume`` file that
+    exists is continued from."""
     from open_clip.loss import ClipLoss
 
     g = torch.Generator().manual_seed(seed)
@@ -113,9 +135,32 @@ def pretrain(
             min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
         ),
     )
+    losses: list[float] = []
+    start, before, t0 = 0, 0.0, time.time()
+    if resume is not None and resume.exists():
+        state = torch.load(resume, weights_only=True)
+        if state["steps"] != steps or state["seed"] != seed:
+            raise SystemExit(f"{resume}: made for --steps {state['steps']} --seed {state['seed']}; remove it to start again")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        g.set_state(state["sampler"])
+        losses, start, before = list(state["losses"]), int(state["step"]), float(state["seconds"])
+        print(f"  resuming at step {start} from {resume}", flush=True)
+
+    def save(step: int) -> None:
+        tmp = resume.with_name(resume.name + ".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                    "sampler": g.get_state(), "losses": losses, "step": step, "steps": steps, "seed": seed, "seconds": before + time.time() - t0}, tmp)  # fmt: skip
+        os.replace(tmp, resume)
+
     model.train()
-    losses = []
-    for step in range(steps):
+    for step in range(start, steps):
+        if max_steps is not None and step - start >= max_steps:
+            if resume is not None:
+                save(step)
+            model.eval()
+            return None
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         # light augmentation: random shifts by up to 2 px
         dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
@@ -130,8 +175,10 @@ def pretrain(
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             print(f"  step {step:4d}  loss {loss.item():.3f}", flush=True)
+        if resume is not None and resume_every and (step + 1) % resume_every == 0 and step + 1 < steps:
+            save(step + 1)
     model.eval()
-    return losses
+    return losses, before + time.time() - t0
 
 
 def main() -> None:
@@ -143,27 +190,40 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of the output")
+    ap.add_argument("--width", type=int, default=128, help="the ViT's width (head width 32)")
+    ap.add_argument("--resume-every", type=int, default=0, metavar="N", help="write OUT.resume.pt every N steps")
+    ap.add_argument("--max-steps-this-run", type=int, default=None, metavar="M", help="stop after M steps (exit 3)")
     ap.add_argument("--random", action="store_true", help="no training: the random initialisation")
     args = ap.parse_args()
+    if args.width % 32:
+        ap.error("--width: a multiple of 32 (the head width)")
 
+    cfg = config(args.width)
     torch.manual_seed(args.seed)
-    model = build_model(TINY_CLIP)
-    t0 = time.time()
+    model = build_model(cfg)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    resume = args.output.with_name(args.output.name + ".resume.pt")
+    split = args.resume_every > 0 or args.max_steps_this_run is not None
+    seconds = 0.0
     losses: list[float] = []
     data_info = None
     if not args.random:
-        x, tokens = load_corpus(args.data_dir, TINY_CLIP["text_cfg"]["context_length"])
+        x, tokens = load_corpus(args.data_dir, cfg["text_cfg"]["context_length"])
         data_file = args.data_dir / "data.json"
         data_info = json.loads(data_file.read_text()) if data_file.exists() else None
         print(f"pre-training on {x.shape[0]} captioned images for {args.steps} steps", flush=True)
-        losses = pretrain(model, x, tokens, args.steps, args.seed, batch=args.batch, lr=args.lr)
+        done = pretrain(model, x, tokens, args.steps, args.seed, batch=args.batch, lr=args.lr,
+                        resume=resume if split else None, resume_every=args.resume_every, max_steps=args.max_steps_this_run)  # fmt: skip
+        if done is None:
+            print(f"stopped after --max-steps-this-run {args.max_steps_this_run}; run the same command again to continue ({resume})")
+            sys.exit(3)
+        losses, seconds = done
     dtype = getattr(torch, args.dtype)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in model.state_dict().items()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     every = 50
     meta = {
         "script": "examples/pretrain_tiny_clip.py",
-        "command": "python examples/pretrain_tiny_clip.py DATA " + f"{args.output} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --seed {args.seed} --dtype {args.dtype}" + (" --random" if args.random else ""),
+        "command": "python examples/pretrain_tiny_clip.py DATA " + f"{args.output} --steps {args.steps} --batch {args.batch} --lr {args.lr:g} --seed {args.seed} --dtype {args.dtype}" + (f" --width {args.width}" if args.width != 128 else "") + (" --random" if args.random else ""),
         "seed": args.seed,
         "steps": 0 if args.random else args.steps,
         "batch": args.batch,
@@ -173,9 +233,10 @@ def main() -> None:
         "data": data_info,
         "loss_every": every,
         "loss": [round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4) for i in range(0, len(losses), every)],
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
     }
-    save_theta0(state, meta, args.output)
+    save_theta0(state, meta, args.output, cfg)
+    resume.unlink(missing_ok=True)
     print(f"wrote {args.output} ({meta['seconds']} s)")
 
 

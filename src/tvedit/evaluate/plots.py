@@ -217,7 +217,8 @@ def sweep_figure(result: dict[str, Any], output: Path) -> None:
             if numeric and min(xs) > 0 and max(xs) / min(xs) > 10:
                 ax.set_xscale("log")
             ax.set_xticks(xs, [p["label"] for p in points], rotation=0 if numeric else 20)
-            ax.set_xlabel(f"{axis['name']} ({axis['vary']})")
+            ax.set_xticks([], minor=True)  # a log axis labels its minor ticks too, over the points' labels
+            ax.set_xlabel(axis["name"] if axis["name"] == axis["vary"] else f"{axis['name']} ({axis['vary']})")
             ax.set_ylabel("accuracy (%)")
             ax.set_title(title, fontsize=10)
             ax.legend(fontsize=8)
