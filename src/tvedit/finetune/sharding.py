@@ -28,21 +28,24 @@ from torch import Tensor, nn
 SHARDINGS = ("ddp", "fsdp")
 
 
+def sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (it has a device mesh), without importing torch.distributed."""
+    return getattr(t, "device_mesh", None) is not None
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's part of a DTensor (a view: in-place updates reach the parameter); a plain tensor as is."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    return t.to_local() if sharded(t) else t
 
 
 def like(t: Tensor, param: Tensor) -> Tensor:
     """``t`` (the whole tensor, the same on every rank) placed like ``param``: a DTensor with its mesh
     and placements when ``param`` is sharded; else ``t`` on ``param``'s device."""
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None:
+    if not sharded(param):
         return t.to(param.device)
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(t.to(local(param).device), mesh, param.placements)
+    return distribute_tensor(t.to(local(param).device), param.device_mesh, param.placements)
 
 
 def shard(units: list[nn.Module], device: torch.device) -> None:
@@ -60,7 +63,7 @@ def shard(units: list[nn.Module], device: torch.device) -> None:
 
 def unsharded(named: dict[str, Tensor]) -> list[str]:
     """Names of tensors that are not sharded (every trained tensor must be: FSDP averages only those)."""
-    return sorted(k for k, t in named.items() if getattr(t, "device_mesh", None) is None)
+    return sorted(k for k, t in named.items() if not sharded(t))
 
 
 def full_state(model: nn.Module, rank: int) -> dict[str, Any] | None:

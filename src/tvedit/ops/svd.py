@@ -161,51 +161,76 @@ def refine_top(a: torch.Tensor, k: Keep) -> Refined | None:
         return None
     wide = a.shape[0] < a.shape[1]
     x = a.mT if wide else a  # tall: (L, r)
+    start = _start_basis(x, k)
+    if start is None:
+        return None
+    lam, q, kept = start
+    ritz = _rayleigh_ritz(x.double(), q)
+    if ritz is None:
+        return None
+    y, resid, theta, c = ritz
+    s = theta[:kept].clamp_min(0).sqrt()
+    estimate = _ritz_error(lam, theta, c, resid, kept, k if callable(k) else None)
+    c = c[:, :kept]
+    v = q @ c
+    u = (y @ c).div_(s)
+    if wide:
+        u, v = v, u
+    return Refined(Factors(u.to(a.dtype), s.to(a.dtype), v.to(a.dtype)), estimate, q.shape[1])
+
+
+def _start_basis(x: torch.Tensor, k: Keep) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Steps (1)-(2) of :func:`refine_top` on a tall float32 x: G's eigenvalues (descending,
+    float64), an orthonormal float64 basis of its top b eigenvectors, and k (a rule applied to
+    sqrt(lam)); None when there is nothing to refine or no b <= r / 2."""
     r = x.shape[1]
     try:
         lam, w = torch.linalg.eigh(x.mT @ x)  # ascending
     except torch.linalg.LinAlgError:
         return None
     lam, w = lam.flip(0).double(), w.flip(1)
-    rule = k if callable(k) else None
-    k = rule(lam.clamp_min(0).sqrt()) if rule is not None else r if k is None else k
+    k = k(lam.clamp_min(0).sqrt()) if callable(k) else r if k is None else k
     if not 0 < k < r or float(lam[k - 1]) <= 0:
         return None
     past = torch.nonzero(lam[k:] <= REFINE_FAR * lam[k - 1])
     if past.numel() == 0:
         return None
-    b = k + int(past[0])
-    b = max(b, k + 1)
+    b = max(k + int(past[0]), k + 1)
     if b > r // 2:
         return None
-    x64 = x.double()
     q = w[:, :b].double()
     try:
         q = torch.linalg.solve_triangular(torch.linalg.cholesky(q.mT @ q).mT, q, upper=True, left=False)  # q L^-T: orthonormal
     except torch.linalg.LinAlgError:
         return None
+    return lam, q, k
+
+
+def _rayleigh_ritz(x64: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step (3) of :func:`refine_top` in float64: Y = x Q, the residual E = x^T Y - Q H, and the
+    eigenpairs (theta descending, C) of H = Q^T x^T x Q."""
     y = x64 @ q
     z = x64.mT @ y
     h = q.mT @ z
     theta, c = torch.linalg.eigh((h + h.mT) / 2)
-    theta, c = theta.flip(0), c.flip(1)
-    resid = z - q @ h
+    return y, z - q @ h, theta.flip(0), c.flip(1)
+
+
+def _ritz_error(lam: torch.Tensor, theta: torch.Tensor, c: torch.Tensor, resid: torch.Tensor, k: int,
+                rule: Callable[[torch.Tensor], int] | None) -> float:  # fmt: skip
+    """Step (4) of :func:`refine_top`: the first-order estimate of the rank-k product's relative
+    error (infinite when the cut at k is not resolved, or a rule would choose another k)."""
+    r, b = lam.shape[0], theta.shape[0]
     e = float(resid.norm())
     s = theta[:k].clamp_min(0).sqrt()
-    estimate = math.inf
     mu = float(lam[b]) + r * _EPS32 * float(lam[0]) + e
     cut = float(theta[k - 1] - theta[k])
     if rule is not None and rule(torch.cat([theta.clamp_min(0).sqrt(), lam[b:].clamp_min(0).sqrt()])) != k:
         cut = 0.0
-    if float(theta[k - 1]) > mu and cut > 0 and float(s.norm()) > 0:
-        per_vector = (resid @ c[:, :k]).norm(dim=0) / (theta[:k] - mu)
-        estimate = 2 * float((s * per_vector).norm() / s.norm()) * (1 + e / cut)
-    c = c[:, :k]
-    v = q @ c
-    u = (y @ c).div_(s)
-    if wide:
-        u, v = v, u
-    return Refined(Factors(u.to(a.dtype), s.to(a.dtype), v.to(a.dtype)), estimate, b)
+    if not (float(theta[k - 1]) > mu and cut > 0 and float(s.norm()) > 0):
+        return math.inf
+    per_vector = (resid @ c[:, :k]).norm(dim=0) / (theta[:k] - mu)
+    return 2 * float((s * per_vector).norm() / s.norm()) * (1 + e / cut)
 
 
 def _gram_svd(a: torch.Tensor, k: Keep) -> Factors | None:
