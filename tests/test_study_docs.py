@@ -32,3 +32,18 @@ def test_readme_sweep_table_is_what_table_prints() -> None:
     table = proc.stdout.strip()
     assert table.count("\n") >= 5
     assert table in (REPO / "README.md").read_text()
+
+
+def test_sweep_details_are_what_details_prints(tmp_path: Path) -> None:
+    """docs/study-sweep/details.md (the α, accuracies and losses README's sweep paragraph quotes) is
+    details.py's output on the committed study.json files; its last column (vector norms) needs the
+    sweep's vectors, which are not committed, so it is compared without that column."""
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-sweep" / "details.py"), str(tmp_path)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+
+    def cut(text: str) -> list[str]:
+        return [line.rsplit("|", 2)[0] for line in text.strip().splitlines()]
+
+    printed, committed = cut(proc.stdout), cut((REPO / "docs" / "study-sweep" / "details.md").read_text())
+    assert len(printed) > 2 and printed == committed
+    assert all(line.endswith("| n/a |") for line in proc.stdout.strip().splitlines()[2:])
