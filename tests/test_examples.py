@@ -146,6 +146,7 @@ def test_pretrain_writes_a_tvedit_checkpoint(tmp_path: Path) -> None:
     assert made.keys() == shipped.keys()
 
 
+@pytest.mark.slow
 def test_pretrain_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     """--width, and a run split by --max-steps-this-run (exit 3, a resume file, no output) and
     continued by the same command: the same checkpoint and loss curve as one uninterrupted run."""
