@@ -137,10 +137,14 @@ def pretrain(
     )
     losses: list[float] = []
     start, before, t0 = 0, 0.0, time.time()
+    settings = {"steps": steps, "seed": seed, "batch": batch, "lr": lr}  # a resume file continues only its own run
     if resume is not None and resume.exists():
         state = torch.load(resume, weights_only=True)
-        if state["steps"] != steps or state["seed"] != seed:
-            raise SystemExit(f"{resume}: made for --steps {state['steps']} --seed {state['seed']}; remove it to start again")
+        made = {k: state.get(k) for k in settings}
+        shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if made != settings or shapes != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
+            given = " ".join(f"--{k} {v}" for k, v in made.items())
+            raise SystemExit(f"{resume}: made by another run ({given}, or another --width); remove it to start again")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -151,7 +155,7 @@ def pretrain(
     def save(step: int) -> None:
         tmp = resume.with_name(resume.name + ".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                    "sampler": g.get_state(), "losses": losses, "step": step, "steps": steps, "seed": seed, "seconds": before + time.time() - t0}, tmp)  # fmt: skip
+                    "sampler": g.get_state(), "losses": losses, "step": step, **settings, "seconds": before + time.time() - t0}, tmp)  # fmt: skip
         os.replace(tmp, resume)
 
     model.train()
@@ -195,8 +199,14 @@ def main() -> None:
     ap.add_argument("--max-steps-this-run", type=int, default=None, metavar="M", help="stop after M steps (exit 3)")
     ap.add_argument("--random", action="store_true", help="no training: the random initialisation")
     args = ap.parse_args()
-    if args.width % 32:
-        ap.error("--width: a multiple of 32 (the head width)")
+    if args.width <= 0 or args.width % 32:
+        ap.error("--width: a positive multiple of 32 (the head width)")
+    for name in ("steps", "batch", "resume_every", "max_steps_this_run"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and name in ("steps", "batch", "max_steps_this_run"))):
+            ap.error(f"--{name.replace('_', '-')}: {value} is not a positive number of {'steps' if name != 'batch' else 'examples'}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        ap.error(f"--lr: {args.lr} is not a positive finite learning rate")
 
     cfg = config(args.width)
     torch.manual_seed(args.seed)

@@ -146,6 +146,13 @@ def test_pretrain_writes_a_tvedit_checkpoint(tmp_path: Path) -> None:
     assert made.keys() == shipped.keys()
 
 
+@pytest.mark.parametrize("bad", [["--width", "0"], ["--width", "48"], ["--steps", "0"], ["--batch", "-1"],
+                                 ["--resume-every", "-5"], ["--max-steps-this-run", "0"], ["--lr", "nan"]])  # fmt: skip
+def test_pretrain_refuses_nonsense_before_any_work(tmp_path: Path, bad: list[str]) -> None:
+    proc = _run([sys.executable, str(EXAMPLES / "pretrain_tiny_clip.py"), str(tmp_path / "none"), "out/x.safetensors", *bad], tmp_path, ok=False)
+    assert proc.returncode == 2 and bad[0] in proc.stderr.splitlines()[-1] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_pretrain_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     """--width, and a run split by --max-steps-this-run (exit 3, a resume file, no output) and
@@ -164,6 +171,9 @@ def test_pretrain_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     first = _run(split, tmp_path, ok=False)
     assert first.returncode == 3, first.stderr[-2000:]
     assert (tmp_path / "split/tiny_clip.safetensors.resume.pt").exists() and not (tmp_path / "split/tiny_clip.safetensors").exists()
+    for other in (["--batch", "2"], ["--width", "32"]):  # another run's resume file is refused, not continued
+        refused = _run([*split, *other], tmp_path, ok=False)
+        assert refused.returncode == 1 and "made by another run" in refused.stderr and "Traceback" not in refused.stderr
     assert "resuming at step 3" in _run(split, tmp_path).stdout
     assert not (tmp_path / "split/tiny_clip.safetensors.resume.pt").exists()
     from tvedit.reader import open_checkpoint
