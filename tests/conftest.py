@@ -1,16 +1,19 @@
-"""Shared fixtures: tiny generated checkpoints and a subprocess CLI runner."""
+"""Shared fixtures: tiny generated checkpoints and a CLI runner (a child process per run, forked from
+tests/forkserver.py's server so that torch is imported once per worker, not once per run)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from tests.forkserver import ForkServer
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +52,17 @@ def ckpts(tmp_path: Path) -> dict[str, Path]:
 CliRunner = Callable[..., subprocess.CompletedProcess]
 
 
+@pytest.fixture(scope="session")
+def forkserver() -> Iterator[ForkServer]:
+    server = ForkServer()
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def cli(tmp_path: Path) -> CliRunner:
-    """Run `python -m tvedit ARGS` in a subprocess (stdout is a pipe, so commands print JSON lines)."""
+def cli(tmp_path: Path, forkserver: ForkServer) -> CliRunner:
+    """Run `python -m tvedit ARGS` in a child process (stdout is not a terminal, so commands print JSON
+    lines); `shell=` runs a bash command line instead, with this venv's `tvedit` first on PATH."""
 
     def run(*args: str, input: str | None = None, cwd: Path | None = None, check: bool = False, shell: str | None = None) -> subprocess.CompletedProcess:
         env = dict(os.environ)
@@ -60,7 +71,7 @@ def cli(tmp_path: Path) -> CliRunner:
         if shell is not None:
             proc = subprocess.run(shell, shell=True, input=input, capture_output=True, text=True, cwd=cwd or tmp_path, env=env, executable="/bin/bash")
         else:
-            proc = subprocess.run([sys.executable, "-m", "tvedit", *args], input=input, capture_output=True, text=True, cwd=cwd or tmp_path, env=env)
+            proc = forkserver.run(list(args), cwd or tmp_path, env, input)
         if check and proc.returncode != 0:
             raise AssertionError(f"tvedit {' '.join(args) or shell} failed ({proc.returncode}):\n{proc.stderr}")
         return proc

