@@ -103,6 +103,29 @@ def _direct_loglik(model: torch.nn.Module, tok, context: str, choice: str) -> fl
     return float(sum(logp[start + i - 1, t] for i, t in enumerate(cont)))
 
 
+def test_from_directory_takes_only_its_own_kind(models: dict[str, Path], tmp_path: Path) -> None:
+    """The causal and seq2seq adapters share from_directory; each refuses the other's kind, and a
+    directory whose config transformers cannot read, in one line naming the directory."""
+    from tests.tiny_t5 import write_tiny_t5
+    from tvedit.errors import InputError
+    from tvedit.models.hf_seq2seq import HFSeq2SeqAdapter
+
+    t5 = write_tiny_t5(tmp_path / "t5")
+    assert type(HFSeq2SeqAdapter.from_directory(t5)) is HFSeq2SeqAdapter
+    assert type(HFCausalAdapter.from_directory(models["gpt2"])) is HFCausalAdapter
+    with pytest.raises(InputError, match=r"'t5' is an encoder-decoder model \(the hf-seq2seq family\), not a causal LM"):
+        HFCausalAdapter.from_directory(t5)
+    with pytest.raises(InputError, match=r"'gpt2' is not an encoder-decoder"):
+        HFSeq2SeqAdapter.from_directory(models["gpt2"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    for cls in (HFCausalAdapter, HFSeq2SeqAdapter):
+        with pytest.raises(InputError) as err:
+            cls.from_directory(broken)
+        assert str(err.value).startswith(f"{broken}: cannot load the config or tokenizer: ") and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_scores_equal_a_direct_transformers_computation(models: dict[str, Path], arch: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer

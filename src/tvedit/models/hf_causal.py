@@ -55,27 +55,12 @@ class HFCausalAdapter(HFSeq2SeqAdapter):
     """An ``AutoModelForCausalLM`` architecture and its tokenizer."""
 
     family = FAMILY
+    encoder_decoder = False  # (from_directory: the seq2seq adapter's, with this kind check)
+    wrong_kind = "is an encoder-decoder model (the hf-seq2seq family), not a causal LM"
 
     def __init__(self, config: Mapping[str, Any], tokenizer: Mapping[str, Any], max_length: int = DEFAULT_MAX_LENGTH, train_embeddings: bool = False):
         super().__init__(config, tokenizer, max_length)
         self.train_embeddings = bool(train_embeddings)
-
-    # -- identity ------------------------------------------------------------------------------
-    @classmethod
-    def from_directory(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> HFCausalAdapter:
-        from transformers import AutoConfig, AutoTokenizer
-
-        path = Path(path).resolve()
-        if not is_hf_directory(path):
-            raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
-        try:
-            config = AutoConfig.from_pretrained(str(path))
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot load the config or tokenizer: {str(exc).splitlines()[0]}") from None
-        if getattr(config, "is_encoder_decoder", False):
-            raise InputError(f"{path}: {config.model_type!r} is an encoder-decoder model (the hf-seq2seq family), not a causal LM")
-        return cls(config.to_dict(), {"class": type(tok).__name__, "source": str(path)}, max_length)
 
     def model_info(self) -> dict[str, Any]:
         return {**super().model_info(), "family": FAMILY, "train_embeddings": self.train_embeddings}

@@ -66,6 +66,9 @@ class HFSeq2SeqAdapter(ModelAdapter):
     # normalised before a head (the papers' T5 experiments fine-tune non-linearly; there is no
     # published definition to follow), and the log-likelihood is what the loss consumes.
     flin = "scores"
+    # what from_directory requires of a directory's config, and what it says of one that is not so
+    encoder_decoder = True
+    wrong_kind = "is not an encoder-decoder (sequence-to-sequence) model"
 
     def __init__(self, config: Mapping[str, Any], tokenizer: Mapping[str, Any], max_length: int = DEFAULT_MAX_LENGTH):
         if "model_type" not in config:
@@ -77,7 +80,8 @@ class HFSeq2SeqAdapter(ModelAdapter):
     # -- identity ------------------------------------------------------------------------------
     @classmethod
     def from_directory(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> HFSeq2SeqAdapter:
-        """The adapter of a local Hugging Face directory (config.json + tokenizer files)."""
+        """The adapter of a local Hugging Face directory (config.json + tokenizer files), of this
+        class's kind (``encoder_decoder``); errors are one line naming the directory."""
         from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path).resolve()
@@ -87,9 +91,9 @@ class HFSeq2SeqAdapter(ModelAdapter):
             config = AutoConfig.from_pretrained(str(path))
             tok = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot load the config or tokenizer: {exc}") from None
-        if not getattr(config, "is_encoder_decoder", False):
-            raise InputError(f"{path}: {config.model_type!r} is not an encoder-decoder (sequence-to-sequence) model")
+            raise InputError(f"{path}: cannot load the config or tokenizer: {str(exc).splitlines()[0]}") from None
+        if bool(getattr(config, "is_encoder_decoder", False)) != cls.encoder_decoder:
+            raise InputError(f"{path}: {config.model_type!r} {cls.wrong_kind}")
         return cls(config.to_dict(), {"class": type(tok).__name__, "source": str(path)}, max_length)
 
     def model_info(self) -> dict[str, Any]:
