@@ -321,7 +321,7 @@ def commit_directory(tmp: Path, path: Path, force: bool) -> None:
             old.unlink()
 
 
-class HFDirWriter:
+class HFDirWriter(safeio.Transaction):
     """The CheckpointWriter interface (write in sorted key order, commit, abort) for a directory."""
 
     def __init__(
@@ -449,14 +449,6 @@ class HFDirWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
         safeio.unregister(self._tmp)
 
-    def __enter__(self) -> HFDirWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None and not self._done:
-            self.abort()
-        if isinstance(exc, OSError) and exc.errno in safeio.WRITE_ERRNOS:  # e.g. a full disk
-            raise safeio.cannot_write(self.path, exc) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,8 +33,12 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tvedit.errors import OutputError
+
+if TYPE_CHECKING:  # (typing.Self is Python 3.11+)
+    from typing_extensions import Self
 
 TMP_MARK = ".tvedit-tmp-"
 _TMP_RE = re.compile(r"^\..+\.tvedit-tmp-(\d+)(?:-final)?$")
@@ -387,6 +391,27 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 def cannot_write(path: Path, exc: OSError) -> OutputError:
     """The one-line error (exit 6) for an output that could not be written."""
     return OutputError(f"{path}: cannot write: {exc.strerror or exc}")
+
+
+class Transaction:
+    """The context-manager half of an output writer (a checkpoint file, a Hugging Face directory):
+    a with-block that fails aborts the writer (its temporaries removed, nothing at ``path``) unless
+    it had finished, and a write error (a full disk, a quota) leaves it as one line naming ``path``."""
+
+    path: Path
+    _done: bool
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None and not self._done:
+            self.abort()
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise cannot_write(self.path, exc) from None
 
 
 def check_output_parent(path: Path) -> None:

@@ -170,7 +170,7 @@ class ChunkSink:
         w._digests[self.stored] = entry_digest(self.stored, self.st, self.shape if not self.mask else [self.nbytes], self.h.hexdigest())
 
 
-class CheckpointWriter:
+class CheckpointWriter(safeio.Transaction):
     """Incremental, atomic safetensors writer.
 
     ``keys`` (the logical keys to be written, any order) lets the writer reserve the header so that
@@ -518,14 +518,6 @@ class CheckpointWriter:
                 pass
         safeio.unregister(self._tmp)
 
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None and not self._done:
-            self.abort()
-        if isinstance(exc, OSError) and exc.errno in safeio.WRITE_ERRNOS:  # e.g. a full disk
-            raise safeio.cannot_write(self.path, exc) from None
 
 
 def save_tensors(
