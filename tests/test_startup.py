@@ -18,7 +18,7 @@ from tvedit.manifest import Manifest
 from tvedit.writer import save_tensors
 
 PROBE = r"""
-import json, sys
+import json, os, sys
 from tvedit.cli.app import main
 args, watch = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 sys.argv = ["tvedit", *args]
@@ -27,14 +27,17 @@ try:
     main()
 except SystemExit as exc:
     code = exc.code or 0
-print(json.dumps({"code": code, "loaded": [m for m in watch if m in sys.modules]}), file=sys.stderr)
+result = {"code": code, "loaded": [m for m in watch if m in sys.modules]}
+if "OMP_WAIT_POLICY" in watch:
+    result["omp"] = os.environ.get("OMP_WAIT_POLICY")
+print(json.dumps(result), file=sys.stderr)
 """
 MODEL_LIBS = ["open_clip", "transformers", "torchvision", "timm", "PIL", "sklearn", "matplotlib"]
 
 
-def _probe(args: list[str], watch: list[str], cwd: Path) -> dict:
+def _probe(args: list[str], watch: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(watch)], cwd=cwd,
-                          capture_output=True, text=True, env=dict(os.environ))  # fmt: skip
+                          capture_output=True, text=True, env=env or dict(os.environ))  # fmt: skip
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
@@ -71,6 +74,18 @@ def test_header_summary_matches_the_tensor_view(vector, tmp_path, cli):
     assert ckpt.is_sparse("a") and light["tensors"] == len(ckpt.keys()) == 3
     assert light["dtypes"] == {"float32": 2, "int64": 1} and light["parameters"] == 64 * 8 + 16 + 4
     assert light["verified"] and light["density"] == pytest.approx(full["density"]) and light["norm"] is None
+
+
+def test_streaming_commands_load_torch_with_a_passive_openmp_wait(ckpts, tmp_path):
+    """Streaming commands load torch under OMP_WAIT_POLICY=PASSIVE (its threads sleep between the
+    per-chunk passes instead of spinning: app.STREAMING_COMMANDS has the measurement) unless the
+    user chose a policy; other commands leave it alone."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    add = ["add", "ft1.safetensors", "ft2.safetensors", "--base", "base.safetensors", "-o", "m.safetensors"]
+    assert _probe(add, ["torch", "OMP_WAIT_POLICY"], tmp_path, env) == {"code": 0, "loaded": ["torch"], "omp": "PASSIVE"}
+    (tmp_path / "m.safetensors").unlink()
+    assert _probe(add, ["OMP_WAIT_POLICY"], tmp_path, {**env, "OMP_WAIT_POLICY": "ACTIVE"})["omp"] == "ACTIVE"
+    assert _probe(["finetune", "--help"], ["OMP_WAIT_POLICY"], tmp_path, env)["omp"] is None
 
 
 def test_hf_directory_outputs_import_no_model_library(tmp_path):
