@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
+
+# Two pytest workers on a small machine, each running tvedit processes: OpenMP's default wait policy
+# has every idle torch thread spin for its next task and take the cores from the other worker.
+# Passive waiting changes no result, only who gets the CPU: measured on the 2-core VM beside a
+# study, tests/test_finetune.py + test_evaluate.py took 184 s wall / 141 s CPU by default and 136 s /
+# 98 s passive. Set before torch is first imported (libgomp reads it then), for the workers, their
+# subprocesses and the fork server; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 from safetensors.torch import save_file
 
 from tests.forkserver import ForkServer
