@@ -47,3 +47,20 @@ def test_sweep_details_are_what_details_prints(tmp_path: Path) -> None:
     printed, committed = cut(proc.stdout), cut((REPO / "docs" / "study-sweep" / "details.md").read_text())
     assert len(printed) > 2 and printed == committed
     assert all(line.endswith("| n/a |") for line in proc.stdout.strip().splitlines()[2:])
+
+
+def test_readme_seed_table_is_what_seeds_prints() -> None:
+    """README's seed table at 1,500 steps is docs/study-sweep/seeds.py's output on the committed
+    study.json files (seed 0 from the sweep, the other seeds from examples/sweep-seeds.yaml's runs),
+    and it has every seed those files hold, with mean ± sd when there are several."""
+    import json
+
+    paths = [REPO / "docs" / "study-sweep" / "sweep" / "steps" / "1500" / "study.json",
+             *sorted((REPO / "docs" / "study-sweep" / "seeds").glob("*/study.json"))]  # fmt: skip
+    seeds = {run["seed"] for p in paths for run in json.loads(p.read_text())["rows"]["full"]["seeds"]}
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-sweep" / "seeds.py")], capture_output=True, text=True, check=True)
+    table = proc.stdout.strip()
+    rows = table.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows if not r.startswith("| mean")] == [str(s) for s in sorted(seeds) for _ in (0, 1)]
+    assert (len(seeds) > 1) == any(r.startswith("| mean ± sd") for r in rows)
+    assert table in (REPO / "README.md").read_text()
