@@ -32,6 +32,10 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _mean_sd(xs: list[float], fmt=_pct) -> str:
+    return f"{fmt(statistics.mean(xs))} ± {_pct(statistics.stdev(xs))}"
+
+
 def per_seed(studies: list[dict]) -> dict[int, dict[str, dict[str, float]]]:
     """{seed: {regime: {merged, normalized, target}}} over the studies, each seed from one study."""
     first = studies[0]["plan"]
@@ -70,13 +74,9 @@ def table(studies: list[dict]) -> str:
             out.append(f"| {seed} | {regime} | {_pct(r['merged'])} | {_pct(r['normalized'])} | {_pct(r['target'])} | " + " | ".join(diff) + " |")
     n = len(seeds)
     if n > 1:
-        def ms(xs: list[float], signed: bool = False) -> str:
-            f = _signed if signed else _pct
-            return f"{f(statistics.mean(xs))} ± {_pct(statistics.stdev(xs))}"
-
         for regime in REGIMES:
-            cells = [ms([seeds[s][regime][m] for s in seeds]) for m in ("merged", "normalized", "target")]
-            diff = [ms(diffs["merged"], True), ms(diffs["target"], True)] if regime == "linearized" else ["", ""]
+            cells = [_mean_sd([seeds[s][regime][m] for s in seeds]) for m in ("merged", "normalized", "target")]
+            diff = [_mean_sd(diffs["merged"], _signed), _mean_sd(diffs["target"], _signed)] if regime == "linearized" else ["", ""]
             out.append(f"| mean ± sd ({n}) | {regime} | " + " | ".join(cells + diff) + " |")
     return "\n".join(out)
 

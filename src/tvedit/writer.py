@@ -519,7 +519,6 @@ class CheckpointWriter(safeio.Transaction):
         safeio.unregister(self._tmp)
 
 
-
 def save_tensors(
     path: str | os.PathLike[str],
     tensors: dict[str, torch.Tensor],

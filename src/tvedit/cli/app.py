@@ -46,7 +46,7 @@ def _version(value: bool) -> None:
 # tensor). Between two passes OpenMP's default wait policy keeps torch's threads spinning, which on a
 # busy machine takes the cores from whatever else runs: measured on the 2-core VM beside a study,
 # `add` of two 512 MiB vectors in 2 MiB chunks used 9.2-13.0 s of CPU and 11.9-14.9 s of wall time
-# by default, 5.3 s and 6.7-7.7 s with OMP_WAIT_POLICY=PASSIVE (as fast as whole tensors). So these
+# by default, 5.1-5.4 s and 6.7-7.7 s with OMP_WAIT_POLICY=PASSIVE (as fast as whole tensors). So these
 # run with the passive policy unless the user set one; training and evaluation keep the default.
 STREAMING_COMMANDS = frozenset({"extract", "add", "scale", "negate", "mask", "compress", "info", "import", "export-hf", "export-lora"})
 
