@@ -219,6 +219,16 @@ def test_sweep_plan_lists_its_points(tmp_path: Path, plan: str) -> None:
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
+def test_sweep_axis_option_runs_only_that_axis(tmp_path: Path) -> None:
+    proc = _run(["tvedit", "study", "examples/sweep.yaml", "-o", str(tmp_path / "out"), "--dry-run", "--axis", "density"], REPO)
+    points = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
+    (axis,) = [a for a in yaml.safe_load((EXAMPLES / "sweep.yaml").read_text())["sweep"] if a["name"] == "density"]
+    assert len(points) == len(axis["values"]) and all(p.startswith("# density: density=") for p in points), proc.stdout
+    bad = _run(["tvedit", "study", "examples/study.yaml", "-o", str(tmp_path / "out"), "--axis", "steps"], REPO, ok=False)
+    assert bad.returncode == 2 and "--axis steps: examples/study.yaml has no sweep section" in bad.stderr, bad.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_llm_tasks_small(tmp_path: Path) -> None:
     pytest.importorskip("peft")

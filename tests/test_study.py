@@ -232,19 +232,30 @@ def test_study_end_to_end_numbers_come_from_reports(tiny_study: dict[str, Path],
 @pytest.mark.slow
 def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path]) -> None:
     """A tiny sweep (2 points of steps, 1 seed, constant lr along the axis), in-process: every
-    number in sweep.json is the one in its point's study.json; a second run reuses every point."""
+    number in sweep.json is the one in its point's study.json; sweep.json is rewritten after each
+    point; an axis not chosen (--axis) is not run and not reported; a second run reuses every point."""
     from tvedit.reader import open_checkpoint
     from tvedit.study import Sweep, load_plan
 
     plan = yaml.safe_load(tiny_study["plan"].read_text())
     plan.update(seeds=[0], regimes={"full": {"lr": 1e-3}, "sparse": {"lr": 1e-2, "density": 0.5, "calib_batches": 2, "rounds": 2}},
                 negation={"targets": ["a"], "control": "c"}, merges={}, disentanglement={},
-                sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}}])  # fmt: skip
+                sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}},
+                       {"name": "not-run", "vary": "steps", "values": [4]}])  # fmt: skip
     path = tiny_study["root"] / "sweep.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tiny_study["root"] / "sweep-out"
-    result = Sweep(load_plan(path), out, run_command=_in_process).run()
+    seen = {}  # sweep.json as each point starts
+
+    def progress(msg: str) -> None:
+        if msg.startswith("sweep length"):
+            seen[msg] = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else None
+
+    result = Sweep(load_plan(path), out, progress=progress, run_command=_in_process, only=["length"]).run()
     assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(result))
+    assert not (out / "sweep" / "not-run").exists()
+    first, second = seen.values()
+    assert first is None and [p["value"] for a in second["axes"] for p in a["points"]] == [2]
     (axis,) = result["axes"]
     assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
     checked = 0
@@ -262,12 +273,12 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert checked == 12
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
-    assert Sweep(load_plan(path), out, run_command=_in_process).run() == result
+    assert Sweep(load_plan(path), out, run_command=_in_process, only=["length"]).run() == result
     assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
 
 
 def test_sweep_plan_checks(tmp_path: Path) -> None:
-    from tvedit.study import load_plan, point_plan, sweep_axes
+    from tvedit.study import Sweep, load_plan, point_plan, sweep_axes
 
     good = [{"vary": "steps", "values": [200, 600]}, {"name": "density", "vary": "density", "values": [0.05, 0.1], "regimes": ["sparse"]},
             {"name": "width", "vary": "theta0", "values": ["a.safetensors", {"theta0": "wide.safetensors", "model": None}], "set": {"steps": 1500}}]  # fmt: skip
@@ -289,6 +300,9 @@ def test_sweep_plan_checks(tmp_path: Path) -> None:
     for sweep, message in bad:
         with pytest.raises(UsageError, match=message):
             load_plan(_write_plan(tmp_path / "bad.yaml", regimes={"full": {"lr": 1e-4}}, sweep=sweep))
+    with pytest.raises(UsageError, match="--axis widht: the plan has no sweep axis of that name .axes: steps, density, width"):
+        Sweep(plan, tmp_path / "out", only=["steps", "widht"])
+    assert [a.name for a in Sweep(plan, tmp_path / "out", only=["width", "steps"]).axes] == ["steps", "width"]
 
 
 def test_study_bad_plan_is_a_usage_error_before_any_run(tmp_path: Path, cli) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from tvedit.errors import DataError, TveditError, UsageError
 from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
+from tvedit.safeio import replacing
 
 REGIMES = ("full", "attn", "linearized", "sparse")
 # how each regime's lr is chosen on the first seed's validation splits: the merged model's mean
@@ -536,31 +537,44 @@ class Sweep:
     """Every point of every axis is a study in ``OUT/sweep/AXIS/VALUE/`` (resumable: outputs that
     exist are reused); ``sweep.json`` gathers the headline numbers and ``sweep.png`` draws them."""
 
-    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None, run_command: RunCommand | None = None):
+    def __init__(self, plan: Plan, out: Path, progress: Callable[[str], None] | None = None, run_command: RunCommand | None = None,
+                 only: Sequence[str] | None = None):
         self.plan = plan
         self.out = Path(out)
         self.say = progress or (lambda msg: None)
         self.run_command = run_command
-        self.axes = sweep_axes(plan)
+        self.all_axes = sweep_axes(plan)
+        names = [a.name for a in self.all_axes]
+        unknown = [n for n in only or () if n not in names]
+        if unknown:
+            raise UsageError(f"--axis {unknown[0]}: the plan has no sweep axis of that name (axes: {', '.join(names)})")
+        self.axes = [a for a in self.all_axes if not only or a.name in only]
 
     def point_dir(self, axis: Axis, value: Any) -> Path:
         return self.out / "sweep" / axis.name / point_label(axis, value)
 
     def run(self) -> dict[str, Any]:
+        """Run the chosen axes' points in order; after each, sweep.json and sweep.png are rewritten
+        with every point finished so far (of any axis), so a long sweep can be read and committed
+        while it runs."""
         for axis in self.axes:
             for value in axis.values:
                 self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
                 Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say, self.run_command).run()
+                write_sweep_outputs(self.collect(), self.out)
         result = self.collect()
         write_sweep_outputs(result, self.out)
         return result
 
     def collect(self) -> dict[str, Any]:
-        """Every number from the points' study.json files."""
+        """Every number from the finished points' study.json files (every axis of the plan; a point
+        not yet run is left out, and so is an axis with none)."""
         axes = []
-        for axis in self.axes:
+        for axis in self.all_axes:
             points = []
             for value in axis.values:
+                if not (self.point_dir(axis, value) / "study.json").exists():
+                    continue
                 study = read_json(self.point_dir(axis, value) / "study.json")
                 rows = {}
                 for regime in axis.regimes:
@@ -570,18 +584,25 @@ class Sweep:
                                     **({"negation_target": row["negation"]["target"]} if "negation" in row else {})}  # fmt: skip
                 points.append({"value": value, "label": point_label(axis, value), "zero_shot": study["zero_shot"],
                                "study": str(self.point_dir(axis, value).relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
-            axes.append({**asdict(axis), "points": points})
+            if points:
+                axes.append({**asdict(axis), "points": points})
         return {"plan": asdict(self.plan), "axes": axes}
 
 
 def write_sweep_outputs(result: dict[str, Any], out: Path) -> None:
-    (out / "sweep.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_replacing(out / "sweep.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     try:
         from tvedit.evaluate.plots import sweep_figure
 
         sweep_figure(result, out / "sweep.png")
     except (ImportError, UsageError):  # pragma: no cover - matplotlib is the [plot] extra
         pass
+
+
+def write_replacing(path: Path, text: str) -> None:
+    """A report written whole or not at all (an interrupted run leaves the previous one)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _option(v: Any) -> str:
@@ -716,8 +737,8 @@ def results_table(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    (out / "study.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (out / "results.md").write_text(results_table(result))
+    write_replacing(out / "study.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_replacing(out / "results.md", results_table(result))
     try:
         from tvedit.evaluate.plots import study_figure
     except ImportError:  # pragma: no cover - matplotlib is the [plot] extra

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         lr: list[str] = typer.Option([], "--lr", help="REGIME=LR: fix a regime's learning rate (skips its grid search). Repeatable."),
         jobs: int | None = typer.Option(None, "--jobs", "-j", help="Commands run side by side (default: the plan's, 2)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N, auto (default: the plan's)."),
+        axis: list[str] = typer.Option([], "--axis", help="A sweep plan's axis to run (by name); repeatable; default: every axis. sweep.json gathers every finished point."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check the plan and print the commands; run nothing."),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
@@ -66,15 +67,17 @@ def register(app: typer.Typer) -> None:
             pick_device(device)
         quiet = json_mode(as_json)
         say = lambda msg: err_console.print(msg, highlight=False)  # noqa: E731 - stderr: never mixed with JSON
+        if axis and not plan.sweep:
+            raise UsageError(f"--axis {axis[0]}: {plan_path} has no sweep section")
         if plan.sweep:
             from tvedit.study import Sweep, point_label, point_plan
 
-            sweep = Sweep(plan, output, progress=say, run_command=functools.partial(run_in_process, app))
+            sweep = Sweep(plan, output, progress=say, run_command=functools.partial(run_in_process, app), only=axis)
             if dry_run:
-                for axis in sweep.axes:
-                    for value in axis.values:
-                        point = point_plan(plan, axis, value)
-                        sys.stdout.write(f"# {axis.name}: {axis.vary}={point_label(axis, value)} -> {sweep.point_dir(axis, value)} (regimes {', '.join(point.regimes)})\n")
+                for ax in sweep.axes:
+                    for value in ax.values:
+                        point = point_plan(plan, ax, value)
+                        sys.stdout.write(f"# {ax.name}: {ax.vary}={point_label(ax, value)} -> {sweep.point_dir(ax, value)} (regimes {', '.join(point.regimes)})\n")
                 return
             result = sweep.run()
             if quiet:
