@@ -27,10 +27,10 @@ The committed artifact (examples/theta0/) was made by:
     python examples/pretrain_tiny_clip.py demo-out/cache/data examples/theta0/tiny_clip.safetensors \
         --steps 2500 --batch 128 --seed 0 --dtype bfloat16   # 28 min on 2 shared CPU cores
 
-and the wider one (issue 19's width points; resumable across sessions) by:
+and the wider one (examples/theta0/tiny_clip_wide.safetensors, 20 MB: the scale sweep's width points) by:
 
     python examples/pretrain_tiny_clip.py demo-out/cache/data examples/theta0/tiny_clip_wide.safetensors \
-        --width 256 --steps 2500 --batch 128 --seed 0 --dtype bfloat16 --resume-every 100
+        --width 256 --steps 2500 --batch 128 --seed 0 --dtype bfloat16 --resume-every 50   # 30 min on 2 CPU cores
 """
 
 from __future__ import annotations

@@ -104,3 +104,22 @@ def test_llm_tasks_small(tmp_path: Path) -> None:
     line = next(x for x in proc.stdout.splitlines() if x.startswith("peft merge of merged-lora vs merged/"))
     assert float(line.split("max |difference| ")[1].split()[0]) < 1e-5  # the exported adapter is the merge
     assert (tmp_path / "work" / "roundtrip.tv.safetensors").exists()
+
+
+def test_shipped_theta0s_differ_only_in_width() -> None:
+    """examples/theta0/: the wide θ0 of the scale sweep (issue 19) is the shipped one's recipe on the
+    same corpus (the data hashes demo_data.py recorded) with the ViT twice as wide, ≤ 25 MB."""
+    from tvedit.reader import open_checkpoint
+
+    narrow, wide = (open_checkpoint(EXAMPLES / "theta0" / name) for name in ("tiny_clip.safetensors", "tiny_clip_wide.safetensors"))
+    (a,), (b,) = narrow.manifest.provenance, wide.manifest.provenance
+    assert a["op"] == b["op"] == "pretrain"
+    same = ("batch", "data", "dtype", "loss_every", "lr", "script", "seed", "steps")
+    assert {k: a["params"][k] for k in same} == {k: b["params"][k] for k in same}
+    assert b["params"]["command"] == a["params"]["command"].replace("tiny_clip.safetensors", "tiny_clip_wide.safetensors") + " --width 256"
+    ma = narrow.manifest.model
+    assert ma["config"]["vision_cfg"]["width"] == 128
+    wider = {**ma["config"], "vision_cfg": {**ma["config"]["vision_cfg"], "width": 256}}
+    assert wide.manifest.model == {**ma, "config": wider, "architecture": "tiny_clip_wide"}  # named after the file
+    assert (EXAMPLES / "theta0" / "tiny_clip_wide.safetensors").stat().st_size <= 25 * 2**20
+    assert wide.get("visual.conv1.weight").shape[0] == 256
