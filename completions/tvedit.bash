@@ -25,7 +25,7 @@ _tvedit() {
     methods) opts="--json --help" ;;
     negate) opts="--output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --force -f --verify-inputs --device --json --help" ;;
     scale) opts="--by -c --output -o --out-dir --format --max-shard-size --dtype --compute-dtype --layout --allow-nonfinite --force -f --verify-inputs --device --json --help" ;;
-    study) opts="--output -o --seeds --lr --jobs -j --device --dry-run --json --help" ;;
+    study) opts="--output -o --seeds --lr --jobs -j --device --axis --dry-run --json --help" ;;
   esac
   if [[ "$cur" == -* ]]; then
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))

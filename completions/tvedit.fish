@@ -253,5 +253,6 @@ complete -c tvedit -n '__fish_seen_subcommand_from study' -l seeds -r -d 'Fine-t
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l lr -r -d 'REGIME=LR: fix a regimes learning rate (skips its grid search)'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l jobs -s j -r -d 'Commands run side by side (default: the plans, 2)'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l device -r -d 'cpu, cuda, cuda:N, auto (default: the plans)'
+complete -c tvedit -n '__fish_seen_subcommand_from study' -l axis -r -d 'A sweep plans axis to run (by name); repeatable; default: every axis'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l dry-run -d 'Check the plan and print the commands; run nothing'
 complete -c tvedit -n '__fish_seen_subcommand_from study' -l json -d 'Print one JSON line per artifact (the default when standard output is not a terminal)'
