@@ -556,14 +556,14 @@ class Sweep:
     def run(self) -> dict[str, Any]:
         """Run the chosen axes' points in order; after each, sweep.json and sweep.png are rewritten
         with every point finished so far (of any axis), so a long sweep can be read and committed
-        while it runs."""
+        while it runs; returns the last of them."""
+        result: dict[str, Any] = {}
         for axis in self.axes:
             for value in axis.values:
                 self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
                 Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say, self.run_command).run()
-                write_sweep_outputs(self.collect(), self.out)
-        result = self.collect()
-        write_sweep_outputs(result, self.out)
+                result = self.collect()
+                write_sweep_outputs(result, self.out)
         return result
 
     def collect(self) -> dict[str, Any]:
