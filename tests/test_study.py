@@ -241,7 +241,8 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     plan.update(seeds=[0], regimes={"full": {"lr": 1e-3}, "sparse": {"lr": 1e-2, "density": 0.5, "calib_batches": 2, "rounds": 2}},
                 negation={"targets": ["a"], "control": "c"}, merges={}, disentanglement={},
                 sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}},
-                       {"name": "not-run", "vary": "steps", "values": [4]}])  # fmt: skip
+                       {"name": "not-run", "vary": "steps", "values": [4]},
+                       {"name": "same", "vary": "density", "values": [0.5], "regimes": ["sparse"], "set": {"steps": 3, "schedule": "constant"}}])  # fmt: skip
     path = tiny_study["root"] / "sweep.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tiny_study["root"] / "sweep-out"
@@ -256,8 +257,10 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert not (out / "sweep" / "not-run").exists()
     first, second = seen.values()
     assert first is None and [p["value"] for a in second["axes"] for p in a["points"]] == [2]
-    (axis,) = result["axes"]
+    axis, same = result["axes"]  # "same" has one point, the sparse half of length/3: reused, not run
     assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
+    assert same["name"] == "same" and same["points"][0]["study"] == "sweep/length/3/study.json"
+    assert same["points"][0]["rows"]["sparse"] == axis["points"][1]["rows"]["sparse"]
     checked = 0
     for point in axis["points"]:
         study = json.loads((out / point["study"]).read_text())
@@ -274,6 +277,8 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
     assert Sweep(load_plan(path), out, run_command=_in_process, only=["length"]).run() == result
+    assert Sweep(load_plan(path), out, run_command=_in_process, only=["same"]).run() == result
+    assert not (out / "sweep" / "same").exists()
     assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
 
 
@@ -364,3 +369,15 @@ def test_evaluate_merged_sum_equals_plain_addition(cli, tmp_path: Path) -> None:
     assert merged["merged_vector"].endswith("sum.safetensors") and plain["merged_vector"] is None
     bad = cli("evaluate", *common[:-6], "--protocol", "negation", "--merged", str(tmp_path / "sum.safetensors"), "--control", f"b={tmp_path / 'b'}")
     assert bad.returncode == 2 and "--merged is for --protocol addition" in bad.stderr
+
+
+def test_sweep_figure_gives_each_regime_one_colour_in_every_row() -> None:
+    """A regime keeps its colour across the figure's rows: a density row that has sparse alone
+    draws it in sparse's colour from the four-regime rows, not in the first colour of its row."""
+    from tvedit.evaluate.plots import regime_colors
+
+    result = {"axes": [{"regimes": ["sparse"]}, {"regimes": ["full", "attn", "linearized", "sparse"]},
+                       {"regimes": ["linearized", "mine"]}]}  # fmt: skip
+    colors = regime_colors(result)
+    assert colors == {"full": "C0", "attn": "C1", "linearized": "C2", "sparse": "C3", "mine": "C4"}
+    assert regime_colors({"axes": [{"regimes": ["sparse"]}]}) == {"sparse": "C3"}

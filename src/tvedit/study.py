@@ -561,21 +561,43 @@ class Sweep:
         for axis in self.axes:
             for value in axis.values:
                 self.say(f"sweep {axis.name}: {axis.vary} = {point_label(axis, value)}")
-                Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say, self.run_command).run()
+                source = self.source(axis, value)
+                if source is not None and source != self.point_dir(axis, value):
+                    self.say(f"  the same study as {source.relative_to(self.out)}: reused, not run again")
+                else:
+                    Study(point_plan(self.plan, axis, value), self.point_dir(axis, value), self.say, self.run_command).run()
                 result = self.collect()
                 write_sweep_outputs(result, self.out)
         return result
 
+    def source(self, axis: Axis, value: Any) -> Path | None:
+        """The point directory whose study.json holds this point: its own once it has run, else a
+        finished point of another axis whose study ran this point's regimes with the same options
+        and everything else equal (a width axis's shipped-theta0 point is the steps axis's point of
+        that length; a regime's row depends on its own runs only), else None (not run yet)."""
+        own = self.point_dir(axis, value)
+        if (own / "study.json").exists():
+            return own
+        plan = point_plan(self.plan, axis, value)
+        for other in self.all_axes:
+            for v in other.values:
+                there = self.point_dir(other, v)
+                if there != own and (there / "study.json").exists() and _covers(point_plan(self.plan, other, v), plan):
+                    return there
+        return None
+
     def collect(self) -> dict[str, Any]:
         """Every number from the finished points' study.json files (every axis of the plan; a point
-        not yet run is left out, and so is an axis with none)."""
+        not yet run is left out, and so is an axis with none; a point reused from another axis
+        names that axis's study.json)."""
         axes = []
         for axis in self.all_axes:
             points = []
             for value in axis.values:
-                if not (self.point_dir(axis, value) / "study.json").exists():
+                source = self.source(axis, value)
+                if source is None:
                     continue
-                study = read_json(self.point_dir(axis, value) / "study.json")
+                study = read_json(source / "study.json")
                 rows = {}
                 for regime in axis.regimes:
                     row = study["rows"][regime]
@@ -583,10 +605,17 @@ class Sweep:
                                     "normalized": row["addition"]["normalized"],
                                     **({"negation_target": row["negation"]["target"]} if "negation" in row else {})}  # fmt: skip
                 points.append({"value": value, "label": point_label(axis, value), "zero_shot": study["zero_shot"],
-                               "study": str(self.point_dir(axis, value).relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
+                               "study": str(source.relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
             if points:
                 axes.append({**asdict(axis), "points": points})
         return {"plan": asdict(self.plan), "axes": axes}
+
+
+def _covers(done: Plan, wanted: Plan) -> bool:
+    """Whether study ``done`` holds every row of study ``wanted``: the same plan but for regimes,
+    and each of ``wanted``'s regimes run there with the same options."""
+    same = all(getattr(done, f) == getattr(wanted, f) for f in Plan.__dataclass_fields__ if f != "regimes")
+    return same and all(done.regimes.get(r) == options for r, options in wanted.regimes.items())
 
 
 def write_sweep_outputs(result: dict[str, Any], out: Path) -> None:

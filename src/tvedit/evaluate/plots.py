@@ -193,6 +193,17 @@ SWEEP_METRICS = (("merged", "task addition: merged (absolute)"), ("normalized", 
                  ("negation_target", "task negation: target ↓"))  # fmt: skip
 
 
+def regime_colors(result: dict[str, Any]) -> dict[str, str]:
+    """One matplotlib colour per regime for the whole sweep figure, so that a regime has the same
+    colour in every row: the fine-tuning modes in their fixed order (full, attn, linearized,
+    sparse: C0-C3), any other name after them in order of first appearance."""
+    from tvedit.models.base import MODES
+
+    seen = [r for axis in result["axes"] for r in axis["regimes"]]
+    names = list(MODES) + [r for r in dict.fromkeys(seen) if r not in MODES]
+    return {name: f"C{i % 10}" for i, name in enumerate(names) if name in seen}
+
+
 def sweep_figure(result: dict[str, Any], output: Path) -> None:
     """The scale sweep in one PNG: a row per swept variable, a column per metric (merged absolute
     and normalised accuracy, negation target accuracy), a line per regime against the variable,
@@ -200,6 +211,7 @@ def sweep_figure(result: dict[str, Any], output: Path) -> None:
     their scale (log when they span more than a factor 10); others (theta0 files) side by side."""
     plt = _pyplot()
     axes_data = result["axes"]
+    colors = regime_colors(result)
     fig, grid = plt.subplots(len(axes_data), 3, figsize=(15, 3.8 * len(axes_data)), squeeze=False)
     for row, axis in enumerate(axes_data):
         points = axis["points"]
@@ -213,7 +225,8 @@ def sweep_figure(result: dict[str, Any], output: Path) -> None:
                     continue
                 means = [c["mean"] * 100 for c in cells]
                 sds = [c["sd"] * 100 if p["rows"][regime]["seeds"] > 1 else 0.0 for c, p in zip(cells, points, strict=True)]
-                ax.errorbar(xs, means, yerr=sds if any(sds) else None, marker="o", capsize=3, label=regime)
+                ax.errorbar(xs, means, yerr=sds if any(sds) else None, marker="o", capsize=3, label=regime,
+                            color=colors[regime])
             if numeric and min(xs) > 0 and max(xs) / min(xs) > 10:
                 ax.set_xscale("log")
             ax.set_xticks(xs, [p["label"] for p in points], rotation=0 if numeric else 20)
