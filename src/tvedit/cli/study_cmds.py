@@ -76,8 +76,9 @@ def register(app: typer.Typer) -> None:
             if dry_run:
                 for ax in sweep.axes:
                     for value in ax.values:
-                        point = point_plan(plan, ax, value)
-                        sys.stdout.write(f"# {ax.name}: {ax.vary}={point_label(ax, value)} -> {sweep.point_dir(ax, value)} (regimes {', '.join(point.regimes)})\n")
+                        point, done = point_plan(plan, ax, value), sweep.source(ax, value)
+                        state = f"; done: {done / 'study.json'}" if done else ""
+                        sys.stdout.write(f"# {ax.name}: {ax.vary}={point_label(ax, value)} -> {sweep.point_dir(ax, value)} (regimes {', '.join(point.regimes)}{state})\n")
                 return
             result = sweep.run()
             if quiet:
