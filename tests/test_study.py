@@ -242,7 +242,7 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
                 negation={"targets": ["a"], "control": "c"}, merges={}, disentanglement={},
                 sweep=[{"name": "length", "vary": "steps", "values": [2, 3], "set": {"schedule": "constant"}},
                        {"name": "not-run", "vary": "steps", "values": [4]},
-                       {"name": "same", "vary": "density", "values": [0.5], "regimes": ["sparse"], "set": {"steps": 3, "schedule": "constant"}}])  # fmt: skip
+                       {"name": "same", "vary": "density", "values": [0.5, 0.25], "regimes": ["sparse"], "set": {"steps": 3, "schedule": "constant"}}])  # fmt: skip
     path = tiny_study["root"] / "sweep.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tiny_study["root"] / "sweep-out"
@@ -257,10 +257,8 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert not (out / "sweep" / "not-run").exists()
     first, second = seen.values()
     assert first is None and [p["value"] for a in second["axes"] for p in a["points"]] == [2]
-    axis, same = result["axes"]  # "same" has one point, the sparse half of length/3: reused, not run
+    (axis,) = result["axes"]  # "same" has not run: its density 0.5 point alone (reused below) does not show it
     assert [p["value"] for p in axis["points"]] == [2, 3] and axis["regimes"] == ["full", "sparse"]
-    assert same["name"] == "same" and same["points"][0]["study"] == "sweep/length/3/study.json"
-    assert same["points"][0]["rows"]["sparse"] == axis["points"][1]["rows"]["sparse"]
     checked = 0
     for point in axis["points"]:
         study = json.loads((out / point["study"]).read_text())
@@ -277,9 +275,15 @@ def test_sweep_numbers_are_the_points_study_numbers(tiny_study: dict[str, Path])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")}
     assert Sweep(load_plan(path), out, run_command=_in_process, only=["length"]).run() == result
-    assert Sweep(load_plan(path), out, run_command=_in_process, only=["same"]).run() == result
-    assert not (out / "sweep" / "same").exists()
-    assert {p: p.stat().st_mtime_ns for p in (out / "sweep").rglob("*.safetensors")} == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "sweep").joinpath("length").rglob("*.safetensors")} == before
+    ran = []
+    both = Sweep(load_plan(path), out, run_command=lambda args, log: ran.append(" ".join(map(str, args))) or _in_process(args, log), only=["same"]).run()
+    assert both["axes"][0] == result["axes"][0] and not (out / "sweep" / "same" / "0.5").exists()
+    assert ran and all(str(out / "sweep" / "same" / "0.25") in args for args in ran), ran
+    same = both["axes"][1]  # the density 0.5 point is the sparse half of length/3: reused, not run again
+    assert same["name"] == "same" and [p["study"] for p in same["points"]] == ["sweep/length/3/study.json", "sweep/same/0.25/study.json"]
+    assert same["points"][0]["rows"]["sparse"] == axis["points"][1]["rows"]["sparse"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "sweep").joinpath("length").rglob("*.safetensors")} == before
 
 
 def test_sweep_plan_checks(tmp_path: Path) -> None:

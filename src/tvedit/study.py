@@ -588,8 +588,8 @@ class Sweep:
 
     def collect(self) -> dict[str, Any]:
         """Every number from the finished points' study.json files (every axis of the plan; a point
-        not yet run is left out, and so is an axis with none; a point reused from another axis
-        names that axis's study.json)."""
+        not yet run is left out; a point reused from another axis names that axis's study.json; an
+        axis none of whose points has run yet is left out)."""
         axes = []
         for axis in self.all_axes:
             points = []
@@ -606,7 +606,7 @@ class Sweep:
                                     **({"negation_target": row["negation"]["target"]} if "negation" in row else {})}  # fmt: skip
                 points.append({"value": value, "label": point_label(axis, value), "zero_shot": study["zero_shot"],
                                "study": str(source.relative_to(self.out) / "study.json"), "rows": rows})  # fmt: skip
-            if points:
+            if any(p["study"].startswith(f"sweep/{axis.name}/") for p in points):  # not an axis of reused points only
                 axes.append({**asdict(axis), "points": points})
         return {"plan": asdict(self.plan), "axes": axes}
 
