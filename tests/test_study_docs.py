@@ -37,16 +37,13 @@ def test_readme_sweep_table_is_what_table_prints() -> None:
 def test_sweep_details_are_what_details_prints(tmp_path: Path) -> None:
     """docs/study-sweep/details.md (the α, accuracies and losses README's sweep paragraph quotes) is
     details.py's output on the committed study.json files; its last column (vector norms) needs the
-    sweep's vectors, which are not committed, so it is compared without that column."""
+    sweep's vectors, which are not committed: without them (an empty SWEEP_OUT) details.py keeps the
+    committed value of that column, so the whole file is what it prints."""
     proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-sweep" / "details.py"), str(tmp_path)],
                           capture_output=True, text=True, check=True)  # fmt: skip
-
-    def cut(text: str) -> list[str]:
-        return [line.rsplit("|", 2)[0] for line in text.strip().splitlines()]
-
-    printed, committed = cut(proc.stdout), cut((REPO / "docs" / "study-sweep" / "details.md").read_text())
+    printed, committed = proc.stdout.strip().splitlines(), (REPO / "docs" / "study-sweep" / "details.md").read_text().strip().splitlines()
     assert len(printed) > 2 and printed == committed
-    assert all(line.endswith("| n/a |") for line in proc.stdout.strip().splitlines()[2:])
+    assert any(not line.endswith("| n/a |") for line in printed[2:])  # some norms were measured
 
 
 def test_readme_seed_table_is_what_seeds_prints() -> None:

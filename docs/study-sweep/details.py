@@ -5,7 +5,8 @@
 
 Per point and regime: the chosen α, single-task accuracy (mean and per task), the training loss at
 the end (mean of the last 5 logged values, per task) and, when SWEEP_OUT (default demo-out/sweep)
-still holds the runs, the digits vector's L2 norm and its fraction of non-zero entries.
+still holds the runs, the digits vector's L2 norm and its fraction of non-zero entries (else the
+value the committed details.md has for that row, measured while the runs existed; else n/a).
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ def _vector_stats(path: Path) -> str:
     return f"{norm:.2f}, {nonzero:.3f}"
 
 
+def _committed_stats() -> dict[str, str]:
+    """The vector column of the committed details.md, by its row's axis | point | regime."""
+    path = HERE / "details.md"
+    lines = path.read_text().splitlines()[2:] if path.exists() else []
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {" | ".join(c[:3]): c[-1] for c in cells if len(c) == 8}
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("demo-out/sweep")
+    committed = _committed_stats()
     sweep = json.loads((HERE / "sweep.json").read_text())
     print("| axis | point | regime | α | single-task | single per task | final training loss per task | digits vector: norm, non-zero |")
     print("|---|---|---|---|---|---|---|---|")
@@ -48,7 +58,10 @@ def main() -> None:
                 loss = ", ".join(f"{t} {sum(x[1] for x in c[-5:]) / len(c[-5:]):.2f}" for t, c in seed["loss"].items())
                 lr = row["lr"]
                 vec = out / Path(point["study"]).parent / "runs" / row["regime"] / f"lr{lr:g}" / "seed0" / "digits.safetensors"
-                print(f"| {axis['name']} | {point['label']} | {row['regime']} | {add['alpha']:g} | {100 * add['single']:.1f} | {single} | {loss} | {_vector_stats(vec)} |")
+                key = f"{axis['name']} | {point['label']} | {row['regime']}"
+                stats = _vector_stats(vec)
+                stats = committed.get(key, stats) if stats == "n/a" else stats
+                print(f"| {key} | {add['alpha']:g} | {100 * add['single']:.1f} | {single} | {loss} | {stats} |")
 
 
 if __name__ == "__main__":
