@@ -334,6 +334,50 @@ def test_failed_step_names_the_command_and_its_log(tiny_study: dict[str, Path], 
     assert "finetune/full/lr0.001/seed0/a failed (exit 8)" in proc.stderr and "(log: " in proc.stderr
 
 
+def test_sigterm_stops_the_study_and_its_running_commands(tiny_study: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM to `tvedit study` (jobs 2: each command a subprocess) terminates the commands it runs,
+    starts no other, exits 143 with the one interrupted line, and leaves no vector or temporary."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tvedit import safeio
+
+    plan = yaml.safe_load(tiny_study["plan"].read_text())
+    plan.update(jobs=2, seeds=[0], regimes={"full": {"lr": 1e-3}}, merges={}, negation={}, disentanglement={},
+                finetune={"steps": 1_000_000, "batch_size": 8, "warmup": 1})  # fmt: skip
+    p = tmp_path / "plan.yaml"
+    p.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tvedit", "study", str(p), "-o", str(out), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def commands() -> list[str]:  # the study's fine-tuning commands still alive
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "finetune" in text and str(out) in text:
+                found.append(text)
+        return found
+
+    deadline = time.monotonic() + 600  # bounds a hang only (a loaded box takes a while to start torch)
+    logs = lambda: [f for f in (out / "runs").rglob("*.train.jsonl") if f.stat().st_size > 0] if (out / "runs").exists() else []  # noqa: E731
+    while len(logs()) < 2:  # two fine-tunes are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timed out"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM): unfinished output removed"
+    assert commands() == []  # none left running, none started after the signal
+    assert len(list((out / "logs").glob("finetune_*.log"))) == 2
+    assert not [f for f in (out / "runs").rglob("*") if f.suffix == ".safetensors" or safeio.TMP_MARK in f.name]
+
+
 # ------------------------------------------------------------------------------------------------
 # evaluate --merged
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +36,7 @@ from typing import Any
 
 from tvedit.errors import DataError, TveditError, UsageError
 from tvedit.evaluate import XI_GRID_SIZE, XI_POINTS
-from tvedit.safeio import replacing
+from tvedit.safeio import Interrupted, replacing
 
 REGIMES = ("full", "attn", "linearized", "sparse")
 # how each regime's lr is chosen on the first seed's validation splits: the merged model's mean
@@ -211,6 +213,11 @@ Runner = Callable[[Sequence[Step]], None]
 RunCommand = Callable[[Sequence[str], Any], int]
 
 
+# a command's exit status when SIGINT or SIGTERM interrupted it: 128 + N from tvedit's handler, -N
+# from a process the signal killed
+_SIGNALLED = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM})
+
+
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
@@ -237,25 +244,53 @@ class Study:
         if self.plan.jobs > 1 and not self.plan.device.startswith("cuda"):
             env["OMP_NUM_THREADS"] = "1"  # threads spin-wait against each other on a small CPU
 
+        in_process = self.plan.jobs == 1 and self.run_command is not None
+        running: set[subprocess.Popen[bytes]] = set()
+        lock = threading.Lock()
+        stopping = threading.Event()
+
         def one(step: Step) -> tuple[Step, int, Path]:
             step.output.parent.mkdir(parents=True, exist_ok=True)
             for path, text in step.files.items():
                 path.write_text(text)
             log = logs / (step.label.replace("/", "_") + ".log")
             with open(log, "w") as fh:
-                if self.plan.jobs == 1 and self.run_command is not None:
-                    rc = self.run_command(step.args, fh)
-                else:
-                    rc = subprocess.call([sys.executable, "-m", "tvedit", *step.args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            return step, rc, log
+                if in_process:
+                    assert self.run_command is not None
+                    return step, self.run_command(step.args, fh), log
+                with lock:
+                    if stopping.is_set():
+                        return step, -signal.SIGTERM, log
+                    proc = subprocess.Popen([sys.executable, "-m", "tvedit", *step.args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                    running.add(proc)
+                try:
+                    return step, proc.wait(), log
+                finally:
+                    with lock:
+                        running.discard(proc)
 
         failed = None
-        with ThreadPoolExecutor(max_workers=self.plan.jobs) as pool:
-            for step, rc, log in pool.map(one, todo):
+        # in process: in this (the main) thread, so a signal interrupts the command itself
+        pool = None if in_process else ThreadPoolExecutor(max_workers=self.plan.jobs)
+        try:
+            for step, rc, log in map(one, todo) if pool is None else pool.map(one, todo):
+                if rc in _SIGNALLED:  # the command was interrupted, so is the study (its outputs are removed)
+                    raise Interrupted(abs(rc) % 128)
                 if rc != 0 and failed is None:
                     failed = (step, rc, log)
                 elif rc == 0:
                     self.say(f"  done {step.label}")
+        except BaseException:
+            # SIGINT/SIGTERM (raised in this thread) or an error: no command is left running; each
+            # one terminated removes its unfinished output, as it does when it is interrupted alone
+            with lock:
+                stopping.set()
+                for proc in running:
+                    proc.terminate()
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         if failed:
             step, rc, log = failed
             last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
