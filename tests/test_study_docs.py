@@ -61,3 +61,13 @@ def test_readme_seed_table_is_what_seeds_prints() -> None:
     assert [r.split("|")[1].strip() for r in rows if not r.startswith("| mean")] == [str(s) for s in sorted(seeds) for _ in (0, 1)]
     assert (len(seeds) > 1) == any(r.startswith("| mean ± sd") for r in rows)
     assert table in (REPO / "README.md").read_text()
+
+
+def test_readme_recipe_table_is_what_recipes_prints() -> None:
+    """README's table of the two recipes (per-regime lr search vs the TaLoS paper's recipe) is
+    docs/study-talos/recipes.py's output on the two committed study.json files."""
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-talos" / "recipes.py")], capture_output=True, text=True, check=True)
+    table = proc.stdout.strip()
+    assert table.count("\n") == 9  # a header, a rule, two recipes x four regimes
+    assert "| TaLoS recipe | " in table and "| per-regime lr (select: merged) | " in table
+    assert table in (REPO / "README.md").read_text()
