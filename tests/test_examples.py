@@ -27,7 +27,7 @@ from tests.examples_run import EXAMPLES, REPO
 from tests.examples_run import run_example as _run
 
 COVERED = {"make_inputs.sh", "recipe.yaml", "ci_job.sh", "pipeline.sh", "study.yaml", "study-long.yaml",
-           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0", "study-talos.yaml", "sweep.yaml", "sweep-seeds.yaml", "llm_tasks.sh"}  # fmt: skip
+           "pretrain_tiny_clip.py", "t5_rotten_tomatoes.py", "t5_text_tasks.sh", "demo.sh", "demo_data.py", "theta0", "study-talos.yaml", "study-talos-extended.yaml", "sweep.yaml", "sweep-seeds.yaml", "llm_tasks.sh"}  # fmt: skip
 
 
 def test_every_example_is_covered() -> None:
@@ -86,7 +86,7 @@ def test_pipeline(repo: Path) -> None:
         torch.testing.assert_close(merged[k], b + 0.3 * 0.5 * ((f1[k] - b) + (f2[k] - b)), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("plan", ["study.yaml", "study-long.yaml", "study-talos.yaml"])
+@pytest.mark.parametrize("plan", ["study.yaml", "study-long.yaml", "study-talos.yaml", "study-talos-extended.yaml"])
 def test_study_plans_check(plan: str, tmp_path: Path) -> None:
     proc = _run(["tvedit", "study", f"examples/{plan}", "-o", str(tmp_path / "out"), "--dry-run"], REPO)
     assert "tvedit init --pretrained examples/theta0/tiny_clip.safetensors" in proc.stdout
