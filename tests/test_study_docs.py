@@ -64,10 +64,10 @@ def test_readme_seed_table_is_what_seeds_prints() -> None:
 
 
 def test_readme_recipe_table_is_what_recipes_prints() -> None:
-    """README's table of the two recipes (per-regime lr search vs the TaLoS paper's recipe) is
-    docs/study-talos/recipes.py's output on the two committed study.json files."""
+    """README's table of the recipes (per-regime lr search, the TaLoS paper's recipe, and that recipe
+    extended) is docs/study-talos/recipes.py's output on the three committed study.json files."""
     proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-talos" / "recipes.py")], capture_output=True, text=True, check=True)
     table = proc.stdout.strip()
-    assert table.count("\n") == 9  # a header, a rule, two recipes x four regimes
-    assert "| TaLoS recipe | " in table and "| per-regime lr (select: merged) | " in table
+    assert table.count("\n") == 13  # a header, a rule, three recipes x four regimes
+    assert "| TaLoS recipe | " in table and "| per-regime lr (select: merged) | " in table and "| TaLoS recipe, lr to 1e-2, α step 0.01 | " in table
     assert table in (REPO / "README.md").read_text()

@@ -1,11 +1,14 @@
-"""Two recipes for the same four regimes side by side (issue 19, Part A item 2): the per-regime lr
-search chosen by merged accuracy (examples/study.yaml, re-run after Part A: docs/study-parta/) and the
+"""Recipes for the same four regimes side by side (issue 19, Part A item 2): the per-regime lr
+search chosen by merged accuracy (examples/study.yaml, re-run after Part A: docs/study-parta/), the
 TaLoS paper's recipe (examples/study-talos.yaml: every regime at full fine-tuning's lr grid, sparse
-α widened by 1/density, lr chosen by negation on held-out data: docs/study-talos/).
+α widened by 1/density, lr chosen by negation on held-out data: docs/study-talos/) and that recipe
+with the lr grid extended where a regime chose its top and a 4x finer α grid
+(examples/study-talos-extended.yaml: docs/study-talos/extended/).
 
     python docs/study-talos/recipes.py [STUDY_JSON ...]
 
-Defaults: docs/study-parta/study.json and docs/study-talos/study.json. One row per regime and
+Defaults: docs/study-parta/study.json, docs/study-talos/study.json and
+docs/study-talos/extended/study.json. One row per regime and
 recipe, mean ± sd over the study's seeds, in %: the lr chosen (and what chose it: the first seed's
 validation), the addition α, single-task (fine-tuned alone), merged (absolute) and normalised
 accuracy, the negation target and control accuracy; and ξ, the mean weight-disentanglement error
@@ -56,7 +59,7 @@ def table(studies: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    paths = [Path(a) for a in argv] or [HERE.parent / "study-parta" / "study.json", HERE / "study.json"]
+    paths = [Path(a) for a in argv] or [HERE.parent / "study-parta" / "study.json", HERE / "study.json", HERE / "extended" / "study.json"]
     print(table([json.loads(p.read_text()) for p in paths]))
 
 
