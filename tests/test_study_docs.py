@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -46,19 +48,24 @@ def test_sweep_details_are_what_details_prints(tmp_path: Path) -> None:
     assert any(not line.endswith("| n/a |") for line in printed[2:])  # some norms were measured
 
 
-def test_readme_seed_table_is_what_seeds_prints() -> None:
-    """README's seed table at 1,500 steps is docs/study-sweep/seeds.py's output on the committed
-    study.json files (seed 0 from the sweep, the other seeds from examples/sweep-seeds.yaml's runs),
-    and it has every seed those files hold, with mean ± sd when there are several."""
+@pytest.mark.parametrize("point, first, more", [("steps-1500", ("steps", "1500"), "seeds")])
+def test_readme_seed_tables_are_what_seeds_prints(point: str, first: tuple[str, str], more: str) -> None:
+    """README's seed tables (1,500 steps; the wide theta0 at 200 steps) are docs/study-sweep/seeds.py's
+    output on the committed study.json files (seed 0 from the sweep, the other seeds from
+    examples/sweep-seeds.yaml's runs): a row for every seed those files hold and every regime they all
+    ran, with mean ± sd when there are several seeds."""
     import json
 
-    paths = [REPO / "docs" / "study-sweep" / "sweep" / "steps" / "1500" / "study.json",
-             *sorted((REPO / "docs" / "study-sweep" / "seeds").glob("*/study.json"))]  # fmt: skip
-    seeds = {run["seed"] for p in paths for run in json.loads(p.read_text())["rows"]["full"]["seeds"]}
-    proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-sweep" / "seeds.py")], capture_output=True, text=True, check=True)
+    paths = [REPO / "docs" / "study-sweep" / "sweep" / first[0] / first[1] / "study.json",
+             *sorted((REPO / "docs" / "study-sweep" / more).glob("*/study.json"))]  # fmt: skip
+    studies = [json.loads(p.read_text()) for p in paths]
+    seeds = {run["seed"] for s in studies for run in s["rows"]["full"]["seeds"]}
+    regimes = [r for r in ("full", "attn", "linearized", "sparse") if all(r in s["rows"] for s in studies)]
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "study-sweep" / "seeds.py"), point], capture_output=True, text=True, check=True)
     table = proc.stdout.strip()
     rows = table.splitlines()[2:]
-    assert [r.split("|")[1].strip() for r in rows if not r.startswith("| mean")] == [str(s) for s in sorted(seeds) for _ in (0, 1)]
+    cells = [[c.strip() for c in r.split("|")[1:3]] for r in rows if not r.startswith("| mean")]
+    assert cells == [[str(s), r] for s in sorted(seeds) for r in regimes]
     assert (len(seeds) > 1) == any(r.startswith("| mean ± sd") for r in rows)
     assert table in (REPO / "README.md").read_text()
 
