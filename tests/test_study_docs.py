@@ -48,7 +48,7 @@ def test_sweep_details_are_what_details_prints(tmp_path: Path) -> None:
     assert any(not line.endswith("| n/a |") for line in printed[2:])  # some norms were measured
 
 
-@pytest.mark.parametrize("point, first, more", [("steps-1500", ("steps", "1500"), "seeds")])
+@pytest.mark.parametrize("point, first, more", [("steps-1500", ("steps", "1500"), "seeds"), ("wide-200", ("width-200", "tiny_clip_wide"), "seeds-wide")])
 def test_readme_seed_tables_are_what_seeds_prints(point: str, first: tuple[str, str], more: str) -> None:
     """README's seed tables (1,500 steps; the wide theta0 at 200 steps) are docs/study-sweep/seeds.py's
     output on the committed study.json files (seed 0 from the sweep, the other seeds from
