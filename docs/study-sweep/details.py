@@ -3,8 +3,9 @@
 
     python docs/study-sweep/details.py [SWEEP_OUT]      # > docs/study-sweep/details.md
 
-Per point and regime (a point an axis reuses from another axis is listed under that one): the chosen α, single-task accuracy (mean and per task), the training loss at
-the end (mean of the last 5 logged values, per task) and, when SWEEP_OUT (default demo-out/sweep)
+Per point and regime (a point an axis reuses from another axis is listed under that one): the
+chosen α, single-task accuracy (mean and per task), the training loss at the end (mean of the last
+5 logged values, per task) and, when SWEEP_OUT (default demo-out/sweep)
 still holds the runs, the digits vector's L2 norm and its fraction of non-zero entries (else the
 value the committed details.md has for that row, measured while the runs existed; else n/a).
 """

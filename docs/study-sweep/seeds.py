@@ -109,6 +109,9 @@ def main() -> None:
         paths = [Path(a) for a in args]
     else:
         raise SystemExit(f"error: expected one of {', '.join(POINTS)} or study.json paths, not {' '.join(args)}")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: {missing[0]}: no such study.json")
     print(table([json.loads(p.read_text()) for p in paths]))
 
 
